@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny Llama-family models built locally (random weights, a small character tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_char_tokenizer(folder: Path):
+    """A character-level fast tokenizer (~100 symbols) with chat special tokens, saved into `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=specials[3:])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def hf_config(arch: str, vocab_size: int, **over):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=False, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    common.update(over)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    return LlamaConfig(**common)
+
+
+def build_tiny_hf(folder: Path, arch: str = "llama", seed: int = 0, **over) -> Path:
+    """Random HF model + char tokenizer saved as a normal safetensors folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_char_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = hf_config(arch, len(tok), **over)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger-than-default init: peaky, deterministic-looking distributions
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_hf(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    from understudy.engine.loader import load_model
+
+    return load_model(str(tiny_llama_dir), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts(tiny_llama) -> list[list[int]]:
+    """24 prompts of varied length (chat-templated)."""
+    from understudy.engine.text import encode_prompt
+
+    words = ["grid", "line", "flow", "risk", "load", "sum", "apple", "zeta", "omega", "solar", "wind", "trip"]
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(1 + i % 9)) for i in range(24)]
+    return [encode_prompt(tiny_llama.tokenizer, t) for t in texts]
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj))

@@ -1,0 +1,394 @@
+"""The engine: owns the target, the drafter, the KV caches, the RNGs and the step loop.
+
+    step = [apply pending drafter swap] -> admit + prefill -> propose -> verify -> accept -> emit -> free slots
+
+Continuous batching: requests join (prefill) and leave between steps. Live sequences occupy KV slots
+0..B-1 contiguously (a finished sequence's slot is refilled by moving the last one), so every forward works
+on plain views of the caches. `add_request`, `abort` and `set_drafter` are safe to call from another thread:
+they are queued and applied at the start of the next step, never in the middle of one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from understudy.engine.config import EngineConfig
+from understudy.engine.controller import FixedController, SpeculationController
+from understudy.engine.drafter import Drafter
+from understudy.engine.drafter_proposer import DrafterProposer
+from understudy.engine.model import RotaryTable, Transformer, enable_cpu_packing
+from understudy.engine.ngram import NgramProposer
+from understudy.engine.proposer import BatchState, DraftProposal
+from understudy.engine.rejection_sampler import rejection_sample
+from understudy.engine.sampling import MAX_LOGPROBS, SamplingParams, make_generator, probs_from_logits
+from understudy.engine.spec_metrics import SpecDecodeStats
+from understudy.engine.verify import verify
+from understudy.errors import UnderstudyError
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(UnderstudyError, ValueError):
+    """A request the engine cannot take (names the field)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens at this position (raw model distribution)
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | None
+    stop_token_id: int | None = None  # the token that ended the request (when finish_reason == "stop")
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+
+
+@dataclass
+class StepStats:
+    """What one step did (the controller's reward and the metrics exporters read this)."""
+
+    batch_size: int = 0
+    k: int = 0
+    num_prefill_tokens: int = 0
+    num_emitted_tokens: int = 0
+    seconds: float = 0.0
+    propose_s: float = 0.0
+    verify_s: float = 0.0
+    sample_s: float = 0.0
+    spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_len: int
+    sampling: SamplingParams
+    generator: torch.Generator
+    token_ids: list[int]  # prompt + output; the last one is not yet in the target KV cache
+    stop_ids: frozenset[int]
+    slot: int = -1
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+class Engine:
+    def __init__(self, model: Transformer, config: EngineConfig | None = None, eos_token_ids: tuple[int, ...] = (),
+                 drafter: Drafter | None = None, controller: SpeculationController | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        if config.num_threads is not None and model.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)
+        self.model = model.eval()
+        enable_cpu_packing(self.model)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.k_max = config.num_speculative_tokens
+        self.capacity = config.max_model_len + self.k_max + 1  # room for k drafts past the last allowed position
+        if self.model.rotary.cos.shape[0] < self.capacity:
+            self.model.rotary = RotaryTable(model.config, self.capacity).to(model.device)
+        S = config.max_batch_size
+        self.cache = model.allocate_cache(S, self.capacity)
+        self.hidden_buf = torch.zeros(S, self.capacity, model.config.hidden_size, dtype=model.dtype,
+                                      device=model.device)  # [S, C, H] target features, for the drafter
+        self.controller: SpeculationController = controller or FixedController(self.k_max)
+        self.drafter: Drafter | None = None
+        self.proposer: DrafterProposer | NgramProposer | None = None
+        self._install_proposer(drafter)
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # index == KV slot
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._ids: set[str] = set()
+        self._ids_lock = threading.Lock()
+        self._done: dict[str, str] = {}  # request id -> finish reason, until its slot is freed
+        self.drafter_generation = 0  # bumps when a swap takes effect
+        self.stats = SpecDecodeStats()  # cumulative
+        self.last_step = StepStats()
+
+    # ---- proposer / drafter ------------------------------------------------------------------------------
+    def _install_proposer(self, drafter: Drafter | None) -> None:
+        c = self.config
+        kind = c.proposer
+        if kind == "auto":
+            kind = "drafter" if drafter is not None else "none"
+        if kind == "drafter" and drafter is None:
+            raise ValueError("proposer='drafter' needs a drafter (pass --drafter DIR, or use --ngram)")
+        self.drafter = drafter
+        if self.k_max == 0 or kind == "none":
+            self.proposer = None
+        elif kind == "ngram":
+            self.proposer = NgramProposer(c.ngram_min, c.ngram_max)
+        else:
+            assert drafter is not None
+            if drafter.rotary.cos.shape[0] < self.capacity:
+                drafter.rotary = RotaryTable(drafter.config.target, self.capacity).to(self.model.device)
+            enable_cpu_packing(drafter)
+            drafter.bind(self.model)
+            self.proposer = DrafterProposer(drafter, self.hidden_buf, c.max_batch_size, self.capacity)
+
+    def set_drafter(self, drafter: Drafter | None) -> None:
+        """Swap the drafter (None = stop speculating with one). Takes effect at the start of the next step."""
+        self._inbox.append(("drafter", drafter))
+
+    def refresh_weights(self) -> None:
+        """The target's weights changed in place (a policy update): re-bind the drafter's shared head."""
+        if self.drafter is not None:
+            self.drafter.bind(self.model)
+
+    def _apply_swap(self, drafter: Drafter | None) -> None:
+        if isinstance(self.proposer, DrafterProposer) and drafter is not None:
+            if drafter.rotary.cos.shape[0] < self.capacity:
+                drafter.rotary = RotaryTable(drafter.config.target, self.capacity).to(self.model.device)
+            enable_cpu_packing(drafter)
+            self.proposer.drafter = drafter.bind(self.model)
+            self.proposer.reset_all()  # the new drafter has seen none of the live sequences: full catch-up
+            self.drafter = drafter
+        else:
+            self._install_proposer(drafter)
+            for seq in self.running:  # a fresh proposer: all live slots start from zero
+                if isinstance(self.proposer, DrafterProposer):
+                    self.proposer.on_slot_reset(seq.slot)
+        self.drafter_generation += 1
+
+    # ---- requests ----------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Validate now (raising RequestError naming the field), then queue for the next step."""
+        V = self.model.config.vocab_size
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token", param="prompt")
+        if any((not isinstance(t, int)) or t < 0 or t >= V for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {V})", param="prompt")
+        total = len(prompt_ids) + sampling.max_tokens
+        if total > self.config.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.config.max_model_len} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} = {total}. "
+                "Shorten the prompt or lower max_tokens", param="max_tokens")
+        with self._ids_lock:
+            if request_id in self._ids:
+                raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+            self._ids.add(request_id)
+        stop = set(sampling.stop_token_ids)
+        if not sampling.ignore_eos:
+            stop.update(self.eos_token_ids)
+        seq = Sequence(request_id=request_id, prompt_len=len(prompt_ids), sampling=sampling,
+                       generator=make_generator(sampling.seed, self.model.device), token_ids=list(prompt_ids),
+                       stop_ids=frozenset(stop))
+        self._inbox.append(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (queued or running) at the next step boundary; its slot is freed, no output follows."""
+        self._inbox.append(("abort", request_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._inbox)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, arg = self._inbox.popleft()
+            if kind == "add":
+                self.waiting.append(arg)
+            elif kind == "abort":
+                self._abort_now(arg)
+            elif kind == "drafter":
+                self._apply_swap(arg)
+
+    def _abort_now(self, request_id: str) -> None:
+        for seq in list(self.waiting):
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._forget(request_id)
+                return
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self._free([seq])
+                return
+
+    def _forget(self, request_id: str) -> None:
+        with self._ids_lock:
+            self._ids.discard(request_id)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
+        self._drain_inbox()
+        stats = StepStats()
+        outputs = self._admit_and_prefill(stats)
+        if self.running:
+            outputs.extend(self._decode(stats))
+        stats.seconds = time.perf_counter() - t0
+        self.last_step = stats
+        return outputs
+
+    def _admit_and_prefill(self, stats: StepStats) -> list[StepOutput]:
+        outputs = []
+        while self.waiting and len(self.running) < self.config.max_batch_size:
+            seq = self.waiting.popleft()
+            seq.slot = len(self.running)
+            self.running.append(seq)
+            if isinstance(self.proposer, DrafterProposer):
+                self.proposer.on_slot_reset(seq.slot)
+            outputs.append(self._prefill(seq))
+            stats.num_prefill_tokens += seq.prompt_len
+        self._free([s for s in self.running if self._is_done(s)])
+        return outputs
+
+    def _prefill(self, seq: Sequence) -> StepOutput:
+        p = seq.prompt_len
+        toks = torch.tensor(seq.token_ids, dtype=torch.long, device=self.model.device).unsqueeze(0)
+        positions = torch.arange(p, device=self.model.device).unsqueeze(0)
+        hidden = self.model(toks, positions, self.cache, kv_len=p, slot_start=seq.slot)  # [1, p, H]
+        self.hidden_buf[seq.slot, :p] = hidden[0]
+        logits = self.model.logits(hidden[:, -1])  # [1, V]
+        s = seq.sampling
+        if s.greedy:
+            token = int(logits[0].argmax())
+        else:
+            probs = probs_from_logits(logits.clone(), torch.tensor([s.temperature]), torch.tensor([s.top_k]),
+                                      torch.tensor([s.top_p]))
+            token = int(torch.multinomial(probs[0], 1, generator=seq.generator))
+        return self._emit(seq, [token], logits if s.logprobs is not None else None)
+
+    def _batch_state(self) -> BatchState:
+        seqs = self.running
+        return BatchState(
+            token_ids=[s.token_ids for s in seqs],
+            num_tokens=[len(s.token_ids) for s in seqs],
+            temperature=torch.tensor([s.sampling.temperature for s in seqs], dtype=torch.float32),
+            top_k=torch.tensor([s.sampling.top_k for s in seqs], dtype=torch.long),
+            top_p=torch.tensor([s.sampling.top_p for s in seqs], dtype=torch.float32),
+            generators=[s.generator for s in seqs],
+        )
+
+    def _decode(self, stats: StepStats) -> list[StepOutput]:
+        B = len(self.running)
+        k = min(self.controller.choose(B), self.k_max) if self.proposer is not None else 0
+        batch = self._batch_state()
+        t0 = time.perf_counter()
+        proposal = self.proposer.propose(batch, k) if (k > 0 and self.proposer is not None) else DraftProposal.empty(B)
+        # never draft past a request's token budget: the surplus could not be emitted anyway
+        room = torch.tensor([s.sampling.max_tokens - s.num_output - 1 for s in self.running], dtype=torch.long)
+        proposal.num_drafts = torch.minimum(proposal.num_drafts, room.clamp_min(0).to(proposal.num_drafts.device))
+        t1 = time.perf_counter()
+        out = verify(self.model, self.cache, batch, proposal)
+        t2 = time.perf_counter()
+        result = rejection_sample(out.logits, proposal, batch)
+        outputs = []
+        for b, seq in enumerate(self.running):
+            a = result.num_accepted[b]
+            n = batch.num_tokens[b]
+            self.hidden_buf[b, n - 1:n + a] = out.hidden[b, :a + 1]
+            want_lp = seq.sampling.logprobs is not None
+            outputs.append(self._emit(seq, result.tokens[b], out.logits[b, :a + 1] if want_lp else None))
+        if self.proposer is not None:
+            self.proposer.on_verified(batch, result.num_accepted)
+        t3 = time.perf_counter()
+        drafted = proposal.num_drafts.tolist()
+        stats.spec.record(drafted, result.num_accepted)
+        self.stats.merge(stats.spec)
+        emitted = sum(len(o.new_token_ids) for o in outputs)
+        stats.batch_size, stats.k, stats.num_emitted_tokens = B, k, emitted
+        stats.propose_s, stats.verify_s, stats.sample_s = t1 - t0, t2 - t1, t3 - t2
+        self.controller.observe(B, k, emitted, t3 - t0)
+        self._free([s for s in self.running if self._is_done(s)])
+        return outputs
+
+    # ---- emitting and freeing ---------------------------------------------------------------------------
+    def _emit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor | None) -> StepOutput:
+        """Append tokens one by one, stopping at a stop token or the budget. logits: [len(tokens), V] or None."""
+        new: list[int] = []
+        reason, stop_id = None, None
+        for t in tokens:
+            seq.token_ids.append(t)
+            new.append(t)
+            if t in seq.stop_ids:
+                reason, stop_id = "stop", t
+                break
+            if seq.num_output >= seq.sampling.max_tokens:
+                reason = "length"
+                break
+        lps = self._logprobs(seq, new, logits) if logits is not None else None
+        seq_done = reason is not None
+        if seq_done:
+            self._done[seq.request_id] = reason  # its slot is freed at the end of this step
+        return StepOutput(request_id=seq.request_id, new_token_ids=new, finished=seq_done, finish_reason=reason,
+                          stop_token_id=stop_id, logprobs=lps, num_prompt_tokens=seq.prompt_len,
+                          num_output_tokens=seq.num_output)
+
+    def _is_done(self, seq: Sequence) -> bool:
+        return seq.request_id in self._done
+
+    def _logprobs(self, seq: Sequence, new: list[int], logits: torch.Tensor) -> list[TokenLogprob]:
+        n_top = min(seq.sampling.logprobs or 0, MAX_LOGPROBS)
+        lp = torch.log_softmax(logits[:len(new)].float(), dim=-1)  # [n, V]
+        out = []
+        for i, t in enumerate(new):
+            top: list[tuple[int, float]] = []
+            if n_top:
+                vals, idx = lp[i].topk(n_top)
+                top = [(int(j), float(v)) for j, v in zip(idx, vals, strict=True)]
+            v = float(lp[i, t])
+            out.append(TokenLogprob(token_id=t, logprob=v if math.isfinite(v) else -9999.0, top=top))
+        return out
+
+    def _free(self, seqs: list[Sequence]) -> None:
+        """Release finished/aborted sequences, keeping live slots contiguous by moving the last one down."""
+        for seq in sorted(seqs, key=lambda s: s.slot, reverse=True):
+            slot, last = seq.slot, len(self.running) - 1
+            if slot != last:
+                mover = self.running[last]
+                length = len(mover.token_ids)  # positions 0..n-2 are in the cache; n-1 is harmless extra
+                self.cache.move_slot(last, slot, min(length, self.capacity))
+                self.hidden_buf[slot, :length].copy_(self.hidden_buf[last, :length])
+                if isinstance(self.proposer, DrafterProposer):
+                    self.proposer.on_slot_moved(last, slot, min(length, self.capacity))
+                self.running[slot] = mover
+                mover.slot = slot
+            self.running.pop()
+            seq.slot = -1
+            self._done.pop(seq.request_id, None)
+            self._forget(seq.request_id)
+
+    # ---- convenience ---------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (continuous batching); returns the generated ids of each, in order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        base = f"gen-{id(prompts)}-{time.monotonic_ns()}"
+        outs: dict[str, list[int]] = {}
+        for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
+            rid = f"{base}-{i}"
+            outs[rid] = []
+            self.add_request(rid, p, s)
+        while self.has_unfinished():
+            for o in self.step():
+                if o.request_id in outs:
+                    outs[o.request_id].extend(o.new_token_ids)
+        return [outs[f"{base}-{i}"] for i in range(len(prompts))]

@@ -1,0 +1,165 @@
+"""Warm-up drafter training by self-distillation (`understudy drafter train`).
+
+    prompts --engine (plain decoding)--> responses --target forward--> features --EAGLE loss--> drafter
+The generated responses are cached (keyed by model, prompts and generation settings), so an interrupted or
+repeated run skips straight to training. The drafter folder is written atomically, and Ctrl-C during training
+stops at a step boundary and still evaluates and saves what was learned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from understudy.engine.config import EngineConfig
+from understudy.engine.drafter import Drafter, new_drafter, save_drafter
+from understudy.engine.drafter_train import (
+    DrafterTrainConfig,
+    DrafterTrainer,
+    Sample,
+    evaluate,
+    select_draft_vocab,
+    target_features,
+)
+from understudy.engine.engine import Engine
+from understudy.engine.loader import LoadedModel, cache_dir
+from understudy.engine.sampling import SamplingParams
+from understudy.engine.text import default_prompts_path, encode_prompt, load_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    prompts: str | None = None  # JSONL/text prompt file (default: the shipped set)
+    max_minutes: float = 20.0  # wall-clock budget for the whole run (generation + training + eval)
+    max_new_tokens: int = 256  # response length cap for generated training data
+    sampled_copies: int = 1  # extra sampled responses per train prompt (temperature 0.8) besides the greedy one
+    draft_vocab_size: int = 8192  # reduced draft vocabulary (0 = the full vocabulary)
+    gen_batch_size: int = 32  # batch size of the data-generating engine
+    eval_k: int = 5  # chain length for the held-out acceptance estimate
+    seed: int = 0
+    train: DrafterTrainConfig = field(default_factory=DrafterTrainConfig)
+
+
+def _data_key(lm: LoadedModel, prompts_file: Path, cfg: WarmupConfig) -> str:
+    h = hashlib.sha256()
+    h.update(lm.fingerprint.encode())
+    h.update(hashlib.sha256((lm.path / "model.safetensors").read_bytes()[:1 << 20]).digest()
+             if (lm.path / "model.safetensors").exists() else b"")
+    h.update(prompts_file.read_bytes())
+    h.update(json.dumps([cfg.max_new_tokens, cfg.sampled_copies, cfg.seed]).encode())
+    return h.hexdigest()[:16]
+
+
+def generate_responses(lm: LoadedModel, prompts: list[list[int]], params: list[SamplingParams], batch_size: int,
+                       desc: str) -> list[list[int]]:
+    """Plain (non-speculative) continuous-batched generation with progress."""
+    eng = Engine(lm.model, EngineConfig(max_batch_size=batch_size, max_model_len=max(len(p) for p in prompts) +
+                                        max(s.max_tokens for s in params) + 1, num_speculative_tokens=0,
+                                        dtype=str(lm.model.dtype).removeprefix("torch."), num_threads=None),
+                 lm.eos_token_ids)
+    outs: dict[str, list[int]] = {}
+    for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
+        outs[str(i)] = []
+        eng.add_request(str(i), p, s)
+    with tqdm(total=len(prompts), desc=desc, unit="resp") as bar:
+        while eng.has_unfinished():
+            for o in eng.step():
+                outs[o.request_id].extend(o.new_token_ids)
+                if o.finished:
+                    bar.update(1)
+    return [outs[str(i)] for i in range(len(prompts))]
+
+
+def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train, heldout, ood) samples with target features. Responses are cached on disk."""
+    prompts_file = Path(cfg.prompts) if cfg.prompts else default_prompts_path()
+    rows = load_prompts(prompts_file)
+    key = _data_key(lm, prompts_file, cfg)
+    cache_file = cache_dir() / "drafter-data" / f"{key}.json"
+    seqs: dict[str, list[tuple[list[int], int]]]
+    if cache_file.exists():
+        seqs = {k: [(t, p) for t, p in v] for k, v in json.loads(cache_file.read_text()).items()}
+        log.info("reusing generated responses from %s", cache_file)
+    else:
+        jobs: list[tuple[str, list[int], SamplingParams]] = []
+        for i, r in enumerate(rows):
+            ids = encode_prompt(lm.tokenizer, r["prompt"])
+            split = r["split"] if r["split"] in ("heldout", "ood") else "train"
+            jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)))
+            if split == "train":
+                for c in range(cfg.sampled_copies):
+                    jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.8,
+                                                            top_p=0.95, seed=cfg.seed * 1000 + i * 10 + c)))
+        outs = generate_responses(lm, [j[1] for j in jobs], [j[2] for j in jobs], cfg.gen_batch_size,
+                                  "generating training responses")
+        seqs = {"train": [], "heldout": [], "ood": []}
+        for (split, ids, _), resp in zip(jobs, outs, strict=True):
+            seqs[split].append((ids + resp, len(ids)))
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(seqs))
+        os.replace(tmp, cache_file)
+    out = []
+    total = sum(len(v) for v in seqs.values())
+    with tqdm(total=total, desc="target features", unit="seq") as bar:
+        for split in ("train", "heldout", "ood"):
+            out.append(target_features(lm.model, seqs.get(split, []), progress=bar.update))
+    return out[0], out[1], out[2]
+
+
+def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Drafter | None = None) -> dict[str, Any]:
+    """The whole recipe. Returns a report (also stored in the drafter's config.json under `training`)."""
+    t_start = time.monotonic()
+    deadline = t_start + cfg.max_minutes * 60
+    torch.manual_seed(cfg.seed)
+    train, heldout, ood = build_dataset(lm, cfg)
+    if not train:
+        raise ValueError("no training prompts (split 'train') in the prompt file")
+    V = lm.config.vocab_size
+    if drafter is None:
+        vocab = None
+        if 0 < cfg.draft_vocab_size < V:
+            vocab = select_draft_vocab(train, cfg.draft_vocab_size, V, always=lm.eos_token_ids)
+        drafter = new_drafter(lm.model, lm.fingerprint, vocab, seed=cfg.seed)
+    drafter = drafter.float()
+    drafter.bind(lm.model)
+    trainer = DrafterTrainer(drafter, cfg.train)
+    eval_reserve = 30.0 + 0.002 * sum(len(s) for s in heldout + ood)
+    budget = max(10.0, deadline - time.monotonic() - eval_reserve)
+    interrupted = False
+    with tqdm(total=int(budget), desc="training drafter", unit="s",
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s {postfix}") as bar:
+        t0 = time.monotonic()
+
+        def on_step(m: dict[str, float]) -> None:
+            bar.n = min(int(time.monotonic() - t0), bar.total)
+            bar.set_postfix(step=trainer.step, loss=f"{m['loss']:.3f}", top1=f"{m.get('top1_1', 0):.2f}")
+
+        try:
+            trainer.train(train, seconds=budget, max_steps=cfg.train.total_steps, on_step=on_step)
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted: evaluating and saving the drafter as trained so far")
+    report: dict[str, Any] = {
+        "steps": trainer.step, "tokens_seen": trainer.tokens_seen, "interrupted": interrupted,
+        "train_seconds": round(time.monotonic() - t_start, 1), "num_train_sequences": len(train),
+        "heldout": evaluate(drafter, lm.model, heldout, k=cfg.eval_k) if heldout else None,
+        "ood": evaluate(drafter, lm.model, ood, k=cfg.eval_k) if ood else None,
+        "config": {**asdict(cfg), "train": asdict(cfg.train)},
+        "target": lm.name,
+    }
+    if report["heldout"]:
+        report["heldout_acceptance_length"] = report["heldout"]["expected_acceptance_length"]
+    save_drafter(drafter, out_dir, extra_training=report)
+    return report
