@@ -13,12 +13,14 @@ from typing import Annotated
 
 import typer
 
+from understudy.cli_registry import drafters_app
 from understudy.errors import UnderstudyError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Understudy: an inference server that ships the drafter co-trained with its target model.")
 drafter_app = typer.Typer(no_args_is_help=True, help="Train and export the EAGLE-style drafter.")
 app.add_typer(drafter_app, name="drafter")
+app.add_typer(drafters_app, name="drafters")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -122,9 +124,8 @@ def _load_drafter_arg(spec: str, lm, registry: str | None):  # type: ignore[no-u
     except ImportError as e:  # pragma: no cover
         raise UserError(f"--drafter {spec!r}: no such folder") from e
     try:
-        reg = Registry.open(registry)
-        version = reg.resolve(spec)
-        return load_drafter(reg.version_path(version), lm.model, lm.fingerprint)
+        reg = Registry.open(registry, create=False)
+        return reg.load(spec, lm.model, lm.fingerprint)  # checksums + family check, then load
     except RegistryError as e:
         raise UserError(f"--drafter {spec!r}: not a folder, and not in the registry ({e})") from e
 

@@ -1,0 +1,62 @@
+"""The adaptive controller: learns the best arm per batch-size bucket, can turn speculation off, no flip-flop."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from understudy.engine.bandit import AdaptiveController, BanditConfig
+
+
+def simulate(ctrl: AdaptiveController, speed: dict[int, dict[int, float]], steps: int, noise: float = 0.1, seed: int = 0):
+    """speed[batch][k] = true tokens/s; rewards get multiplicative noise."""
+    rng = random.Random(seed)
+    picks: dict[int, list[int]] = {b: [] for b in speed}
+    for i in range(steps):
+        b = list(speed)[i % len(speed)]
+        k = ctrl.choose(b)
+        picks[b].append(k)
+        tps = speed[b][k] * (1 + rng.uniform(-noise, noise))
+        ctrl.observe(b, k, num_tokens=max(1, round(tps * 0.1)), seconds=0.1)
+    return picks
+
+
+def test_learns_best_arm_per_bucket_including_off():
+    ctrl = AdaptiveController(BanditConfig(arms=(0, 2, 4), epsilon=0.1, seed=1))
+    # small batches: speculation pays (K=4 best); large batches: verification is not free, off is best
+    speed = {1: {0: 30.0, 2: 45.0, 4: 60.0}, 16: {0: 120.0, 2: 100.0, 4: 80.0}}
+    picks = simulate(ctrl, speed, 600)
+    assert ctrl.current_arm(1) == 4
+    assert ctrl.current_arm(16) == 0
+    # after the initial exploration the best arm dominates (exploration ~ epsilon)
+    late1, late16 = picks[1][100:], picks[16][100:]
+    assert late1.count(4) / len(late1) > 0.8
+    assert late16.count(0) / len(late16) > 0.8
+    assert set(late16) > {0}, "it must keep exploring"
+    st = ctrl.state()
+    assert st["buckets"]["1"]["current_k"] == 4 and st["buckets"]["16-31"]["current_k"] == 0
+
+
+def test_hysteresis_prevents_flip_flop_between_near_equal_arms():
+    ctrl = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.2, switch_margin=0.05, seed=2))
+    simulate(ctrl, {4: {0: 100.0, 4: 101.0}}, 800, noise=0.05)
+    assert ctrl.state()["buckets"]["4-7"]["switches"] <= 2
+
+
+def test_adapts_when_the_best_arm_changes():
+    ctrl = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.2, window=16, seed=3))
+    simulate(ctrl, {1: {0: 30.0, 4: 60.0}}, 200)
+    assert ctrl.current_arm(1) == 4
+    simulate(ctrl, {1: {0: 30.0, 4: 10.0}}, 300, seed=4)  # e.g. a garbage drafter was swapped in
+    assert ctrl.current_arm(1) == 0
+
+
+def test_buckets_and_validation():
+    ctrl = AdaptiveController(BanditConfig())
+    assert [ctrl.bucket_label(ctrl.bucket_of(b)) for b in (1, 2, 3, 5, 9, 31, 64, 500)] == \
+        ["1", "2-3", "2-3", "4-7", "8-15", "16-31", "64+", "64+"]
+    with pytest.raises(ValueError):
+        BanditConfig(arms=(4,))
+    with pytest.raises(ValueError):
+        AdaptiveController(BanditConfig(arms=(0, 8)), max_k=4)

@@ -1,0 +1,240 @@
+"""`understudy drafters ...`: list, show, verify, publish, promote, rollback and gc over the drafter registry.
+
+Human tables by default, --json for scripts. Every failure raises RegistryError (the top-level main prints
+`error: ...` and exits 2). Importing this module does not import torch (only `publish` needs it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from understudy.engine.registry import BEST_METRIC, Registry, RegistryError, VersionInfo
+
+drafters_app = typer.Typer(no_args_is_help=True,
+                           help="The drafter registry: immutable versions, aliases (latest, best, serving), rollback.")
+
+RegistryOpt = Annotated[str | None, typer.Option(
+    "--registry", help="Registry folder (default: $UNDERSTUDY_REGISTRY, else ~/.local/share/understudy/registry)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts)")]
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _fmt_metric(m: dict[str, Any]) -> str:
+    x = m.get(BEST_METRIC)
+    return f"{x:.3f}" if isinstance(x, int | float) and not isinstance(x, bool) else "-"
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _by_version(aliases: dict[str, int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for name, v in sorted(aliases.items()):
+        out.setdefault(v, []).append(name)
+    return out
+
+
+def _open(registry: str | None) -> Registry:
+    return Registry.open(registry, create=False)  # reading never creates a registry
+
+
+@drafters_app.command("list")
+def list_cmd(registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """List versions (oldest first) with their family, held-out acceptance length and aliases."""
+    reg = _open(registry)
+    versions, aliases = reg.list_versions(), reg.aliases()
+    if as_json:
+        _echo_json({"registry": str(reg.root), "aliases": aliases,
+                    "versions": [{"version": i.version, "path": str(i.path), **i.manifest} for i in versions]})
+        return
+    typer.echo(f"registry {reg.root}: {len(versions)} version(s)")
+    names = _by_version(aliases)
+    rows = [[str(i.version), str(i.manifest.get("created", "-"))[:19].replace("T", " "), i.family_fingerprint,
+             _fmt_metric(i.metrics), str(i.manifest.get("policy_version") or "-"), str(i.manifest.get("parent") or "-"),
+             _fmt_size(i.size_bytes), ",".join(names.get(i.version, []))] for i in versions]
+    _table(rows, ["VERSION", "CREATED (UTC)", "FAMILY", "ACCEPT_LEN", "POLICY", "PARENT", "SIZE", "ALIASES"])
+
+
+def _alias_or_none(reg: Registry, spec: str) -> str | None:
+    return spec if spec in reg.alias_names() else None
+
+
+@drafters_app.command("show")
+def show_cmd(spec: Annotated[str, typer.Argument(help="Version number (7, v7) or alias (latest, best, serving)")],
+             registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Show one version's manifest (and the alias history when SPEC is an alias)."""
+    reg = _open(registry)
+    info = reg.info(spec)
+    alias = _alias_or_none(reg, spec)
+    history = reg.alias_history(alias) if alias else None
+    pointing = _by_version(reg.aliases()).get(info.version, [])
+    if as_json:
+        _echo_json({"version": info.version, "path": str(info.path), "aliases": pointing, "manifest": info.manifest,
+                    **({"alias": alias, "alias_history": history} if alias else {})})
+        return
+    _show_human(info, pointing)
+    if alias and history:
+        typer.echo(f"alias {alias} history (oldest first):")
+        for h in history:
+            typer.echo(f"  {h.get('at', '-')}  -> {h['version']}  ({h.get('action', 'set')}: {h.get('reason', '')})")
+
+
+def _show_human(info: VersionInfo, pointing: list[str]) -> None:
+    m = info.manifest
+    typer.echo(f"version {info.version}  {info.path}")
+    for key in ("created", "family_fingerprint", "policy_version", "parent", "note", "source"):
+        typer.echo(f"  {key}: {m.get(key)}")
+    t = m.get("target") or {}
+    typer.echo(f"  target: {t.get('architecture')} hidden {t.get('hidden_size')} layers {t.get('num_layers')} "
+               f"vocab {t.get('vocab_size')} (draft vocab {m.get('draft_vocab_size')})")
+    typer.echo(f"  aliases: {', '.join(pointing) or '-'}")
+    typer.echo(f"  metrics: {json.dumps(m.get('metrics'), default=str)}")
+    typer.echo("  files:")
+    for name, f in m["files"].items():
+        typer.echo(f"    {name}  {_fmt_size(f['size'])}  sha256 {f['sha256']}")
+    typer.echo(f"  training_config: {json.dumps(m.get('training_config'), default=str)}")
+
+
+@drafters_app.command("verify")
+def verify_cmd(specs: Annotated[list[str] | None, typer.Argument(help="Versions or aliases (default: all)")] = None,
+               registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-hash every file against its manifest; exits non-zero if any version fails."""
+    reg = _open(registry)
+    nums = [reg.resolve(s) for s in specs] if specs else reg.version_numbers()
+    results = [{"version": v, "ok": not (p := reg.verify(v)), "problems": p} for v in nums]
+    if as_json:
+        _echo_json({"registry": str(reg.root), "results": results})
+    else:
+        for r in results:
+            typer.echo(f"version {r['version']}: " + ("ok" if r["ok"] else "FAILED"))
+            for p in r["problems"]:
+                typer.echo(f"    {p}")
+    bad = [r["version"] for r in results if not r["ok"]]
+    if bad:
+        raise RegistryError(f"{len(bad)} of {len(results)} version(s) in {reg.root} failed verification ({bad}); do not "
+                            "serve them: move aliases off them (`understudy drafters rollback ALIAS` / `promote`) and "
+                            "re-publish the drafters")
+
+
+def _parse_metrics(items: list[str] | None) -> dict[str, Any] | None:
+    if not items:
+        return None
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RegistryError(f"--metric {item!r}: expected KEY=VALUE, e.g. --metric {BEST_METRIC}=2.4")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _read_json_file(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RegistryError(f"--training-config {path}: cannot read a JSON object ({e}); pass a JSON file") from e
+
+
+@drafters_app.command("publish")
+def publish_cmd(
+    src: Annotated[Path, typer.Argument(help="A drafter folder (config.json + model.safetensors)")],
+    metric: Annotated[list[str] | None, typer.Option("--metric", help=f"KEY=VALUE, repeatable (e.g. {BEST_METRIC}=2.4); "
+                                                     "default: the metrics recorded in the drafter's config.json")] = None,
+    training_config: Annotated[Path | None, typer.Option("--training-config", help="JSON file with the resolved config")] = None,
+    policy_version: Annotated[str | None, typer.Option("--policy-version", help="Policy version/step it was trained against")] = None,
+    parent: Annotated[int | None, typer.Option("--parent", help="Version it was trained from")] = None,
+    note: Annotated[str | None, typer.Option("--note", help="Free-text note stored in the manifest")] = None,
+    registry: RegistryOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import an existing drafter folder (validated first) as the next version; moves latest (and best)."""
+    metrics = _parse_metrics(metric)
+    cfg = _read_json_file(training_config)
+    pv: str | int | None = int(policy_version) if policy_version and policy_version.isdigit() else policy_version
+    reg = Registry.open(registry, create=True)
+    info = reg.publish(src, metrics=metrics, training_config=cfg, policy_version=pv, parent=parent, note=note)
+    moved = sorted(n for n, v in reg.aliases().items() if v == info.version)
+    if as_json:
+        _echo_json({"version": info.version, "path": str(info.path), "aliases": moved, "manifest": info.manifest})
+    else:
+        typer.echo(f"published version {info.version} ({info.family_fingerprint}) to {info.path}; "
+                   f"aliases now on it: {', '.join(moved) or '-'}")
+
+
+@drafters_app.command("promote")
+def promote_cmd(spec: Annotated[str, typer.Argument(help="Version number or alias to promote")],
+                alias: Annotated[str, typer.Argument(help="Alias to point at it (e.g. serving)")],
+                reason: Annotated[str | None, typer.Option("--reason", help="Recorded in the alias history")] = None,
+                registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Point ALIAS at a version (after re-verifying its checksums)."""
+    reg = _open(registry)
+    before = reg.aliases().get(alias)
+    v = reg.promote(spec, alias, reason=reason)
+    if as_json:
+        _echo_json({"alias": alias, "version": v, "previous": before})
+    else:
+        typer.echo(f"{alias} -> {v}" + (f" (was {before})" if before is not None else " (new alias)"))
+
+
+@drafters_app.command("rollback")
+def rollback_cmd(alias: Annotated[str, typer.Argument(help="Alias to return to its previous target")],
+                 registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Return ALIAS to the target it had before its last move."""
+    reg = _open(registry)
+    before = reg.aliases().get(alias)
+    v = reg.rollback(alias)
+    if as_json:
+        _echo_json({"alias": alias, "version": v, "previous": before})
+    else:
+        typer.echo(f"{alias} -> {v} (was {before})")
+
+
+@drafters_app.command("gc")
+def gc_cmd(keep_last: Annotated[int, typer.Option("--keep-last", help="Newest versions always kept")] = 10,
+           history_window: Annotated[int, typer.Option("--history-window",
+                                                       help="Also keep what each alias pointed to in its last N moves")] = 10,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would be removed")] = False,
+           registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Delete old versions no alias points to (now or recently) and leftovers of killed publishers."""
+    reg = _open(registry)
+    removed = reg.gc(keep_last=keep_last, history_window=history_window, dry_run=dry_run)
+    if as_json:
+        _echo_json({"registry": str(reg.root), "dry_run": dry_run, "removed": removed})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        typer.echo(f"{verb} {len(removed)} version(s){': ' + ', '.join(map(str, removed)) if removed else ''}")
+
+
+@drafters_app.command("resolve")
+def resolve_cmd(spec: Annotated[str, typer.Argument(help="Version number or alias")],
+                registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the version number SPEC names (and its folder)."""
+    reg = _open(registry)
+    v = reg.resolve(spec)
+    if as_json:
+        _echo_json({"spec": spec, "version": v, "path": str(reg.version_path(v))})
+    else:
+        typer.echo(f"{v}\t{reg.version_path(v)}")

@@ -1,0 +1,123 @@
+"""The adaptive speculation controller: an epsilon-greedy bandit per live-batch-size bucket (TLT's adaptive engine).
+
+Arms are speculation strategies: K draft tokens per step, K = 0 meaning "off". The reward of a step is the
+committed tokens per second it achieved. Per (bucket, arm) the controller keeps a window of recent rewards and
+scores the arm by the window's median (robust to the noisy steps a shared machine produces). It exploits the
+best median, explores a random other arm with probability epsilon, tries every arm `min_samples` times first,
+and only switches away from the current arm when the challenger's median beats it by `switch_margin`
+(hysteresis: no flip-flopping between near-equal arms).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import random
+import statistics
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BanditConfig:
+    arms: tuple[int, ...] = (0, 2, 4)  # K values to choose from; must include at least two
+    bucket_edges: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # bucket i holds batch sizes [edge_i, edge_{i+1})
+    epsilon: float = 0.1  # exploration probability once every arm has min_samples
+    window: int = 32  # rewards kept per (bucket, arm)
+    min_samples: int = 3  # tries per arm before exploiting
+    switch_margin: float = 0.05  # challenger must beat the current arm's median by this fraction
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(set(self.arms)) < 2 or min(self.arms) < 0:
+            raise ValueError(f"arms need at least two distinct K >= 0, got {self.arms}")
+        if list(self.bucket_edges) != sorted(set(self.bucket_edges)) or self.bucket_edges[0] != 1:
+            raise ValueError(f"bucket_edges must be increasing and start at 1, got {self.bucket_edges}")
+        if not 0.0 <= self.epsilon <= 1.0 or self.window < 1 or self.min_samples < 1 or self.switch_margin < 0:
+            raise ValueError("need 0 <= epsilon <= 1, window >= 1, min_samples >= 1, switch_margin >= 0")
+
+
+@dataclass
+class _Bucket:
+    rewards: dict[int, collections.deque[float]]
+    current: int
+    pulls: collections.Counter[int] = field(default_factory=collections.Counter)
+    switches: int = 0
+
+
+class AdaptiveController:
+    """Implements engine.controller.SpeculationController. Thread-safe (the server reads state() concurrently)."""
+
+    def __init__(self, cfg: BanditConfig | None = None, max_k: int | None = None) -> None:
+        cfg = cfg or BanditConfig()
+        arms = tuple(sorted(a for a in cfg.arms if max_k is None or a <= max_k))
+        if len(arms) < 2:
+            raise ValueError(f"fewer than two arms left after capping at max_k={max_k}: {arms}")
+        self.cfg, self.arms = cfg, arms
+        self._rng = random.Random(cfg.seed)
+        self._buckets: dict[int, _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def bucket_of(self, batch_size: int) -> int:
+        """Index of the bucket holding this batch size."""
+        return max(0, bisect.bisect_right(self.cfg.bucket_edges, max(1, batch_size)) - 1)
+
+    def bucket_label(self, index: int) -> str:
+        edges = self.cfg.bucket_edges
+        lo = edges[index]
+        hi = edges[index + 1] - 1 if index + 1 < len(edges) else None
+        return f"{lo}" if hi == lo else (f"{lo}-{hi}" if hi else f"{lo}+")
+
+    def _bucket(self, index: int) -> _Bucket:
+        if index not in self._buckets:
+            self._buckets[index] = _Bucket(
+                rewards={a: collections.deque(maxlen=self.cfg.window) for a in self.arms}, current=max(self.arms))
+        return self._buckets[index]
+
+    def choose(self, batch_size: int) -> int:
+        with self._lock:
+            b = self._bucket(self.bucket_of(batch_size))
+            untried = [a for a in self.arms if len(b.rewards[a]) < self.cfg.min_samples]
+            if untried:  # initial exploration: every arm gets min_samples tries
+                return untried[0]
+            if self._rng.random() < self.cfg.epsilon:
+                return self._rng.choice([a for a in self.arms if a != b.current])
+            return b.current
+
+    def observe(self, batch_size: int, k: int, num_tokens: int, seconds: float) -> None:
+        if seconds <= 0 or k not in self.arms:
+            return
+        with self._lock:
+            b = self._bucket(self.bucket_of(batch_size))
+            b.rewards[k].append(num_tokens / seconds)
+            b.pulls[k] += 1
+            self._maybe_switch(b)
+
+    def _maybe_switch(self, b: _Bucket) -> None:
+        scored = {a: statistics.median(r) for a, r in b.rewards.items() if len(r) >= self.cfg.min_samples}
+        if b.current not in scored or len(scored) < 2:
+            if scored and b.current not in scored:
+                b.current = max(scored, key=scored.__getitem__)
+            return
+        best = max(scored, key=scored.__getitem__)
+        if best != b.current and scored[best] > scored[b.current] * (1.0 + self.cfg.switch_margin):
+            b.current = best
+            b.switches += 1
+
+    def current_arm(self, batch_size: int) -> int:
+        with self._lock:
+            return self._bucket(self.bucket_of(batch_size)).current
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "kind": "adaptive", "arms": list(self.arms), "epsilon": self.cfg.epsilon,
+                "buckets": {
+                    self.bucket_label(i): {
+                        "current_k": b.current, "switches": b.switches,
+                        "median_tokens_per_s": {str(a): round(statistics.median(r), 2) for a, r in b.rewards.items() if r},
+                        "pulls": {str(a): b.pulls[a] for a in self.arms},
+                    } for i, b in sorted(self._buckets.items())
+                },
+            }

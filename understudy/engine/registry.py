@@ -1,0 +1,768 @@
+"""The drafter registry: immutable numbered versions, atomic publish, aliases with history, rollback, gc.
+
+The contract between the trainer (publishes continuously) and the server (watches, validates, hot-swaps).
+Layout (ROOT = --registry, else $UNDERSTUDY_REGISTRY, else $XDG_DATA_HOME/understudy/registry):
+
+    ROOT/registry.json          format marker {"format": "understudy-registry-v1"}
+    ROOT/.lock                  flock: serialises number allocation + the rename, alias moves and gc
+    ROOT/counter                highest version number ever allocated (numbers are never reused)
+    ROOT/versions/000001/       drafter files (read-only) + manifest.json
+    ROOT/aliases/<name>.json    {"version": N, "history": [{"version", "at", "reason", "action"}, ...]}
+    ROOT/.tmp/                  in-progress publishes and staged files (same filesystem: renames are atomic)
+
+Invariants: a folder in versions/ is complete (files and manifest are written and fsynced inside a temp folder,
+which one rename makes visible), an alias file is always whole (written aside, then os.replace), and a number is
+handed out once (allocated under the lock from max(counter, newest folder)). A publisher killed at any point
+leaves at most an unlocked folder in .tmp/, which readers never look at and `gc` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from understudy.errors import UnderstudyError
+
+if TYPE_CHECKING:  # the registry is imported by the CLI; torch is only loaded to validate or load a drafter
+    from understudy.engine.drafter import Drafter, DrafterConfig
+    from understudy.engine.model import Transformer
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FORMAT = "understudy-registry-v1"
+MANIFEST_FORMAT = "understudy-drafter-manifest-v1"
+BEST_METRIC = "heldout_acceptance_length"  # `best` follows the highest value of this training metric
+MAX_HISTORY = 1000  # alias history entries kept per alias file (oldest dropped)
+_ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+_VERSION_RE = re.compile(r"[vV]?(\d+)")
+_CHUNK = 1 << 20
+
+
+class RegistryError(UnderstudyError, RuntimeError):
+    """The registry is missing, unwritable or inconsistent, or a version/alias is unknown or fails checks."""
+
+
+def default_registry_path() -> Path:
+    """$UNDERSTUDY_REGISTRY, else $XDG_DATA_HOME/understudy/registry, else ~/.local/share/understudy/registry."""
+    env = os.environ.get("UNDERSTUDY_REGISTRY")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "understudy" / "registry"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int  # the immutable version number
+    path: Path  # ROOT/versions/NNNNNN
+    manifest: dict[str, Any]  # the parsed manifest.json
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics") or {}
+
+    @property
+    def family_fingerprint(self) -> str:
+        return str(self.manifest.get("family_fingerprint"))
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(int(f["size"]) for f in self.manifest["files"].values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "path": str(self.path), "manifest": self.manifest}
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "version" (a new version became visible) | "alias" (an alias now points elsewhere)
+    version: int  # the new version, or the alias's new target
+    alias: str | None = None  # the alias name (kind == "alias")
+    previous: int | None = None  # the alias's previous target, None if the alias is new
+
+
+# ---- small durable-file helpers -------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_file(src: Path, dst: Path) -> tuple[str, int]:
+    """Copy src -> dst (new file), fsync it, and return (sha256, size) of the bytes written."""
+    h, n = hashlib.sha256(), 0
+    with open(src, "rb") as fi, open(dst, "xb") as fo:
+        while chunk := fi.read(_CHUNK):
+            h.update(chunk)
+            fo.write(chunk)
+            n += len(chunk)
+        fo.flush()
+        os.fsync(fo.fileno())
+    return h.hexdigest(), n
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _mkdtemp(parent: Path, prefix: str) -> Path:
+    path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(path)
+    return path
+
+
+def _json_bytes(doc: Any) -> bytes:
+    return (json.dumps(doc, indent=2, default=str) + "\n").encode()
+
+
+def _is_stale(path: Path) -> bool:
+    """True when nobody holds a flock on `path` (a publisher locks its temp folder for as long as it lives)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _os_error(e: OSError, action: str, root: Path, unchanged: bool = True) -> RegistryError:
+    """Translate an OSError into a message naming the path and the fix."""
+    where = e.filename or root
+    tail = "; the registry was not changed" if unchanged else ""
+    if not Path(os.fsdecode(where)).absolute().is_relative_to(root):  # reading the source, not the registry
+        msg = f"cannot read {where} while {action} ({e.strerror or e}); check that it exists and is readable"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg = (f"disk full while {action} ({where}): free space on the filesystem holding {root} "
+               f"(e.g. `understudy drafters gc --registry {root}`) and try again")
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        msg = (f"permission denied while {action} ({where}): make {root} writable by this user "
+               "(chmod/chown) or pass --registry to a folder you own")
+    elif e.errno == errno.EROFS:
+        msg = f"{where} is on a read-only filesystem ({action}); pass --registry to a writable folder"
+    else:
+        msg = f"cannot finish {action} ({where}: {e.strerror or e}); check the folder {root} and try again"
+    return RegistryError(msg + tail)
+
+
+# ---- source validation (what `publish` accepts) ---------------------------------------------------------------
+def _check_safetensors(path: Path, cfg: DrafterConfig) -> None:
+    """Parse the safetensors header (no torch needed) and check it is complete and shaped like cfg's drafter."""
+    bad = f"cannot publish: {path} is not a valid drafter checkpoint"
+    fix = "re-train or re-export the drafter"
+    if not path.is_file():
+        raise RegistryError(f"cannot publish: {path} is missing; a drafter folder holds config.json + model.safetensors")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        shapes = {k: list(t["shape"]) for k, t in header.items()}
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise RegistryError(f"{bad} ({type(e).__name__}: {e}); {fix}") from e
+    if end != size - 8 - n:
+        raise RegistryError(f"{bad}: tensor data ends at byte {end} but the file holds {size - 8 - n} "
+                            f"(truncated or padded); {fix}")
+    h = cfg.target.hidden_size
+    want = {"fc.weight": [h, 2 * h], "draft_vocab": [cfg.draft_vocab_size]}
+    for key, shape in want.items():
+        if shapes.get(key) != shape:
+            raise RegistryError(f"{bad}: tensor {key} has shape {shapes.get(key)}, config.json implies {shape}; {fix}")
+
+
+def _source_files(src: Path) -> list[str]:
+    """The files a version copies from src: top-level regular files, minus hidden ones and any old manifest."""
+    names = []
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.name.startswith(".") or entry.name == "manifest.json":
+            continue
+        if entry.is_dir():
+            raise RegistryError(f"cannot publish {src}: it contains a folder {entry.name!r}; a drafter folder holds "
+                                "only files (config.json, model.safetensors): publish the drafter folder itself")
+        if entry.is_file():
+            names.append(entry.name)
+    return names
+
+
+def _validate_source(src: Path) -> DrafterConfig:
+    from understudy.engine.drafter import DrafterError, read_drafter_config
+
+    if not src.is_dir():
+        raise RegistryError(f"cannot publish {src}: no such folder; pass a drafter folder (config.json + "
+                            "model.safetensors) written by `understudy drafter train --out DIR`")
+    try:
+        cfg = read_drafter_config(src)
+    except DrafterError as e:
+        raise RegistryError(f"cannot publish {src}: {e}") from e
+    _check_safetensors(src / "model.safetensors", cfg)
+    return cfg
+
+
+def _metric(manifest: dict[str, Any] | None) -> float | None:
+    v = ((manifest or {}).get("metrics") or {}).get(BEST_METRIC)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+# ---- alias history --------------------------------------------------------------------------------------------
+def _moved(doc: dict[str, Any] | None, version: int, reason: str, action: str = "set") -> dict[str, Any]:
+    history = list(doc["history"]) if doc else []
+    history.append({"version": version, "at": _now(), "reason": reason, "action": action})
+    return {"version": version, "history": history[-MAX_HISTORY:]}
+
+
+def _rollback_target(history: list[dict[str, Any]]) -> int | None:
+    """Replay the history as a stack ("set" pushes, "rollback" pops); the target is the entry under the top."""
+    stack: list[int] = []
+    for e in history:
+        if e.get("action") == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != e["version"]:  # history trimmed: re-anchor on what it says
+                stack.append(e["version"])
+        else:
+            stack.append(e["version"])
+    return stack[-2] if len(stack) >= 2 else None
+
+
+def _check_alias_name(name: str) -> None:
+    if not _ALIAS_RE.fullmatch(name) or _VERSION_RE.fullmatch(name):
+        raise RegistryError(f"alias name {name!r} is invalid: use a letter followed by letters, digits, '_', '.' "
+                            "or '-' (not a version number such as v3), e.g. `serving`")
+
+
+class Registry:
+    """A folder of immutable drafter versions. Build with Registry.open(); every method is safe to call from
+    several processes at once (writers serialise on ROOT/.lock, readers take no lock)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions_dir = root / "versions"
+        self.aliases_dir = root / "aliases"
+        self.tmp_dir = root / ".tmp"
+        self.lock_path = root / ".lock"
+        self.counter_path = root / "counter"
+        self.marker_path = root / "registry.json"
+
+    # ---- opening ------------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path | None = None, create: bool = True) -> Registry:
+        """Open the registry at `path` (None: $UNDERSTUDY_REGISTRY or the default); create it if allowed."""
+        root = (Path(path).expanduser() if path else default_registry_path()).absolute()
+        reg = cls(root)
+        if reg.marker_path.exists():
+            reg._check_marker()
+            if create and not reg.tmp_dir.is_dir():
+                reg._create()  # a creation that was interrupted after writing the marker
+            return reg
+        if not create:
+            raise RegistryError(
+                f"no drafter registry at {root} (no registry.json); pass --registry (or set UNDERSTUDY_REGISTRY) "
+                f"to an existing registry, or create this one with `understudy drafters publish SRC_DIR --registry {root}`")
+        reg._create()
+        return reg
+
+    def _check_marker(self) -> None:
+        try:
+            fmt = json.loads(self.marker_path.read_text()).get("format")
+        except (OSError, ValueError, AttributeError) as e:
+            raise RegistryError(f"{self.marker_path} is unreadable or malformed ({e}); it should hold "
+                                f'{{"format": "{REGISTRY_FORMAT}"}}: restore it with that content') from e
+        if fmt != REGISTRY_FORMAT:
+            raise RegistryError(f"{self.marker_path}: format {fmt!r} is not {REGISTRY_FORMAT!r}; this folder was "
+                                "written by another tool or version; pass --registry to an Understudy registry")
+
+    def _create(self) -> None:
+        known = {"versions", "aliases", ".tmp", ".lock", "counter", "registry.json"}
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"registry path {self.root} is a file; pass --registry to a folder")
+        if self.root.is_dir() and set(os.listdir(self.root)) - known:
+            raise RegistryError(f"{self.root} is not empty and is not a drafter registry (no registry.json); "
+                                "pass --registry to an empty or new folder")
+        try:
+            for d in (self.root, self.versions_dir, self.aliases_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.lock_path, os.O_RDONLY | os.O_CREAT, 0o644))
+            with self._lock():
+                if not self.marker_path.exists():
+                    self._replace_json(self.marker_path, {"format": REGISTRY_FORMAT, "created": _now()})
+        except OSError as e:
+            raise _os_error(e, f"creating the registry {self.root}", self.root, unchanged=False) from e
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        fd = os.open(self.lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock (also when the process is killed)
+
+    def _stage(self, data: bytes, suffix: str = ".json") -> Path:
+        """Write data (fsynced) into .tmp/, to be os.replace'd into place under the lock."""
+        path = self.tmp_dir / f"stage-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+        try:
+            _write_durable(path, data)
+        except BaseException:
+            _remove(path)
+            raise
+        return path
+
+    def _stage_json(self, doc: Any) -> Path:
+        return self._stage(_json_bytes(doc))
+
+    def _replace_json(self, dest: Path, doc: Any) -> None:
+        staged = self._stage_json(doc)
+        os.replace(staged, dest)
+        _fsync_dir(dest.parent)
+
+    # ---- read side ----------------------------------------------------------------------------------------------
+    def _vdir(self, v: int) -> Path:
+        return self.versions_dir / f"{v:06d}"
+
+    def version_numbers(self) -> list[int]:
+        """Every numbered folder in versions/ (a folder there is complete by construction)."""
+        try:
+            names = os.listdir(self.versions_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def _exists(self, v: int) -> bool:
+        return (self._vdir(v) / "manifest.json").is_file()
+
+    def version_path(self, v: int) -> Path:
+        if not self._exists(v):
+            raise self._unknown_version(v)
+        return self._vdir(v)
+
+    def manifest(self, v: int) -> dict[str, Any]:
+        path = self._vdir(v) / "manifest.json"
+        if not self._vdir(v).is_dir():
+            raise self._unknown_version(v)
+        fix = ("do not serve this version: restore the file from a backup, or re-publish the drafter and point "
+               "aliases at the new version (`understudy drafters promote`)")
+        try:
+            m = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise RegistryError(f"{path} is missing, so version {v} is incomplete; {fix}") from e
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"{path} is malformed ({type(e).__name__}: {e}); {fix}") from e
+        problem = self._manifest_problem(m, v)
+        if problem:
+            raise RegistryError(f"{path} is malformed ({problem}); {fix}")
+        return m
+
+    @staticmethod
+    def _manifest_problem(m: Any, v: int) -> str | None:
+        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+            return f"format is not {MANIFEST_FORMAT!r}"
+        if m.get("version") != v:
+            return f"it names version {m.get('version')!r}, but lives in the folder of version {v}"
+        files = m.get("files")
+        if not isinstance(files, dict) or not files:
+            return "no 'files' table"
+        for name, meta in files.items():
+            if "/" in name or name in (".", "..", "manifest.json") or not isinstance(meta, dict):
+                return f"bad file entry {name!r}"
+            if not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
+                return f"file entry {name!r} lacks sha256/size"
+        if not isinstance(m.get("family_fingerprint"), str):
+            return "no family_fingerprint"
+        return None
+
+    def list_versions(self) -> list[VersionInfo]:
+        """All versions with a readable manifest, oldest first (a damaged one is logged and skipped)."""
+        out = []
+        for v in self.version_numbers():
+            try:
+                out.append(VersionInfo(v, self._vdir(v), self.manifest(v)))
+            except RegistryError as e:
+                log.warning("skipping version %d: %s", v, e)
+        return out
+
+    def info(self, spec: str | int) -> VersionInfo:
+        v = self.resolve(spec)
+        return VersionInfo(v, self._vdir(v), self.manifest(v))
+
+    def _alias_path(self, name: str) -> Path:
+        return self.aliases_dir / f"{name}.json"
+
+    def _read_alias(self, name: str) -> dict[str, Any] | None:
+        path = self._alias_path(name)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            doc = e
+        ok = (isinstance(doc, dict) and isinstance(doc.get("version"), int) and isinstance(doc.get("history"), list)
+              and all(isinstance(h, dict) and isinstance(h.get("version"), int) for h in doc["history"]))
+        if not ok:
+            raise RegistryError(f"alias file {path} is malformed ({doc if isinstance(doc, Exception) else 'bad fields'});"
+                                f" restore it, or delete it and re-create the alias with "
+                                f"`understudy drafters promote VERSION {name} --registry {self.root}`")
+        return doc  # type: ignore[return-value]
+
+    def alias_names(self) -> list[str]:
+        try:
+            return sorted(n[:-5] for n in os.listdir(self.aliases_dir) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+
+    def aliases(self) -> dict[str, int]:
+        """alias name -> version it points to."""
+        out = {}
+        for name in self.alias_names():
+            doc = self._read_alias(name)
+            if doc is not None:
+                out[name] = doc["version"]
+        return out
+
+    def alias_history(self, name: str) -> list[dict[str, Any]]:
+        doc = self._read_alias(name)
+        if doc is None:
+            raise self._unknown_alias(name)
+        return list(doc["history"])
+
+    def resolve(self, spec: str | int) -> int:
+        """A version number (7, "7", "v7") or an alias name -> an existing version number."""
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            v = spec
+        else:
+            s = str(spec).strip()
+            m = _VERSION_RE.fullmatch(s)
+            if m:
+                v = int(m.group(1))
+            else:
+                doc = self._read_alias(s) if _ALIAS_RE.fullmatch(s) else None
+                if doc is None:
+                    raise self._unknown_alias(s)
+                v = doc["version"]
+                if not self._exists(v):
+                    raise RegistryError(f"alias {s!r} points to version {v}, which is not in {self.versions_dir}; "
+                                        f"point it at an existing version: `understudy drafters promote VERSION {s}`")
+        if not self._exists(v):
+            raise self._unknown_version(v)
+        return v
+
+    def _summary(self) -> str:
+        nums = self.version_numbers()
+        vs = "none" if not nums else (", ".join(map(str, nums)) if len(nums) <= 8 else
+                                      f"{len(nums)} versions, {nums[0]}..{nums[-1]}")
+        try:
+            al = ", ".join(f"{k} -> {v}" for k, v in self.aliases().items()) or "none"
+        except RegistryError:
+            al = "unreadable"
+        return f"versions: {vs}; aliases: {al}"
+
+    def _unknown_version(self, v: int) -> RegistryError:
+        return RegistryError(f"version {v} is not in the registry {self.root} ({self._summary()}); "
+                             f"see `understudy drafters list --registry {self.root}`")
+
+    def _unknown_alias(self, name: str) -> RegistryError:
+        return RegistryError(f"{name!r} is neither a version number nor an alias in the registry {self.root} "
+                             f"({self._summary()}); see `understudy drafters list --registry {self.root}`")
+
+    # ---- verification and loading ---------------------------------------------------------------------------------
+    def verify(self, v: int) -> list[str]:
+        """Re-hash every file of version v against its manifest. Returns the problems (empty: the version is ok)."""
+        try:
+            m = self.manifest(v)
+        except RegistryError as e:
+            return [str(e)]
+        vdir, problems = self._vdir(v), []
+        for name, meta in m["files"].items():
+            p = vdir / name
+            try:
+                sha, size = _hash_file(p)
+            except FileNotFoundError:
+                problems.append(f"{p} is missing")
+                continue
+            except OSError as e:
+                problems.append(f"{p} is unreadable ({e.strerror})")
+                continue
+            if size != meta["size"]:
+                problems.append(f"{p} has {size} bytes, the manifest says {meta['size']} (truncated or changed)")
+            elif sha != meta["sha256"]:
+                problems.append(f"{p} fails its sha256 check (corrupted or modified after publishing)")
+        for extra in sorted(set(os.listdir(vdir)) - set(m["files"]) - {"manifest.json"}):
+            problems.append(f"{vdir / extra} is not listed in the manifest")
+        return problems
+
+    def verify_or_raise(self, v: int) -> None:
+        problems = self.verify(v)
+        if problems:
+            raise RegistryError(
+                f"version {v} ({self._vdir(v)}) failed verification: {'; '.join(problems)}. Do not serve it: point "
+                "aliases at a good version (`understudy drafters rollback ALIAS` or `promote VERSION ALIAS`) and "
+                "re-publish the drafter")
+
+    def check_compatible(self, spec: str | int, target_fingerprint: str) -> int:
+        """Refuse (RegistryError) a version trained for another model family. Cheap: reads the manifest only."""
+        v = self.resolve(spec)
+        m = self.manifest(v)
+        if m["family_fingerprint"] != target_fingerprint:
+            t = m.get("target") or {}
+            shape = f"{t.get('architecture')}, hidden {t.get('hidden_size')}, vocab {t.get('vocab_size')}"
+            raise RegistryError(
+                f"version {v} ({self._vdir(v)}) was trained for model family {m['family_fingerprint']} ({shape}), "
+                f"but the target is {target_fingerprint} (different architecture, shapes or tokenizer). Pick a "
+                "version of this family (`understudy drafters list` shows each one's family) or train one with "
+                "`understudy drafter train --model ... --publish`")
+        return v
+
+    def load(self, spec: str | int, target: Transformer, target_fingerprint: str) -> Drafter:
+        """Resolve, check the family, re-verify every checksum, then load and bind the drafter."""
+        from understudy.engine.drafter import DrafterError, load_drafter
+
+        v = self.check_compatible(spec, target_fingerprint)
+        self.verify_or_raise(v)
+        try:
+            return load_drafter(self._vdir(v), target, target_fingerprint)
+        except DrafterError as e:
+            raise RegistryError(f"version {v}: {e}") from e
+
+    # ---- publish ----------------------------------------------------------------------------------------------------
+    def publish(self, src_dir: str | Path, *, metrics: dict[str, Any] | None = None,
+                training_config: dict[str, Any] | None = None, policy_version: str | int | None = None,
+                parent: int | None = None, note: str | None = None) -> VersionInfo:
+        """Copy a drafter folder in as the next version: temp folder, fsync, one atomic rename under the lock.
+
+        metrics / training_config default to what the drafter's config.json recorded under `training`.
+        Moves `latest`, and `best` when metrics[heldout_acceptance_length] beats the current best's.
+        """
+        src = Path(src_dir)
+        cfg = _validate_source(src)
+        files = _source_files(src)
+        if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or parent < 1):
+            raise RegistryError(f"parent must be a version number >= 1, got {parent!r}")
+        training = cfg.training or {}
+        if metrics is None:
+            metrics = {k: training[k] for k in (BEST_METRIC, "heldout", "ood", "steps") if k in training}
+        body = {
+            "family_fingerprint": cfg.family_fingerprint,
+            "target": cfg.target.family_shape(),
+            "draft_vocab_size": cfg.draft_vocab_size,
+            "drafter_format": cfg.format,
+            "policy_version": policy_version,
+            "parent": parent,
+            "metrics": metrics,
+            "training_config": training_config if training_config is not None else training.get("config"),
+            "note": note,
+            "source": str(src.absolute()),
+        }
+        return self._publish_files(src, files, body)
+
+    def _begin_temp(self) -> tuple[Path, int]:
+        """A temp folder in .tmp/, flock'ed for as long as this publisher lives (gc leaves it alone)."""
+        with self._lock():  # gc holds the lock while it sweeps .tmp: no gap between mkdir and flock
+            tmp = _mkdtemp(self.tmp_dir, "publish-")
+            fd = os.open(tmp, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        return tmp, fd
+
+    def _publish_files(self, src: Path, files: list[str], body: dict[str, Any]) -> VersionInfo:
+        try:
+            tmp, fd = self._begin_temp()
+        except OSError as e:
+            raise _os_error(e, "starting a publish", self.root) from e
+        staged: list[tuple[Path, Path]] = []
+        v: int | None = None
+        try:
+            entries = {}
+            for name in files:  # the expensive part (copy + hash + fsync) runs outside the lock
+                sha, size = _copy_file(src / name, tmp / name)
+                os.chmod(tmp / name, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                entries[name] = {"sha256": sha, "size": size}
+            with self._lock():
+                nv = self._next_version()
+                manifest = {"format": MANIFEST_FORMAT, "version": nv, "created": _now(), "files": entries, **body}
+                _write_durable(tmp / "manifest.json", _json_bytes(manifest))
+                os.chmod(tmp / "manifest.json", stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+                _fsync_dir(tmp)
+                self._stage_publish(nv, _metric(manifest), staged)
+                os.rename(tmp, self._vdir(nv))  # the commit point: the version is visible, whole, from here on
+                v = nv
+                self._commit_staged(staged)
+        except OSError as e:
+            action = f"publishing {src} (version {v} is published, but moving its aliases failed)" if v else \
+                f"publishing {src}"
+            raise _os_error(e, action, self.root, unchanged=v is None) from e
+        finally:
+            os.close(fd)
+            for s, _ in staged:
+                _remove(s)
+            if v is None:
+                _remove(tmp)
+        return VersionInfo(v, self._vdir(v), manifest)
+
+    def _next_version(self) -> int:
+        """Called under the lock: one more than any number ever handed out."""
+        try:
+            last = int(self.counter_path.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            last = 0
+        return max([last, *self.version_numbers()]) + 1
+
+    def _stage_publish(self, v: int, metric: float | None, staged: list[tuple[Path, Path]]) -> None:
+        """Stage (in .tmp/) the counter and alias files a publish of v replaces; nothing visible changes yet.
+        Appends (staged file, destination) to `staged` as it goes, so the caller can clean up after a failure."""
+        staged.append((self._stage(str(v).encode(), ".txt"), self.counter_path))
+        staged.append((self._stage_json(_moved(self._read_alias("latest"), v, "publish")), self._alias_path("latest")))
+        best = self._read_alias("best")
+        old = None
+        if best is not None and self._exists(best["version"]):
+            with contextlib.suppress(RegistryError):
+                old = _metric(self.manifest(best["version"]))
+        if metric is not None and (best is None or old is None or metric > old):
+            why = f"publish: {BEST_METRIC} {metric:.4g}" + (f" > {old:.4g}" if old is not None else "")
+            staged.append((self._stage_json(_moved(best, v, why)), self._alias_path("best")))
+
+    def _commit_staged(self, staged: list[tuple[Path, Path]]) -> None:
+        _fsync_dir(self.versions_dir)
+        for s, dest in staged:
+            os.replace(s, dest)
+        _fsync_dir(self.aliases_dir)
+        _fsync_dir(self.root)
+
+    # ---- aliases ------------------------------------------------------------------------------------------------
+    def promote(self, spec: str | int, alias: str, reason: str | None = None) -> int:
+        """Point `alias` at a version (after re-verifying it). Returns the version."""
+        _check_alias_name(alias)
+        v = self.resolve(spec)
+        self.verify_or_raise(v)  # a corrupted version must never become what a server follows
+        try:
+            with self._lock():
+                if not self._exists(v):
+                    raise self._unknown_version(v)
+                doc = self._read_alias(alias)
+                if doc is None or doc["version"] != v:
+                    self._replace_json(self._alias_path(alias), _moved(doc, v, reason or f"promote {spec}"))
+        except OSError as e:
+            raise _os_error(e, f"moving alias {alias!r}", self.root) from e
+        return v
+
+    def rollback(self, alias: str, reason: str | None = None) -> int:
+        """Return `alias` to the target it had before its last move. Returns the version it now points to."""
+        try:
+            with self._lock():
+                doc = self._read_alias(alias)
+                if doc is None:
+                    raise self._unknown_alias(alias)
+                target = _rollback_target(doc["history"])
+                if target is None:
+                    raise RegistryError(f"alias {alias!r} ({self._alias_path(alias)}) has no earlier target to roll "
+                                        f"back to; point it somewhere with `understudy drafters promote VERSION {alias}`")
+                if not self._exists(target):
+                    raise RegistryError(f"cannot roll {alias!r} back to version {target}: it is no longer in "
+                                        f"{self.versions_dir}; promote an existing version instead")
+                self.verify_or_raise(target)
+                why = reason or f"rollback from {doc['version']}"
+                self._replace_json(self._alias_path(alias), _moved(doc, target, why, action="rollback"))
+        except OSError as e:
+            raise _os_error(e, f"rolling back alias {alias!r}", self.root) from e
+        return target
+
+    # ---- retention ----------------------------------------------------------------------------------------------
+    def protected(self, history_window: int) -> set[int]:
+        """Versions an alias points to, or pointed to within its last `history_window` moves."""
+        keep = set()
+        for name in self.alias_names():
+            doc = self._read_alias(name)  # a malformed alias file aborts gc: never delete what may be aliased
+            if doc is None:
+                continue
+            keep.add(doc["version"])
+            if history_window > 0:
+                keep.update(h["version"] for h in doc["history"][-history_window:])
+        return keep
+
+    def gc(self, keep_last: int = 10, history_window: int = 10, dry_run: bool = False) -> list[int]:
+        """Delete versions that are neither among the newest `keep_last` nor aliased (now or within the history
+        window), and the temp leftovers of killed publishers. Returns the versions removed (or that would be)."""
+        if keep_last < 1 or history_window < 0:
+            raise RegistryError(f"gc needs keep_last >= 1 and history_window >= 0 (got {keep_last}, {history_window})")
+        removed: list[int] = []
+        dead: list[Path] = []
+        try:
+            with self._lock():
+                nums = self.version_numbers()
+                keep = set(nums[-keep_last:]) | self.protected(history_window)
+                doomed = [v for v in nums if v not in keep]
+                if dry_run:
+                    return doomed
+                self._sweep_tmp()
+                for v in doomed:  # out of versions/ in one rename each: readers see a version whole or not at all
+                    dead.append(self.tmp_dir / f"delete-{v:06d}-{secrets.token_hex(4)}")
+                    os.rename(self._vdir(v), dead[-1])
+                    removed.append(v)
+                _fsync_dir(self.versions_dir)
+        except OSError as e:
+            raise _os_error(e, f"gc (removed so far: {removed or 'none'})", self.root, unchanged=not removed) from e
+        finally:
+            for d in dead:  # the slow part, outside the lock (a later gc sweeps anything left)
+                shutil.rmtree(d, ignore_errors=True)
+        return removed
+
+    def _sweep_tmp(self) -> None:
+        """Called under the lock: remove every .tmp/ entry nobody holds a flock on (killed publishers)."""
+        try:
+            entries = list(self.tmp_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for p in entries:
+            if _is_stale(p):
+                log.info("removing stale temp entry %s", p)
+                _remove(p)
