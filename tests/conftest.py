@@ -19,7 +19,7 @@ CHAT_TEMPLATE = (
 
 def make_char_tokenizer(folder: Path):
     """A character-level fast tokenizer (~100 symbols) with chat special tokens, saved into `folder`."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -27,6 +27,7 @@ def make_char_tokenizer(folder: Path):
     vocab = {t: i for i, t in enumerate(specials + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    additional_special_tokens=specials[3:])
     fast.chat_template = CHAT_TEMPLATE
@@ -87,3 +88,21 @@ def tiny_prompts(tiny_llama) -> list[list[int]]:
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj))
+
+
+def train_tiny_drafter(lm, prompts: list[list[int]], steps: int = 60, seed: int = 0):
+    """Self-distil a drafter for a tiny model on its own greedy outputs (seconds; partial acceptance)."""
+    from understudy.engine.config import EngineConfig
+    from understudy.engine.drafter import new_drafter
+    from understudy.engine.drafter_train import DrafterTrainConfig, DrafterTrainer, target_features
+    from understudy.engine.engine import Engine
+    from understudy.engine.sampling import SamplingParams
+
+    eng = Engine(lm.model, EngineConfig(max_batch_size=32, max_model_len=256, num_speculative_tokens=0,
+                                        dtype="float32"), lm.eos_token_ids)
+    outs = eng.generate(prompts, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+    samples = target_features(lm.model, [(p + o, len(p)) for p, o in zip(prompts, outs, strict=True)])
+    d = new_drafter(lm.model, lm.fingerprint, seed=seed).float()
+    DrafterTrainer(d, DrafterTrainConfig(lr=3e-3, warmup_steps=5, total_steps=steps, tokens_per_batch=1024,
+                                         unroll_steps=2, seed=seed)).train(samples, max_steps=steps)
+    return d

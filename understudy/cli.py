@@ -192,6 +192,55 @@ def drafter_export_vllm(
         typer.echo(f"  {k}: {v}")
 
 
+# ---- serve ----------------------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option("--model", help="Preset, HF folder or .gguf (default smollm2-135m)")] = None,
+    drafter: Annotated[str | None, typer.Option("--drafter", help="Drafter folder, registry version or alias (pins it)")] = None,
+    registry: Annotated[str | None, typer.Option("--registry", help="Drafter registry folder")] = None,
+    follow: Annotated[str | None, typer.Option("--follow", help="Registry alias to follow live (default latest)")] = None,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port")] = None,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accepted API key (repeatable; env UNDERSTUDY_API_KEY)")] = None,
+    admin_key: Annotated[str | None, typer.Option("--admin-key", help="Enables the admin API")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name")] = None,
+    max_batch_size: Annotated[int | None, typer.Option("--max-batch-size")] = None,
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len")] = None,
+    num_speculative_tokens: Annotated[int | None, typer.Option("--num-speculative-tokens", "-k")] = None,
+    controller: Annotated[str | None, typer.Option("--controller", help="adaptive | fixed")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype")] = None,
+    device: Annotated[str | None, typer.Option("--device")] = None,
+    threads: Annotated[int | None, typer.Option("--threads")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option("--max-body-bytes")] = None,
+    max_queue: Annotated[int | None, typer.Option("--max-queue")] = None,
+    request_timeout_s: Annotated[float | None, typer.Option("--request-timeout")] = None,
+    canary_window: Annotated[int | None, typer.Option("--canary-window")] = None,
+    canary_margin: Annotated[float | None, typer.Option("--canary-margin")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="native | vllm")] = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the OpenAI-compatible server (flags override UNDERSTUDY_* environment variables)."""
+    from pydantic import ValidationError
+
+    from understudy.server.main import serve as run_server
+    from understudy.server.settings import ServerSettings
+
+    flags = {"model": model, "drafter": drafter, "registry": registry, "follow_alias": follow, "host": host,
+             "port": port, "api_key": api_key, "admin_key": admin_key, "served_model_name": served_model_name,
+             "max_batch_size": max_batch_size, "max_model_len": max_model_len,
+             "num_speculative_tokens": num_speculative_tokens, "controller": controller, "dtype": dtype,
+             "device": device, "threads": threads, "cors_origins": cors_origin, "max_body_bytes": max_body_bytes,
+             "max_queue": max_queue, "request_timeout_s": request_timeout_s, "canary_window": canary_window,
+             "canary_margin": canary_margin, "backend": backend}
+    try:
+        settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from e
+    run_server(settings, log_level=log_level)
+
+
 # ---- entry point --------------------------------------------------------------------------------------------
 def main() -> None:
     _setup_logging(verbose=bool(os.environ.get("UNDERSTUDY_DEBUG")))

@@ -148,3 +148,24 @@ def test_draft_vocab_selection_counts_responses():
     assert v.tolist() == [1, 5]
     v = select_draft_vocab(s, 3, 10, always=(9,))
     assert 9 in v.tolist() and 5 in v.tolist()
+
+
+def test_captured_hidden_states_equal_a_teacher_forced_forward(tiny_llama, tiny_prompts):
+    """Warm-up training data comes from features captured while generating; they must be the target's."""
+    lm = tiny_llama
+    eng = Engine(lm.model, EngineConfig(max_batch_size=4, max_model_len=128, num_speculative_tokens=0, dtype="float32"),
+                 lm.eos_token_ids, capture_hidden=True)
+    prompts = {str(i): tiny_prompts[i] for i in (0, 5, 9)}
+    for rid, p in prompts.items():
+        eng.add_request(rid, p, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    toks = {rid: list(p) for rid, p in prompts.items()}
+    hidden = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            toks[o.request_id].extend(o.new_token_ids)
+            if o.finished:
+                hidden[o.request_id] = o.hidden
+    for rid, t in toks.items():
+        ref = target_features(lm.model, [(t[:-1], len(prompts[rid]))])[0]
+        assert hidden[rid].shape == ref.features.shape == (len(t) - 1, lm.config.hidden_size)
+        torch.testing.assert_close(hidden[rid], ref.features, atol=1e-5, rtol=1e-4)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import train_tiny_drafter
 from understudy.engine.config import EngineConfig
 from understudy.engine.drafter import new_drafter
-from understudy.engine.drafter_train import DrafterTrainConfig, DrafterTrainer, target_features
 from understudy.engine.engine import Engine, RequestError
 from understudy.engine.sampling import SamplingParams
 
@@ -23,13 +23,7 @@ def plain_engine(lm, batch=8, max_len=256):
 @pytest.fixture(scope="module")
 def trained_drafter(tiny_llama, tiny_prompts):
     """A drafter self-distilled for a few seconds on the tiny model's own greedy outputs (partial acceptance)."""
-    lm = tiny_llama
-    outs = plain_engine(lm, batch=24).generate(tiny_prompts, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
-    samples = target_features(lm.model, [(p + o, len(p)) for p, o in zip(tiny_prompts, outs, strict=True)])
-    d = new_drafter(lm.model, lm.fingerprint, seed=0).float()
-    DrafterTrainer(d, DrafterTrainConfig(lr=3e-3, warmup_steps=5, total_steps=60, tokens_per_batch=1024,
-                                         unroll_steps=2)).train(samples, max_steps=60)
-    return d
+    return train_tiny_drafter(tiny_llama, tiny_prompts)
 
 
 def test_greedy_speculative_equals_plain_token_for_token(tiny_llama, tiny_prompts, trained_drafter):

@@ -105,6 +105,13 @@ class AdaptiveController:
             b.current = best
             b.switches += 1
 
+    def reset(self) -> None:
+        """Forget every reward (e.g. after a drafter swap: the K > 0 arms' speeds belong to the old drafter)."""
+        with self._lock:
+            for b in self._buckets.values():
+                for r in b.rewards.values():
+                    r.clear()
+
     def current_arm(self, batch_size: int) -> int:
         with self._lock:
             return self._bucket(self.bucket_of(batch_size)).current

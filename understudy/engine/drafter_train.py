@@ -258,7 +258,7 @@ class DrafterTrainer:
             self.opt.step()
         self.step += 1
         self.tokens_seen += sum(len(s) for s in group)
-        self.last_metrics = {"loss": float(out.loss), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1),
+        self.last_metrics = {"loss": float(out.loss.detach()), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1),
                              **out.metrics}
         self.drafter.eval()
         return self.last_metrics

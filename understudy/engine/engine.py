@@ -61,6 +61,8 @@ class StepOutput:
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
+    hidden: torch.Tensor | None = None  # [n-1, H] target features of the whole sequence, on finish, when
+    #                                     the engine was built with capture_hidden=True (drafter training data)
 
 
 @dataclass
@@ -95,13 +97,15 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: Transformer, config: EngineConfig | None = None, eos_token_ids: tuple[int, ...] = (),
-                 drafter: Drafter | None = None, controller: SpeculationController | None = None) -> None:
+                 drafter: Drafter | None = None, controller: SpeculationController | None = None,
+                 capture_hidden: bool = False) -> None:
         self.config = config = config or EngineConfig()
         if config.num_threads is not None and model.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
         self.model = model.eval()
         enable_cpu_packing(self.model)
         self.eos_token_ids = tuple(eos_token_ids)
+        self.capture_hidden = capture_hidden
         self.k_max = config.num_speculative_tokens
         self.capacity = config.max_model_len + self.k_max + 1  # room for k drafts past the last allowed position
         if self.model.rotary.cos.shape[0] < self.capacity:
@@ -337,11 +341,14 @@ class Engine:
                 break
         lps = self._logprobs(seq, new, logits) if logits is not None else None
         seq_done = reason is not None
+        hidden = None
         if seq_done:
             self._done[seq.request_id] = reason  # its slot is freed at the end of this step
+            if self.capture_hidden:  # every position fed to the target so far: 0 .. n-2
+                hidden = self.hidden_buf[seq.slot, :len(seq.token_ids) - 1].float().cpu().clone()
         return StepOutput(request_id=seq.request_id, new_token_ids=new, finished=seq_done, finish_reason=reason,
                           stop_token_id=stop_id, logprobs=lps, num_prompt_tokens=seq.prompt_len,
-                          num_output_tokens=seq.num_output)
+                          num_output_tokens=seq.num_output, hidden=hidden)
 
     def _is_done(self, seq: Sequence) -> bool:
         return seq.request_id in self._done

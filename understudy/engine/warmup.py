@@ -1,8 +1,8 @@
 """Warm-up drafter training by self-distillation (`understudy drafter train`).
 
-    prompts --engine (plain decoding)--> responses --target forward--> features --EAGLE loss--> drafter
-The generated responses are cached (keyed by model, prompts and generation settings), so an interrupted or
-repeated run skips straight to training. The drafter folder is written atomically, and Ctrl-C during training
+    prompts --engine (plain decoding, hidden states captured)--> (tokens, features) --EAGLE loss--> drafter
+The generated data is cached (keyed by model, prompts and generation settings), so an interrupted or repeated
+run skips straight to training. The drafter folder is written atomically, and Ctrl-C during training
 stops at a step boundary and still evaluates and saves what was learned.
 """
 
@@ -28,7 +28,6 @@ from understudy.engine.drafter_train import (
     Sample,
     evaluate,
     select_draft_vocab,
-    target_features,
 )
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, cache_dir
@@ -61,61 +60,76 @@ def _data_key(lm: LoadedModel, prompts_file: Path, cfg: WarmupConfig) -> str:
     return h.hexdigest()[:16]
 
 
-def generate_responses(lm: LoadedModel, prompts: list[list[int]], params: list[SamplingParams], batch_size: int,
-                       desc: str) -> list[list[int]]:
-    """Plain (non-speculative) continuous-batched generation with progress."""
+def generate_samples(lm: LoadedModel, prompts: list[list[int]], params: list[SamplingParams], batch_size: int,
+                     desc: str) -> list[Sample]:
+    """Plain continuous-batched generation that keeps the target's hidden states of every sequence.
+
+    The engine computes the features anyway (they are the LM head's input), so capturing them costs a copy,
+    where a second forward pass over the data would cost as much compute as generating it again.
+    """
     eng = Engine(lm.model, EngineConfig(max_batch_size=batch_size, max_model_len=max(len(p) for p in prompts) +
                                         max(s.max_tokens for s in params) + 1, num_speculative_tokens=0,
                                         dtype=str(lm.model.dtype).removeprefix("torch."), num_threads=None),
-                 lm.eos_token_ids)
-    outs: dict[str, list[int]] = {}
+                 lm.eos_token_ids, capture_hidden=True)
+    out: dict[str, Sample] = {}
     for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
-        outs[str(i)] = []
         eng.add_request(str(i), p, s)
+    tokens: dict[str, list[int]] = {str(i): list(p) for i, p in enumerate(prompts)}
     with tqdm(total=len(prompts), desc=desc, unit="resp") as bar:
         while eng.has_unfinished():
             for o in eng.step():
-                outs[o.request_id].extend(o.new_token_ids)
+                tokens[o.request_id].extend(o.new_token_ids)
                 if o.finished:
+                    assert o.hidden is not None
+                    n = o.hidden.shape[0]  # features for positions 0..n-1 (the last token was never fed)
+                    out[o.request_id] = Sample(tokens=torch.tensor(tokens[o.request_id][:n]), features=o.hidden,
+                                               prompt_len=o.num_prompt_tokens)
                     bar.update(1)
-    return [outs[str(i)] for i in range(len(prompts))]
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def _pack(samples: list[Sample]) -> list[dict[str, Any]]:
+    return [{"tokens": s.tokens.to(torch.int32), "features": s.features.to(torch.bfloat16), "prompt_len": s.prompt_len}
+            for s in samples]
+
+
+def _unpack(rows: list[dict[str, Any]]) -> list[Sample]:
+    return [Sample(tokens=r["tokens"].long(), features=r["features"].float(), prompt_len=int(r["prompt_len"]))
+            for r in rows]
 
 
 def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(train, heldout, ood) samples with target features. Responses are cached on disk."""
+    """(train, heldout, ood) samples with target features, cached on disk (features in bf16)."""
     prompts_file = Path(cfg.prompts) if cfg.prompts else default_prompts_path()
     rows = load_prompts(prompts_file)
     key = _data_key(lm, prompts_file, cfg)
-    cache_file = cache_dir() / "drafter-data" / f"{key}.json"
-    seqs: dict[str, list[tuple[list[int], int]]]
+    cache_file = cache_dir() / "drafter-data" / f"{key}.pt"
     if cache_file.exists():
-        seqs = {k: [(t, p) for t, p in v] for k, v in json.loads(cache_file.read_text()).items()}
-        log.info("reusing generated responses from %s", cache_file)
-    else:
-        jobs: list[tuple[str, list[int], SamplingParams]] = []
-        for i, r in enumerate(rows):
-            ids = encode_prompt(lm.tokenizer, r["prompt"])
-            split = r["split"] if r["split"] in ("heldout", "ood") else "train"
-            jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)))
-            if split == "train":
-                for c in range(cfg.sampled_copies):
-                    jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.8,
-                                                            top_p=0.95, seed=cfg.seed * 1000 + i * 10 + c)))
-        outs = generate_responses(lm, [j[1] for j in jobs], [j[2] for j in jobs], cfg.gen_batch_size,
-                                  "generating training responses")
-        seqs = {"train": [], "heldout": [], "ood": []}
-        for (split, ids, _), resp in zip(jobs, outs, strict=True):
-            seqs[split].append((ids + resp, len(ids)))
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(seqs))
-        os.replace(tmp, cache_file)
-    out = []
-    total = sum(len(v) for v in seqs.values())
-    with tqdm(total=total, desc="target features", unit="seq") as bar:
-        for split in ("train", "heldout", "ood"):
-            out.append(target_features(lm.model, seqs.get(split, []), progress=bar.update))
-    return out[0], out[1], out[2]
+        try:
+            data = torch.load(cache_file, weights_only=True)
+            log.info("reusing generated training data from %s", cache_file)
+            return _unpack(data["train"]), _unpack(data["heldout"]), _unpack(data["ood"])
+        except Exception as e:  # a damaged cache is regenerated, never trusted
+            log.warning("ignoring unreadable cache %s (%s)", cache_file, e)
+    jobs: list[tuple[str, list[int], SamplingParams]] = []
+    for i, r in enumerate(rows):
+        ids = encode_prompt(lm.tokenizer, r["prompt"])
+        split = r["split"] if r["split"] in ("heldout", "ood") else "train"
+        jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)))
+        if split == "train":
+            for c in range(cfg.sampled_copies):
+                jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.8, top_p=0.95,
+                                                        seed=cfg.seed * 1000 + i * 10 + c)))
+    samples = generate_samples(lm, [j[1] for j in jobs], [j[2] for j in jobs], cfg.gen_batch_size,
+                               "generating training data")
+    split_samples: dict[str, list[Sample]] = {"train": [], "heldout": [], "ood": []}
+    for (split, _, _), smp in zip(jobs, samples, strict=True):
+        split_samples[split].append(smp)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_suffix(".tmp")
+    torch.save({k: _pack(v) for k, v in split_samples.items()}, tmp)
+    os.replace(tmp, cache_file)
+    return split_samples["train"], split_samples["heldout"], split_samples["ood"]
 
 
 def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Drafter | None = None) -> dict[str, Any]:

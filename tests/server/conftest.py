@@ -1,0 +1,102 @@
+"""Real servers for contract tests: `understudy serve` in a subprocess on a free loopback port, tiny models."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import build_tiny_hf, train_tiny_drafter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._log_fh = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "understudy.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+             "--dtype", "float32", *args],
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdout=self._log_fh, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s: {self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        if self.log and self.log.exists():
+            return "\n".join(self.log.read_text().splitlines()[-n:])
+        return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log_fh is not subprocess.DEVNULL:
+            self._log_fh.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server_assets(tmp_path_factory):
+    """Tiny model + a trained drafter + a garbage drafter + a drafter of another family, as folders."""
+    from understudy.engine.drafter import Drafter, DrafterConfig, new_drafter, save_drafter
+    from understudy.engine.loader import load_model
+    from understudy.engine.text import encode_prompt
+
+    root = tmp_path_factory.mktemp("server-assets")
+    model_dir = build_tiny_hf(root / "tiny", "llama")
+    lm = load_model(str(model_dir), dtype="float32")
+    words = ["grid", "line", "flow", "risk", "load", "sum", "wind", "trip"]
+    prompts = [encode_prompt(lm.tokenizer, " ".join(words[(i * 3 + j) % 8] for j in range(1 + i % 6))) for i in range(32)]
+    save_drafter(train_tiny_drafter(lm, prompts, steps=80), root / "drafter-good")
+    garbage = Drafter(DrafterConfig(target=lm.config, family_fingerprint=lm.fingerprint,
+                                    draft_vocab_size=lm.config.vocab_size))  # random init: ~nothing accepted
+    save_drafter(garbage, root / "drafter-garbage")
+    other = load_model(str(build_tiny_hf(root / "other", "llama", hidden_size=32, intermediate_size=64)), dtype="float32")
+    save_drafter(new_drafter(other.model, other.fingerprint), root / "drafter-other-family")
+    return {"root": root, "model": model_dir, "good": root / "drafter-good", "garbage": root / "drafter-garbage",
+            "other": root / "drafter-other-family", "lm": lm}
+
+
+@pytest.fixture(scope="module")
+def server(server_assets, tmp_path_factory):
+    """A server following `latest` in an (initially empty) registry; API key required, admin API on."""
+    reg = tmp_path_factory.mktemp("reg")
+    srv = ServerProcess(["--model", str(server_assets["model"]), "--registry", str(reg), "--api-key", "sk-test",
+                         "--admin-key", "adm-test", "--max-batch-size", "8", "--max-model-len", "256",
+                         "--served-model-name", "tiny", "--controller", "fixed", "-k", "3", "--max-queue", "512"],
+                        log=tmp_path_factory.mktemp("logs") / "server.log").wait_ready()
+    srv.registry = reg  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()

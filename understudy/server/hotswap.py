@@ -1,0 +1,305 @@
+"""Live drafter hot swap from the registry, with a canary guard.
+
+The manager thread (never the engine thread) watches the registry, validates a candidate version (family
+fingerprint from the manifest, then sha256 of every file), loads it, and hands it to the engine, which applies
+it between two steps. The version is reported (header, metrics, admin API) only once the engine says the swap
+took effect. Any failure keeps the old drafter serving and is recorded.
+
+Canary: after a swap, the new version's live mean acceptance length over `canary_window` drafts is compared with
+the previous version's over its last window; if it falls below by more than `canary_margin`, the manager swaps
+the previous drafter back, marks the version rejected (it is not swapped in again unless pinned explicitly),
+and records why.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import statistics
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from understudy.engine.drafter import Drafter, load_drafter
+from understudy.engine.engine import Engine, StepOutput, StepStats
+from understudy.engine.loader import LoadedModel
+from understudy.engine.registry import Registry, RegistryError
+from understudy.engine.registry_watch import RegistryWatcher
+from understudy.errors import UnderstudyError
+from understudy.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class SwapError(UnderstudyError):
+    """An admin swap request cannot be done (names the version/alias and why)."""
+
+
+@dataclass
+class SwapRecord:
+    at: float
+    to_version: str
+    from_version: str
+    result: str  # "success" | "failed" | "rolled_back"
+    reason: str = ""
+    stall_s: float | None = None
+
+
+@dataclass
+class _Served:
+    label: str  # "7", "path:/x", "none"
+    version: int | None
+    drafter: Drafter | None
+    window: collections.deque[tuple[int, int]] = field(default_factory=lambda: collections.deque(maxlen=4096))
+
+
+class HotSwapManager:
+    def __init__(self, engine: Engine, target: LoadedModel, metrics: ServerMetrics, registry: Registry | None,
+                 wake: Any, follow: str | None = "latest", watch_interval_s: float = 1.0,
+                 canary_window: int = 64, canary_margin: float = 0.5) -> None:
+        self.engine, self.target, self.metrics, self.registry = engine, target, metrics, registry
+        self.wake = wake  # callable: nudge the engine thread so an idle engine applies the swap
+        self.follow = follow  # alias followed, or None when pinned / static
+        self.pinned: int | None = None
+        self.watch_interval_s = watch_interval_s
+        self.canary_window, self.canary_margin = canary_window, canary_margin
+        self.served = _Served(label="none", version=None, drafter=engine.drafter)
+        self.previous: _Served | None = None
+        self.rejected: dict[int, str] = {}
+        self.history: collections.deque[SwapRecord] = collections.deque(maxlen=200)
+        self.canary: dict[str, Any] | None = None
+        self._cmds: queue.Queue[tuple[str, Any, Future]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._gen_seen = engine.drafter_generation
+        self._step_times: collections.deque[float] = collections.deque(maxlen=64)
+        self._pending_stall: SwapRecord | None = None
+
+    # ---- startup --------------------------------------------------------------------------------------------
+    def set_initial(self, label: str, version: int | None, drafter: Drafter | None) -> None:
+        self.served = _Served(label=label, version=version, drafter=drafter)
+        self.metrics.set_drafter(label, "registry" if version is not None else ("path" if drafter else "none"),
+                                 self.target.fingerprint)
+
+    def start(self) -> None:
+        if self.registry is None:
+            return
+        self._thread = threading.Thread(target=self._run, name="understudy-hotswap", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # ---- admin commands (executed on the manager thread, in order) ---------------------------------------
+    def submit(self, cmd: str, arg: Any = None, timeout_s: float = 120.0) -> dict[str, Any]:
+        if self._thread is None:
+            raise SwapError("hot swap is off: the server was not started with a drafter registry")
+        fut: Future = Future()
+        self._cmds.put((cmd, arg, fut))
+        return fut.result(timeout=timeout_s)
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "version": self.served.label, "following": self.follow, "pinned": self.pinned,
+                "previous": self.previous.label if self.previous else None,
+                "rejected": {str(k): v for k, v in self.rejected.items()},
+                "canary": dict(self.canary) if self.canary else None,
+                "history": [asdict(h) for h in list(self.history)[-20:]],
+                "registry": str(self.registry.root) if self.registry else None,
+            }
+
+    # ---- the manager thread ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        assert self.registry is not None
+        watcher = RegistryWatcher(self.registry)
+        next_poll = 0.0
+        while not self._stop.is_set():
+            try:
+                cmd, arg, fut = self._cmds.get(timeout=0.05)
+                try:
+                    fut.set_result(self._command(cmd, arg))
+                except Exception as e:  # returned to the admin caller
+                    fut.set_exception(e)
+            except queue.Empty:
+                pass
+            self._check_canary()
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + self.watch_interval_s
+                try:
+                    self._on_events(watcher.poll())
+                except Exception:
+                    log.exception("registry poll failed; will retry")
+
+    def _on_events(self, events: list) -> None:  # type: ignore[type-arg]
+        if self.follow is None:
+            return
+        for ev in events:
+            if ev.kind == "alias" and ev.alias == self.follow and ev.version is not None:
+                if ev.version in self.rejected:
+                    log.warning("alias %s moved to v%d, which the canary rejected: not swapping", self.follow, ev.version)
+                    continue
+                self._swap_to(ev.version, reason=f"alias {self.follow} moved")
+
+    def _command(self, cmd: str, arg: Any) -> dict[str, Any]:
+        assert self.registry is not None
+        if cmd == "pin":
+            v = self._resolve(arg)
+            self.follow, self.pinned = None, v
+            self.rejected.pop(v, None)  # an explicit pin overrides a canary rejection
+            self._swap_to(v, reason="pinned by admin", raise_on_error=True)
+        elif cmd == "follow":
+            v = self._resolve(arg)
+            self.follow, self.pinned = str(arg), None
+            if v not in self.rejected:
+                self._swap_to(v, reason=f"following alias {arg}", raise_on_error=True)
+        elif cmd == "rollback":
+            self._rollback_admin()
+        else:
+            raise SwapError(f"unknown command {cmd!r}")
+        return self.state()
+
+    def _resolve(self, spec: Any) -> int:
+        assert self.registry is not None
+        try:
+            return self.registry.resolve(spec)
+        except RegistryError as e:
+            raise SwapError(str(e)) from e
+
+    def _rollback_admin(self) -> None:
+        assert self.registry is not None
+        if self.follow is not None:
+            try:
+                v = self.registry.rollback(self.follow, reason="rollback requested through the server admin API")
+            except RegistryError as e:
+                raise SwapError(f"cannot roll back alias {self.follow!r}: {e}") from e
+            self._swap_to(v, reason=f"alias {self.follow} rolled back", raise_on_error=True)
+            return
+        if self.previous is None or self.previous.version is None:
+            raise SwapError("nothing to roll back to: no previous registry version was served")
+        self.pinned = self.previous.version
+        self._swap_to(self.previous.version, reason="rollback to the previous version", raise_on_error=True)
+
+    # ---- swapping ---------------------------------------------------------------------------------------------
+    def _swap_to(self, version: int, reason: str, raise_on_error: bool = False) -> None:
+        assert self.registry is not None
+        if self.served.version == version:
+            return
+        label = str(version)
+        try:
+            drafter = self.registry.load(version, self.target.model, self.target.fingerprint)  # checks, then loads
+        except (RegistryError, UnderstudyError, OSError) as e:
+            self._record(SwapRecord(time.time(), label, self.served.label, "failed", f"{reason}: {e}"))
+            log.warning("drafter v%s refused, keeping %s: %s", version, self.served.label, e)
+            if raise_on_error:
+                raise SwapError(f"drafter version {version} refused: {e}") from e
+            return
+        self._apply(_Served(label=label, version=version, drafter=drafter), reason)
+
+    def _apply(self, new: _Served, reason: str, result: str = "success") -> None:
+        gen = self.engine.drafter_generation
+        self.engine.set_drafter(new.drafter)
+        self.wake()
+        deadline = time.monotonic() + 60
+        while self.engine.drafter_generation == gen and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.002)
+        rec = SwapRecord(time.time(), new.label, self.served.label, result, reason)
+        with self._lock:
+            if result == "success":
+                self.previous = self.served
+            self.served = new
+            self.canary = {"version": new.label, "drafts": 0, "accepted": 0,
+                           "baseline": self._baseline(self.previous)} if result == "success" else None
+        self.metrics.set_drafter(new.label, "registry", self.target.fingerprint)
+        self._pending_stall = rec
+        self._record(rec)
+        reset = getattr(self.engine.controller, "reset", None)
+        if callable(reset):
+            reset()  # the arms' rewards belong to the old drafter
+        log.info("drafter now %s (%s)", new.label, reason)
+
+    def _record(self, rec: SwapRecord) -> None:
+        with self._lock:
+            self.history.append(rec)
+        self.metrics.swaps.labels(self.metrics.model_name, rec.result).inc()
+
+    @staticmethod
+    def _baseline(prev: _Served | None) -> float | None:
+        if prev is None or prev.drafter is None:
+            return None
+        drafts = sum(d for d, _ in prev.window)
+        return 1.0 + sum(a for _, a in prev.window) / drafts if drafts else None
+
+    # ---- canary (fed from the engine thread) -------------------------------------------------------------
+    def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]
+        gen = self.engine.drafter_generation
+        if gen != self._gen_seen:  # this step applied a swap: its extra time is the swap's stall (catch-up)
+            self._gen_seen = gen
+            typical = statistics.median(self._step_times) if self._step_times else 0.0
+            stall = max(0.0, stats.seconds - typical)
+            self.metrics.swap_stall.labels(self.metrics.model_name).observe(stall)
+            if self._pending_stall is not None:
+                self._pending_stall.stall_s = round(stall, 4)
+                self._pending_stall = None
+        elif stats.batch_size:
+            self._step_times.append(stats.seconds)
+        spec = stats.spec
+        if not spec.num_drafts:
+            return
+        with self._lock:
+            self.served.window.append((spec.num_drafts, spec.num_accepted_tokens))
+            if self.canary is not None:
+                self.canary["drafts"] += spec.num_drafts
+                self.canary["accepted"] += spec.num_accepted_tokens
+
+    def _check_canary(self) -> None:
+        with self._lock:
+            c = self.canary
+            if c is None or c["drafts"] < self.canary_window:
+                return
+            self.canary = None
+            live = 1.0 + c["accepted"] / c["drafts"]
+            base = c["baseline"]
+            if base is None or live >= base - self.canary_margin or self.previous is None:
+                return
+            bad, prev = self.served, self.previous
+        why = (f"canary: mean acceptance length {live:.2f} over {c['drafts']} drafts is below the previous "
+               f"version's {base:.2f} by more than {self.canary_margin}")
+        log.warning("rolling back drafter %s -> %s: %s", bad.label, prev.label, why)
+        if bad.version is not None:
+            self.rejected[bad.version] = why
+        self._apply(_Served(label=prev.label, version=prev.version, drafter=prev.drafter), why, result="rolled_back")
+        with self._lock:
+            self.previous = None
+
+
+def load_initial_drafter(spec: str | None, target: LoadedModel, registry: Registry | None,
+                         follow: str | None) -> tuple[str, int | None, Drafter | None]:
+    """What to serve at start: an explicit path/version/alias, else the followed alias if the registry has it."""
+    if spec:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return f"path:{path}", None, load_drafter(path, target.model, target.fingerprint)
+        if registry is None:
+            raise SwapError(f"--drafter {spec!r} is not a folder and no registry is configured (--registry)")
+        v = registry.resolve(spec)
+        return str(v), v, registry.load(v, target.model, target.fingerprint)
+    if registry is not None and follow:
+        try:
+            v = registry.resolve(follow)
+        except RegistryError:
+            log.warning("registry %s has no alias %r yet: serving without a drafter until one is published",
+                        registry.root, follow)
+            return "none", None, None
+        try:
+            return str(v), v, registry.load(v, target.model, target.fingerprint)
+        except RegistryError as e:
+            log.warning("alias %s -> v%d is not usable (%s): serving without a drafter", follow, v, e)
+    return "none", None, None
