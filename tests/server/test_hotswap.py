@@ -1,0 +1,167 @@
+"""Hot swap under load (bounded, loopback): many versions published and promoted while streams run, bad versions
+refused while the old one keeps serving, and a garbage drafter rolled back by the canary guard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import ServerProcess
+from understudy.engine.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+ADMIN = {"authorization": "Bearer adm"}
+
+
+class Load:
+    """Streaming chat clients in threads; every stream must be 200 and end with a finish_reason and [DONE]."""
+
+    def __init__(self, url: str, users: int = 4) -> None:
+        self.url, self.stop = url, threading.Event()
+        self.ok = self.non_2xx = self.truncated = 0
+        self.versions: set[str] = set()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._user, args=(i,), daemon=True) for i in range(users)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _user(self, i: int) -> None:
+        words = ["grid", "line", "flow", "risk", "load", "sum"]
+        n = 0
+        with httpx.Client(base_url=self.url, timeout=60) as http:
+            while not self.stop.is_set():
+                n += 1
+                prompt = " ".join(words[(i + n + j) % 6] for j in range(1 + n % 4))
+                body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
+                        "temperature": 0, "stream": True}
+                with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        with self.lock:
+                            self.non_2xx += 1
+                        continue
+                    version = r.headers.get("x-understudy-drafter-version", "?")
+                    lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+                finished = sum('"finish_reason":"' in ln for ln in lines)
+                with self.lock:
+                    self.versions.add(version)
+                    if lines and lines[-1] == "data: [DONE]" and finished == 1:
+                        self.ok += 1
+                    else:
+                        self.truncated += 1
+
+
+def admin_state(url: str) -> dict:
+    return httpx.get(f"{url}/admin/drafter", headers=ADMIN, timeout=30).json()
+
+
+def wait_for(pred, timeout: float = 30.0, every: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    return pred()
+
+
+@pytest.fixture(scope="module")
+def swap_server(server_assets, tmp_path_factory):
+    reg_dir = tmp_path_factory.mktemp("swapreg")
+    reg = Registry.open(reg_dir)
+    first = reg.publish(server_assets["good"]).version
+    reg.promote(first, "serving")
+    srv = ServerProcess(["--model", str(server_assets["model"]), "--registry", str(reg_dir), "--follow", "serving",
+                         "--admin-key", "adm", "--served-model-name", "tiny", "--controller", "fixed", "-k", "3",
+                         "--max-batch-size", "8", "--canary-window", "128", "--canary-margin", "0.5"],
+                        env={"UNDERSTUDY_WATCH_INTERVAL_S": "0.2"},
+                        log=tmp_path_factory.mktemp("swaplog") / "server.log").wait_ready()
+    yield srv, reg, first
+    srv.stop()
+
+
+def test_versions_published_and_promoted_under_load_without_errors(swap_server, server_assets):
+    srv, reg, first = swap_server
+    assert admin_state(srv.url)["version"] == str(first)
+    promoted = []
+    with Load(srv.url) as load:
+        time.sleep(1.0)
+        for _ in range(10):
+            v = reg.publish(server_assets["good"]).version
+            reg.promote(v, "serving")
+            promoted.append(v)
+            assert wait_for(lambda v=v: admin_state(srv.url)["version"] == str(v), 30), srv.tail()
+            time.sleep(0.3)
+    assert load.non_2xx == 0 and load.truncated == 0, (load.non_2xx, load.truncated)
+    assert load.ok >= 20
+    assert len(load.versions) >= 3, load.versions  # the header followed the swaps
+    hist = admin_state(srv.url)["history"]
+    assert all(h["result"] == "success" for h in hist[-10:]), [(h["to_version"], h["result"], h["reason"]) for h in hist]
+    assert any(h["stall_s"] is not None for h in hist)
+    metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    assert 'understudy:drafter_swaps_total{model_name="tiny",result="success"} 1' in metrics  # 10.0 or more
+    assert "understudy:drafter_swap_stall_seconds_count" in metrics
+
+
+def test_corrupt_and_foreign_versions_are_refused_while_old_keeps_serving(swap_server, server_assets):
+    srv, reg, _ = swap_server
+    before = admin_state(srv.url)["version"]
+    # another model family, promoted through the followed alias: refused at validation
+    foreign = reg.publish(server_assets["other"]).version
+    reg.promote(foreign, "serving")
+    assert wait_for(lambda: any(h["to_version"] == str(foreign) and h["result"] == "failed"
+                                for h in admin_state(srv.url)["history"]), 30), srv.tail()
+    assert admin_state(srv.url)["version"] == before
+    assert "family" in [h for h in admin_state(srv.url)["history"] if h["to_version"] == str(foreign)][-1]["reason"]
+    # a version whose weights were corrupted on disk after publishing: refused by checksum when pinned
+    bad = reg.publish(server_assets["good"]).version
+    f = reg.version_path(bad) / "model.safetensors"
+    os.chmod(f, stat.S_IWUSR | stat.S_IRUSR)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = httpx.post(f"{srv.url}/admin/drafter/pin", json={"version": bad}, headers=ADMIN, timeout=60)
+    assert r.status_code == 409 and "model.safetensors" in r.json()["error"]["message"]
+    st = admin_state(srv.url)
+    assert st["version"] == before and st["following"] == "serving"  # a refused pin changes nothing
+    ok = httpx.post(f"{srv.url}/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "grid"}], "max_tokens": 8})
+    assert ok.status_code == 200 and ok.headers["x-understudy-drafter-version"] == before
+
+
+def test_garbage_drafter_is_rolled_back_by_the_canary(swap_server, server_assets, tmp_path):
+    srv, reg, _ = swap_server
+    good = reg.publish(server_assets["good"]).version
+    reg.promote(good, "serving")
+    assert wait_for(lambda: admin_state(srv.url)["version"] == str(good), 30)
+    garbage_dir = tmp_path / "garbage"
+    shutil.copytree(server_assets["garbage"], garbage_dir)
+    with Load(srv.url, users=4) as load:
+        time.sleep(2.0)  # the good version builds its acceptance baseline under load
+        garbage = reg.publish(garbage_dir).version
+        reg.promote(garbage, "serving")
+        assert wait_for(lambda: any(h["to_version"] == str(garbage) and h["result"] == "success"
+                                    for h in admin_state(srv.url)["history"]), 30), admin_state(srv.url)
+        rolled = wait_for(lambda: admin_state(srv.url)["version"] == str(good), 60)
+    st = admin_state(srv.url)
+    assert rolled, st
+    assert str(garbage) in st["rejected"] and "canary" in st["rejected"][str(garbage)]
+    assert any(h["result"] == "rolled_back" for h in st["history"])
+    assert load.non_2xx == 0 and load.truncated == 0
+    # the rejected version is not swapped in again while the alias still points at it
+    time.sleep(1.0)
+    assert admin_state(srv.url)["version"] == str(good)
