@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from understudy.cli_registry import drafters_app
+from understudy.clients.cli_client import register as register_client_commands
 from understudy.errors import UnderstudyError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 drafter_app = typer.Typer(no_args_is_help=True, help="Train and export the EAGLE-style drafter.")
 app.add_typer(drafter_app, name="drafter")
 app.add_typer(drafters_app, name="drafters")
+register_client_commands(app, drafters_app)  # chat, complete; drafters current|pin|follow (a live server)
 
 
 def _setup_logging(verbose: bool = False) -> None:

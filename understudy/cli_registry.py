@@ -1,7 +1,9 @@
 """`understudy drafters ...`: list, show, verify, publish, promote, rollback and gc over the drafter registry.
 
-Human tables by default, --json for scripts. Every failure raises RegistryError (the top-level main prints
-`error: ...` and exits 2). Importing this module does not import torch (only `publish` needs it).
+With --server URL, `list` and `rollback` act on a live server's admin API instead (as do `current`, `pin` and
+`follow`, added by understudy.clients.cli_client). Human tables by default, --json for scripts. Every failure
+raises RegistryError (the top-level main prints `error: ...` and exits 2). Importing this module does not
+import torch (only `publish` needs it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ drafters_app = typer.Typer(no_args_is_help=True,
 RegistryOpt = Annotated[str | None, typer.Option(
     "--registry", help="Registry folder (default: $UNDERSTUDY_REGISTRY, else ~/.local/share/understudy/registry)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts)")]
+ServerOpt = Annotated[str | None, typer.Option(
+    "--server", help="Act on a live server's admin API (http://host:port) instead of the local registry")]
+AdminKeyOpt = Annotated[str | None, typer.Option("--admin-key", help="With --server (default: $UNDERSTUDY_ADMIN_KEY)")]
 
 
 def _echo_json(obj: Any) -> None:
@@ -57,8 +62,13 @@ def _open(registry: str | None) -> Registry:
 
 
 @drafters_app.command("list")
-def list_cmd(registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
+def list_cmd(registry: RegistryOpt = None, as_json: JsonOpt = False, server: ServerOpt = None,
+             admin_key: AdminKeyOpt = None) -> None:
     """List versions (oldest first) with their family, held-out acceptance length and aliases."""
+    if server is not None:
+        from understudy.clients.cli_client import server_list
+
+        return server_list(server, admin_key, as_json)
     reg = _open(registry)
     versions, aliases = reg.list_versions(), reg.aliases()
     if as_json:
@@ -200,9 +210,21 @@ def promote_cmd(spec: Annotated[str, typer.Argument(help="Version number or alia
 
 
 @drafters_app.command("rollback")
-def rollback_cmd(alias: Annotated[str, typer.Argument(help="Alias to return to its previous target")],
-                 registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
-    """Return ALIAS to the target it had before its last move."""
+def rollback_cmd(alias: Annotated[str | None, typer.Argument(help="Alias to return to its previous target")] = None,
+                 registry: RegistryOpt = None, as_json: JsonOpt = False, server: ServerOpt = None,
+                 admin_key: AdminKeyOpt = None) -> None:
+    """Return ALIAS to the target it had before its last move; with --server, roll the live server back (its
+    followed alias, else the previously served version)."""
+    if server is not None:
+        from understudy.clients.cli_client import server_rollback
+
+        if alias is not None:
+            raise RegistryError(f"with --server, rollback takes no ALIAS ({alias!r}): the server rolls back the alias "
+                                "it follows; use `understudy drafters current --server URL` to see which")
+        return server_rollback(server, admin_key, as_json)
+    if alias is None:
+        raise RegistryError("missing ALIAS: `understudy drafters rollback ALIAS` (local registry) or "
+                            "`understudy drafters rollback --server URL` (a live server)")
     reg = _open(registry)
     before = reg.aliases().get(alias)
     v = reg.rollback(alias)
