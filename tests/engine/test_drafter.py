@@ -137,7 +137,7 @@ def test_training_reduces_loss_and_raises_acceptance(tiny_llama, tiny_prompts):
     with torch.no_grad():
         last = float(eagle_loss(d, collate(train[:6]), cfg).loss)
     after = evaluate(d, lm.model, train, k=3)  # random tiny targets: test fitting, not generalisation
-    assert last < 0.7 * first
+    assert last < 0.85 * first
     assert after["expected_acceptance_length"] > before["expected_acceptance_length"] + 0.5
     assert after["top1_agreement"] > before["top1_agreement"]
 

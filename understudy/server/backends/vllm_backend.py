@@ -1,0 +1,396 @@
+"""The vLLM backend: vLLM's OpenAI server as a managed subprocess behind our front door, hot-swapped blue/green.
+
+Serving: one *active* vLLM process (vllm_process.py) serves the target folder with the current drafter exported
+to vLLM's `eagle` layout; the proxy (vllm_proxy.py) leases it per request, counting requests in flight.
+
+Hot swap (`BlueGreenSwapManager`, same rules as the native `HotSwapManager`: the registry's alias events and admin
+commands, family + checksum validation, failures keep the old drafter, canary): export the new version, start a
+second ("green") vLLM with it, wait until its /health is OK, switch the proxy's target atomically, report the
+new version, then let the requests in flight on the old ("blue") process finish and stop it. A version is
+reported (header, metrics, admin API) only after the switch; the header of each response names the process that
+actually served it.
+
+Metrics: the proxy measures requests, TTFT, inter-chunk latency and e2e from the SSE stream; the active process's
+spec-decode, token and queue counters are scraped from its /metrics and re-exported under `understudy:` names
+(deltas, so they stay monotonic across swaps). The canary is fed from the same scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import shlex
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from safetensors import SafetensorError
+
+from understudy.engine.config import ConfigError, ModelConfig, family_fingerprint
+from understudy.engine.drafter import DrafterError, export_vllm, read_drafter_config
+from understudy.engine.loader import (
+    ModelLoadError,
+    cache_dir,
+    load_tokenizer,
+    read_hf_config,
+    resolve_model_path,
+    tokenizer_digest,
+)
+from understudy.engine.registry import Registry, RegistryError
+from understudy.server.backends.vllm_process import (
+    VllmError,
+    VllmLaunch,
+    VllmProcess,
+    free_port,
+    resolve_vllm_python,
+)
+from understudy.server.errors import APIError
+from understudy.server.hotswap import SwapError, SwapManager, SwapRecord, _Served
+from understudy.server.metrics import ServerMetrics
+from understudy.server.scheduler import Draining, Overloaded
+from understudy.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The target as the front door needs it (no weights in this process: vLLM holds them)."""
+
+    path: Path  # the HF safetensors folder vLLM serves
+    config: ModelConfig
+    tokenizer: Any
+    fingerprint: str  # family fingerprint, identical to loader.load_model's
+
+
+def describe_target(spec: str) -> TargetInfo:
+    folder = resolve_model_path(spec)
+    try:
+        cfg = ModelConfig.from_hf(read_hf_config(folder))
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: {e}; it is not a Llama-family config") from e
+    tok = load_tokenizer(folder)
+    return TargetInfo(folder, cfg, tok, family_fingerprint(cfg, tokenizer_digest(tok)))
+
+
+class ProxyAdmission:
+    """Admission at the proxy (vLLM does the scheduling): 429 beyond `max_in_flight`, 503 while draining."""
+
+    def __init__(self, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.draining = False
+        self.in_flight = 0  # changed on the event loop only
+
+    def enter(self) -> None:
+        if self.draining:
+            raise Draining("the server is shutting down")
+        if self.in_flight >= self.max_in_flight:
+            raise Overloaded(f"{self.in_flight} requests in flight (limit {self.max_in_flight})")
+        self.in_flight += 1
+
+    def exit(self) -> None:
+        self.in_flight -= 1
+
+
+# ---- the processes -----------------------------------------------------------------------------------------------
+class VllmBackend:
+    """The vLLM processes: the active one the proxy leases, and the retiring ones still finishing requests."""
+
+    def __init__(self, launch: VllmLaunch, metrics: ServerMetrics, port: int = 0, startup_timeout_s: float = 600.0,
+                 retire_timeout_s: float = 600.0, root: Path | None = None) -> None:
+        self.launch, self.metrics = launch, metrics
+        self.startup_timeout_s, self.retire_timeout_s = startup_timeout_s, retire_timeout_s
+        base = root or cache_dir() / "vllm"
+        self.run_dir = base / f"run-{os.getpid()}-{int(time.time())}"  # exported drafters (removed at stop)
+        self.log_dir = base / "logs"  # vLLM logs (kept)
+        self.active: VllmProcess | None = None
+        self.retiring: list[VllmProcess] = []
+        self._ports = itertools.cycle([port, port + 1]) if port else None  # blue/green alternate
+        self._count = itertools.count(1)
+        self._lock = threading.Lock()
+        self._scrape_lock = threading.Lock()
+        self._closing = threading.Event()
+
+    # ---- processes ------------------------------------------------------------------------------------------
+    def export(self, label: str, src: Path) -> Path:
+        """The drafter folder `src` in vLLM's eagle layout, under this run's cache folder."""
+        out = self.run_dir / "drafters" / re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[-80:]
+        try:
+            export_vllm(src, out)
+        except (KeyError, SafetensorError, OSError, ValueError) as e:
+            raise DrafterError(f"{src}: cannot export it to vLLM's eagle layout ({type(e).__name__}: {e}); "
+                               "re-publish or re-train the drafter") from e
+        return out
+
+    def spawn(self, label: str, drafter_dir: Path | None) -> VllmProcess:
+        """Start a vLLM process and wait until it is healthy (raises VllmError naming its log file)."""
+        port = next(self._ports) if self._ports else free_port(self.launch.host)
+        n = next(self._count)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.launch.served_model_name}-{os.getpid()}-{n}-{label}")
+        proc = VllmProcess(self.launch, port, label, drafter_dir, self.log_dir / f"vllm-{name[-100:]}.log")
+        proc.start()
+        try:
+            proc.wait_healthy(self.startup_timeout_s, cancel=self._closing)
+        except BaseException:
+            proc.stop()
+            raise
+        log.info("vLLM (drafter %s) healthy after %.1f s", label, proc.started_s or 0.0)
+        return proc
+
+    def switch(self, new: VllmProcess) -> VllmProcess | None:
+        """Make `new` the proxy's target (atomic for lease()); the old one starts retiring in the background."""
+        with self._lock:
+            old, self.active = self.active, new
+            if old is not None:
+                self.retiring.append(old)
+        if old is not None:
+            threading.Thread(target=self._retire, args=(old,), name=f"vllm-retire-{old.port}", daemon=True).start()
+        return old
+
+    def _retire(self, old: VllmProcess) -> None:
+        deadline = time.monotonic() + self.retire_timeout_s
+        while old.in_flight > 0 and time.monotonic() < deadline and not self._closing.is_set():
+            time.sleep(0.05)
+        if old.in_flight:
+            log.warning("stopping vLLM (drafter %s) with %d requests still in flight", old.label, old.in_flight)
+        self.scrape(old)  # its last counts, before it goes
+        old.stop()
+        with self._lock:
+            if old in self.retiring:
+                self.retiring.remove(old)
+
+    def lease(self) -> VllmProcess:
+        """The active process for one request (release() it when the request is done)."""
+        with self._lock:
+            proc = self.active
+            if proc is None or not proc.alive:
+                log_hint = f"; see {proc.log_path}" if proc is not None else ""
+                log.error("the active vLLM process is not running%s", log_hint)
+                raise APIError(503, "the vLLM backend is not running", "service_unavailable",
+                               code="backend_unavailable", headers={"Retry-After": "5"})
+            proc.in_flight += 1
+            return proc
+
+    def release(self, proc: VllmProcess) -> None:
+        with self._lock:
+            proc.in_flight -= 1
+
+    def stop_all(self) -> None:
+        self._closing.set()
+        with self._lock:
+            procs = [p for p in [self.active, *self.retiring] if p is not None]
+        for p in procs:
+            p.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # ---- metrics ----------------------------------------------------------------------------------------------
+    def scrape(self, proc: VllmProcess | None = None) -> dict[str, float]:
+        """Add one process's counter deltas (default: the active one's) to our metrics; return them."""
+        proc = proc or self.active
+        if proc is None or not proc.alive:
+            return {}
+        with self._scrape_lock:
+            deltas = proc.scrape()
+            self._absorb(deltas)
+            live = [p for p in [self.active, *self.retiring] if p is not None]
+            self.metrics.set_queue(int(sum(p.gauges.get("vllm:num_requests_running", 0) for p in live)),
+                                   int(sum(p.gauges.get("vllm:num_requests_waiting", 0) for p in live)))
+        return deltas
+
+    def _absorb(self, d: dict[str, float]) -> None:
+        m, name = self.metrics, self.metrics.model_name
+        pairs = [(m.num_drafts, "vllm:spec_decode_num_drafts_total"),
+                 (m.num_draft_tokens, "vllm:spec_decode_num_draft_tokens_total"),
+                 (m.num_accepted, "vllm:spec_decode_num_accepted_tokens_total"),
+                 (m.prompt_tokens, "vllm:prompt_tokens_total"), (m.generation_tokens, "vllm:generation_tokens_total")]
+        for counter, key in pairs:
+            if d.get(key):
+                counter.labels(name).inc(d[key])
+        for key, v in d.items():
+            if key.startswith("vllm:spec_decode_num_accepted_tokens_per_pos_total|"):
+                m.accepted_per_pos.labels(name, key.rsplit("|", 1)[1]).inc(v)
+
+    def describe(self) -> dict[str, Any]:
+        def one(p: VllmProcess) -> dict[str, Any]:
+            return {"drafter_version": p.label, "pid": p.pid, "url": p.url, "alive": p.alive,
+                    "in_flight": p.in_flight, "log": str(p.log_path), "started_s": p.started_s}
+
+        with self._lock:
+            return {"active": one(self.active) if self.active else None, "retiring": [one(p) for p in self.retiring]}
+
+
+# ---- hot swap ----------------------------------------------------------------------------------------------------
+class BlueGreenSwapManager(SwapManager):
+    """HotSwapManager's rules; a swap starts a new vLLM process with the new drafter and switches to it."""
+
+    SCRAPE_EVERY_S = 1.0
+
+    def __init__(self, backend: VllmBackend, fingerprint: str, metrics: ServerMetrics, registry: Registry | None,
+                 **kw: Any) -> None:
+        super().__init__(fingerprint, metrics, registry, **kw)
+        self.backend = backend
+        self._next_scrape = 0.0
+
+    def _load(self, version: int) -> Path:
+        assert self.registry is not None
+        self.registry.check_compatible(version, self.fingerprint)  # family, from the manifest
+        self.registry.verify_or_raise(version)  # sha256 of every file
+        src = self.registry.version_path(version)
+        check_drafter_folder(src, self.fingerprint)
+        return self.backend.export(str(version), src)
+
+    def _install(self, new: _Served) -> None:
+        proc = self.backend.spawn(new.label, new.drafter)  # slow; raises (nothing changed) if it cannot start
+        self.backend.switch(proc)
+
+    def _after_swap(self, rec: SwapRecord) -> None:
+        active = self.backend.active
+        if active is not None and active.started_s is not None:
+            rec.reason += f" (new vLLM process healthy after {active.started_s:.1f} s)"
+
+    def _tick(self) -> None:
+        """Feed the canary from the active process's spec-decode counters (about once a second)."""
+        if time.monotonic() < self._next_scrape:
+            return
+        self._next_scrape = time.monotonic() + self.SCRAPE_EVERY_S
+        proc = self.backend.active
+        if proc is None:
+            return
+        d = self.backend.scrape(proc)
+        drafts = int(d.get("vllm:spec_decode_num_drafts_total", 0))
+        if drafts and proc.label == self.served.label:
+            self._observe(drafts, int(d.get("vllm:spec_decode_num_accepted_tokens_total", 0)))
+
+
+def check_drafter_folder(folder: Path, fingerprint: str) -> None:
+    cfg = read_drafter_config(folder)
+    if cfg.family_fingerprint != fingerprint:
+        raise DrafterError(f"drafter {folder} was trained for model family {cfg.family_fingerprint}, but the target "
+                           f"is {fingerprint} (different architecture, shapes or tokenizer). Train one for this "
+                           "target with `understudy drafter train --model ...`, or pick a compatible version")
+
+
+def initial_drafter(spec: str | None, fingerprint: str, registry: Registry | None,
+                    follow: str | None) -> tuple[str, int | None, Path | None]:
+    """hotswap.load_initial_drafter's rules, returning the validated folder instead of a loaded Drafter."""
+    if spec:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            check_drafter_folder(path, fingerprint)
+            return f"path:{path}", None, path
+        if registry is None:
+            raise SwapError(f"--drafter {spec!r} is not a folder and no registry is configured (--registry)")
+        v = registry.check_compatible(spec, fingerprint)
+        registry.verify_or_raise(v)
+        return str(v), v, registry.version_path(v)
+    if registry is not None and follow:
+        try:
+            v = registry.resolve(follow)
+            registry.check_compatible(v, fingerprint)
+            registry.verify_or_raise(v)
+            return str(v), v, registry.version_path(v)
+        except RegistryError as e:
+            log.warning("registry %s: alias %r is not usable yet (%s): serving without a drafter", registry.root,
+                        follow, e)
+    return "none", None, None
+
+
+# ---- the state create_app holds ------------------------------------------------------------------------------------
+@dataclass
+class VllmState:
+    settings: ServerSettings
+    target: TargetInfo
+    backend: VllmBackend
+    scheduler: ProxyAdmission
+    metrics: ServerMetrics
+    hotswap: BlueGreenSwapManager
+    served_model_name: str
+    first: tuple[str, Path | None]  # the drafter label and exported folder the first process serves
+    client: httpx.AsyncClient | None = None
+    _ready: bool = field(default=False, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.backend.active is not None and self.backend.active.alive
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+
+    def drafter_label(self) -> str:
+        return self.hotswap.served.label
+
+    async def start(self) -> None:
+        label, exported = self.first
+        proc = await asyncio.to_thread(self.backend.spawn, label, exported)
+        self.backend.switch(proc)
+        s = self.settings
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout_s, connect=10.0), trust_env=False,
+                                        limits=httpx.Limits(max_connections=self.scheduler.max_in_flight + 8))
+        self.hotswap.start()
+
+    async def stop(self) -> None:
+        self.hotswap.stop()
+        if self.client is not None:
+            await self.client.aclose()
+        await asyncio.to_thread(self.backend.stop_all)
+
+    def health(self) -> dict[str, Any]:
+        procs = self.backend.describe()
+        alive = bool(procs["active"] and procs["active"]["alive"])
+        status = "draining" if self.scheduler.draining else ("ok" if alive else "backend_down")
+        return {"status": status, "model": self.served_model_name, "backend": "vllm",
+                "drafter_version": self.drafter_label(), "in_flight": self.scheduler.in_flight,
+                "max_in_flight": self.scheduler.max_in_flight, "vllm": procs,
+                "controller": self.controller_state()}
+
+    async def metrics_text(self) -> bytes:
+        await asyncio.to_thread(self.backend.scrape)
+        return self.metrics.render()
+
+    def controller_state(self) -> dict[str, Any]:
+        """vLLM drafts a fixed K per step (no adaptive controller on this backend)."""
+        return {"kind": "fixed", "k": self.backend.launch.num_speculative_tokens, "backend": "vllm"}
+
+
+def build_launch(s: ServerSettings, target: TargetInfo, served_name: str) -> VllmLaunch:
+    dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if s.device.startswith("cuda") else "float32")
+    return VllmLaunch(python=resolve_vllm_python(s.vllm_python), model_dir=target.path,
+                      served_model_name=served_name, dtype=dtype, max_model_len=s.max_model_len,
+                      max_num_seqs=s.max_batch_size, num_speculative_tokens=s.num_speculative_tokens,
+                      enforce_eager=s.device == "cpu", extra_args=tuple(shlex.split(s.vllm_args)))
+
+
+def build_vllm_state(s: ServerSettings) -> VllmState:
+    """Validate everything that can be checked without vLLM (interpreter, target, drafter); start nothing."""
+    from understudy.server.app import open_registry
+
+    if s.backend != "vllm":
+        raise VllmError(f"build_vllm_state needs backend='vllm', got {s.backend!r}")
+    target = describe_target(s.model)
+    name = s.served_model_name or (s.model if "/" not in s.model else Path(s.model).name)
+    launch = build_launch(s, target, name)
+    metrics = ServerMetrics(name)
+    registry = open_registry(s)
+    follow = s.follow_alias if not s.drafter else None
+    label, version, folder = initial_drafter(s.drafter, target.fingerprint, registry, follow)
+    backend = VllmBackend(launch, metrics, port=s.vllm_port, startup_timeout_s=s.vllm_startup_timeout_s,
+                          retire_timeout_s=s.request_timeout_s)
+    exported = backend.export(label, folder) if folder is not None else None
+    hotswap = BlueGreenSwapManager(backend, target.fingerprint, metrics, registry,
+                                   follow=follow if registry is not None else None,
+                                   watch_interval_s=s.watch_interval_s, canary_window=s.canary_window,
+                                   canary_margin=s.canary_margin)
+    hotswap.set_initial(label, version, exported)
+    if s.drafter and version is not None:
+        hotswap.pinned = version
+    admission = ProxyAdmission(s.max_batch_size + s.max_queue)
+    return VllmState(settings=s, target=target, backend=backend, scheduler=admission, metrics=metrics,
+                     hotswap=hotswap, served_model_name=name, first=(label, exported))

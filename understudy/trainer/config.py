@@ -1,0 +1,117 @@
+"""The RL run's one config: a frozen dataclass, loaded from TOML (`understudy train --config FILE`).
+
+Every field has a comment; the resolved config is written into each checkpoint and each published drafter's
+manifest. Unknown keys are errors that name the key and the file (a typo must not silently train something else).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from understudy.errors import UnderstudyError
+
+
+class TrainConfigError(UnderstudyError, ValueError):
+    """A config file or field is invalid (names the file/field and the fix)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # ---- policy and task ----
+    policy: str = "pretrain:arith"  # model to train: preset, HF folder, .gguf, or "pretrain:<task>" (tiny recipe, cached)
+    pretrain_minutes: float = 4.0  # budget of the tiny pretraining recipe when policy = "pretrain:<task>"
+    task: str = "arith"  # registered task (arith, countdown, grid-risk, jsonl)
+    task_kwargs: dict[str, Any] = field(default_factory=dict)  # options of the task (e.g. {"max_digits": 3})
+    # ---- GRPO ----
+    steps: int = 30  # RL steps (one rollout + one policy update each)
+    prompts_per_step: int = 8  # distinct problems per step
+    group_size: int = 8  # samples per problem (the GRPO group)
+    max_new_tokens: int = 160  # response budget
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # rollout nucleus sampling
+    advantage: str = "grpo"  # registered advantage estimator: grpo | drgrpo (no std normalisation)
+    policy_loss: str = "clip"  # registered policy loss (token-mean clipped surrogate)
+    clip_low: float = 0.2  # ratio clip below 1 - clip_low
+    clip_high: float = 0.28  # ratio clip above 1 + clip_high (DAPO clip-higher)
+    kl_coef: float = 0.0  # KL to the initial policy (k3); 0 = off
+    lr: float = 1e-5  # policy AdamW learning rate
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_tokens: int = 8192  # tokens per forward/backward chunk of the update
+    # ---- TLT: speculative rollouts + spot drafter training ----
+    speculation: bool = True  # rollouts with speculative decoding (False = the no-TLT baseline)
+    num_draft_tokens: int = 4  # largest K the adaptive controller may pick
+    controller_arms: tuple[int, ...] = (0, 2, 4)  # K arms of the adaptive rollout controller (0 = off)
+    rollout_workers: int = 2  # rollout engines; the share of a worker that finishes early trains the drafter
+    spot_training: bool = True  # train the drafter on idle rollout capacity
+    drafter_init: str | None = None  # drafter folder to start from (None = fresh)
+    drafter_lr: float = 1e-3  # drafter AdamW learning rate
+    drafter_unroll_steps: int = 2  # training-time-test depth of the drafter loss
+    drafter_tokens_per_batch: int = 2048  # drafter training batch
+    drafter_buffer_tokens: int = 60000  # most recent rollout tokens (with features) kept for drafter training
+    # ---- publishing, checkpoints, logs ----
+    out_dir: str = "runs/arith-tiny"  # checkpoints, policy folders, metrics.jsonl, TensorBoard events
+    registry: str | None = None  # drafter registry (None = $UNDERSTUDY_REGISTRY or the user data dir)
+    publish_every: int = 10  # publish the drafter (and save the policy) every N steps and at the end; 0 = end only
+    checkpoint_every: int = 5  # resumable checkpoint every N steps (and at the end)
+    eval_every: int = 5  # greedy accuracy on a fixed held-out problem set every N steps (0 = start and end only)
+    eval_problems: int = 64  # held-out problems for the accuracy curve
+    dtype: str = "float32"  # policy/learner dtype
+    device: str = "cpu"
+    threads: int = 1  # torch intra-op threads per worker
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.prompts_per_step >= 1 and self.group_size >= 2, "need prompts_per_step >= 1 and group_size >= 2"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (0 < self.temperature <= 2, "temperature must be in (0, 2] (GRPO samples)"),
+            (self.lr > 0 and self.drafter_lr > 0, "lr and drafter_lr must be > 0"),
+            (self.rollout_workers >= 1, "rollout_workers must be >= 1"),
+            (0 <= self.num_draft_tokens <= 16, "num_draft_tokens must be in [0, 16]"),
+            (len(set(self.controller_arms)) >= 2, "controller_arms needs at least two distinct K (e.g. [0, 4])"),
+            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.publish_every >= 0 and self.checkpoint_every >= 1, "publish_every >= 0, checkpoint_every >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TrainConfigError(f"train config: {msg}")
+
+    @property
+    def tlt(self) -> bool:
+        return self.speculation and self.num_draft_tokens > 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["controller_arms"] = list(self.controller_arms)
+        return d
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.exists():
+        raise TrainConfigError(f"config file {path} does not exist (see configs/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise TrainConfigError(f"{path} is not valid TOML: {e}") from e
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise TrainConfigError(f"{path}: unknown field(s) {', '.join(unknown)}; valid fields are documented in "
+                               "understudy/trainer/config.py")
+    if "controller_arms" in raw:
+        raw["controller_arms"] = tuple(raw["controller_arms"])
+    try:
+        return TrainConfig(**raw)
+    except TypeError as e:
+        raise TrainConfigError(f"{path}: {e}") from e

@@ -1,0 +1,159 @@
+"""Speculative rollouts across workers, with the long tail's idle capacity handed to the spot drafter trainer.
+
+Each worker owns an `Engine` (its own KV caches and drafter copy) over the *shared* policy module: the learner
+updates the parameters in place and the engines see the new weights at the next step, with no file round-trip.
+The rollout requests are split evenly across workers; each worker decodes its share with continuous batching.
+A worker that finishes while others are still in the long tail trains the drafter (TLT's spot trainer) until
+the last worker finishes; the phase then ends and the spot trainer stops at its next step boundary.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from understudy.engine.config import EngineConfig
+from understudy.engine.controller import SpeculationController
+from understudy.engine.drafter import Drafter
+from understudy.engine.engine import Engine
+from understudy.engine.model import Transformer
+from understudy.engine.sampling import SamplingParams
+from understudy.engine.spec_metrics import SpecDecodeStats
+
+
+@dataclass
+class RolloutRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+
+
+@dataclass
+class WorkerReport:
+    worker: int
+    num_requests: int
+    busy_s: float  # from phase start until its last request finished
+    idle_s: float = 0.0  # phase length - busy_s: the long tail's idle capacity on this worker
+    spot_train_s: float = 0.0  # of the idle time, spent training the drafter
+    spot_steps: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class RolloutResult:
+    responses: list[list[int]]  # generated token ids per request, in request order
+    seconds: float  # phase wall time (the slowest worker)
+    workers: list[WorkerReport]
+    spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    ks: dict[int, int] = field(default_factory=dict)  # K chosen -> steps that used it
+
+    @property
+    def idle_fraction(self) -> float:
+        total = self.seconds * len(self.workers)
+        return sum(w.idle_s for w in self.workers) / total if total else 0.0
+
+
+class RolloutWorkers:
+    def __init__(self, policy: Transformer, eos_token_ids: tuple[int, ...], num_workers: int, max_batch: int,
+                 max_model_len: int, num_draft_tokens: int, controller: SpeculationController | None,
+                 drafter_factory: Any = None, threads: int = 1) -> None:
+        """drafter_factory: () -> Drafter, one copy per worker (None = no speculation)."""
+        self.policy = policy
+        dtype = str(policy.dtype).removeprefix("torch.")
+        self.engines: list[Engine] = []
+        for _ in range(num_workers):
+            drafter = drafter_factory() if drafter_factory is not None else None
+            cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_model_len,
+                               num_speculative_tokens=num_draft_tokens if drafter is not None else 0,
+                               proposer="drafter" if drafter is not None else "none", dtype=dtype,
+                               device=str(policy.device), num_threads=threads)
+            self.engines.append(Engine(policy, cfg, eos_token_ids, drafter=drafter, controller=controller))
+
+    def load_drafter_weights(self, source: Drafter) -> None:
+        """Copy the spot-trained drafter into every worker's drafter (between steps, never mid-rollout)."""
+        sd = {k: v for k, v in source.state_dict().items() if not k.startswith("rotary.")}
+        for eng in self.engines:
+            if eng.drafter is not None:
+                with torch.no_grad():
+                    eng.drafter.load_state_dict(sd, strict=False)
+                eng.set_drafter(eng.drafter)  # re-bind + full catch-up; applied at the next step
+
+    def refresh_weights(self) -> None:
+        for eng in self.engines:
+            eng.refresh_weights()
+
+    def run(self, requests: list[RolloutRequest], spot: Any = None, tag: str = "r") -> RolloutResult:
+        """Decode every request; `spot` (SpotDrafterTrainer or None) uses workers that finish early."""
+        shares = [list(range(w, len(requests), len(self.engines))) for w in range(len(self.engines))]
+        responses: list[list[int]] = [[] for _ in requests]
+        reports = [WorkerReport(worker=w, num_requests=len(s), busy_s=0.0) for w, s in enumerate(shares)]
+        phase_done = threading.Event()
+        remaining = [len(self.engines)]
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+        before = [self._spec_snapshot(e) for e in self.engines]
+        ks: dict[int, int] = {}
+        t0 = time.perf_counter()
+
+        def work(w: int) -> None:
+            try:
+                self._decode_share(w, shares[w], requests, responses, reports[w], ks, lock, tag)
+                reports[w].busy_s = time.perf_counter() - t0
+                with lock:
+                    remaining[0] -= 1
+                    last = remaining[0] == 0
+                if last:
+                    phase_done.set()
+                elif spot is not None:
+                    t_spot = time.perf_counter()
+                    reports[w].spot_steps = spot.train_while_idle(phase_done)
+                    reports[w].spot_train_s = time.perf_counter() - t_spot
+            except BaseException as e:  # surfaced in the caller's thread
+                errors.append(e)
+                phase_done.set()
+
+        threads = [threading.Thread(target=work, args=(w,), name=f"rollout-{w}") for w in range(len(self.engines))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        seconds = max(r.busy_s for r in reports)
+        for r in reports:
+            r.idle_s = seconds - r.busy_s
+        spec = SpecDecodeStats()
+        for e, b in zip(self.engines, before, strict=True):
+            spec.merge(_diff(e.stats, b))
+        return RolloutResult(responses=responses, seconds=seconds, workers=reports, spec=spec, ks=ks)
+
+    def _decode_share(self, w: int, share: list[int], requests: list[RolloutRequest], responses: list[list[int]],
+                      report: WorkerReport, ks: dict[int, int], lock: threading.Lock, tag: str) -> None:
+        eng = self.engines[w]
+        for i in share:
+            eng.add_request(f"{tag}-{i}", requests[i].prompt_ids, requests[i].sampling)
+        while eng.has_unfinished():
+            for o in eng.step():
+                responses[int(o.request_id.rsplit("-", 1)[1])].extend(o.new_token_ids)
+                report.tokens += len(o.new_token_ids)
+            if eng.last_step.batch_size:
+                with lock:
+                    ks[eng.last_step.k] = ks.get(eng.last_step.k, 0) + 1
+
+    @staticmethod
+    def _spec_snapshot(e: Engine) -> SpecDecodeStats:
+        s = SpecDecodeStats()
+        s.merge(e.stats)
+        return s
+
+
+def _diff(now: SpecDecodeStats, before: SpecDecodeStats) -> SpecDecodeStats:
+    d = SpecDecodeStats(num_drafts=now.num_drafts - before.num_drafts,
+                        num_draft_tokens=now.num_draft_tokens - before.num_draft_tokens,
+                        num_accepted_tokens=now.num_accepted_tokens - before.num_accepted_tokens)
+    d.accepted_per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
+                          for i, a in enumerate(now.accepted_per_pos)]
+    return d
