@@ -292,6 +292,12 @@ class DrafterTrainer:
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------
+def _greedy_tokens(feats: torch.Tensor, head: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """argmax of the full-vocabulary logits, computed in row chunks (a [8192, 49152] logit tensor is 1.6 GB)."""
+    flat = feats.reshape(-1, feats.shape[-1]).float()
+    out = torch.cat([F.linear(flat[i:i + rows], head).argmax(-1) for i in range(0, flat.shape[0], rows)])
+    return out.view(feats.shape[:-1])
+
 @torch.inference_mode()
 def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: int = 5,
              tokens_per_batch: int = 8192) -> dict[str, Any]:
@@ -311,7 +317,7 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
         B, T = tokens.shape
         N = T - 1
         outs = unrolled_forward(drafter, tokens, feats, k)
-        target_all = F.linear(feats.float(), full_vocab_head).argmax(-1)  # [B, T]: the target's greedy token
+        target_all = _greedy_tokens(feats, full_vocab_head)  # [B, T]: the target's greedy token
         anchors = torch.arange(N)
         chain = torch.ones(B, N, dtype=torch.bool)
         # anchors whose k-chain stays inside the sequence and drafts response tokens

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 class WarmupConfig:
     prompts: str | None = None  # JSONL/text prompt file (default: the shipped set)
     max_minutes: float = 20.0  # wall-clock budget for the whole run (generation + training + eval)
+    data_fraction: float = 0.5  # share of max_minutes for generating data (the rest trains; cached data is free)
     max_new_tokens: int = 256  # response length cap for generated training data
     sampled_copies: int = 1  # extra sampled responses per train prompt (temperature 0.8) besides the greedy one
     draft_vocab_size: int = 8192  # reduced draft vocabulary (0 = the full vocabulary)
@@ -53,19 +54,23 @@ class WarmupConfig:
 def _data_key(lm: LoadedModel, prompts_file: Path, cfg: WarmupConfig) -> str:
     h = hashlib.sha256()
     h.update(lm.fingerprint.encode())
-    h.update(hashlib.sha256((lm.path / "model.safetensors").read_bytes()[:1 << 20]).digest()
-             if (lm.path / "model.safetensors").exists() else b"")
+    weights = lm.path / "model.safetensors"
+    if weights.exists():
+        with open(weights, "rb") as fh:
+            h.update(fh.read(1 << 20))  # header + first tensors: enough to tell checkpoints apart
     h.update(prompts_file.read_bytes())
-    h.update(json.dumps([cfg.max_new_tokens, cfg.sampled_copies, cfg.seed]).encode())
+    budget = round(cfg.max_minutes * cfg.data_fraction, 1)  # the data depends on its time budget
+    h.update(json.dumps([cfg.max_new_tokens, cfg.sampled_copies, cfg.seed, budget]).encode())
     return h.hexdigest()[:16]
 
 
 def generate_samples(lm: LoadedModel, prompts: list[list[int]], params: list[SamplingParams], batch_size: int,
-                     desc: str) -> list[Sample]:
+                     desc: str, deadline: float | None = None) -> list[Sample | None]:
     """Plain continuous-batched generation that keeps the target's hidden states of every sequence.
 
     The engine computes the features anyway (they are the LM head's input), so capturing them costs a copy,
     where a second forward pass over the data would cost as much compute as generating it again.
+    At `deadline` (time.monotonic()), requests not yet started are dropped (None) and running ones finish.
     """
     eng = Engine(lm.model, EngineConfig(max_batch_size=batch_size, max_model_len=max(len(p) for p in prompts) +
                                         max(s.max_tokens for s in params) + 1, num_speculative_tokens=0,
@@ -75,8 +80,17 @@ def generate_samples(lm: LoadedModel, prompts: list[list[int]], params: list[Sam
     for i, (p, s) in enumerate(zip(prompts, params, strict=True)):
         eng.add_request(str(i), p, s)
     tokens: dict[str, list[int]] = {str(i): list(p) for i, p in enumerate(prompts)}
+    cut = False
     with tqdm(total=len(prompts), desc=desc, unit="resp") as bar:
         while eng.has_unfinished():
+            if deadline is not None and not cut and time.monotonic() > deadline:
+                cut = True
+                running = {q.request_id for q in eng.running}
+                dropped = [str(i) for i in range(len(prompts)) if str(i) not in out and str(i) not in running]
+                for rid in dropped:
+                    eng.abort(rid)
+                log.info("data budget spent: %d of %d responses generated, %d running, %d skipped", len(out),
+                         len(prompts), len(running), len(dropped))
             for o in eng.step():
                 tokens[o.request_id].extend(o.new_token_ids)
                 if o.finished:
@@ -85,7 +99,7 @@ def generate_samples(lm: LoadedModel, prompts: list[list[int]], params: list[Sam
                     out[o.request_id] = Sample(tokens=torch.tensor(tokens[o.request_id][:n]), features=o.hidden,
                                                prompt_len=o.num_prompt_tokens)
                     bar.update(1)
-    return [out[str(i)] for i in range(len(prompts))]
+    return [out.get(str(i)) for i in range(len(prompts))]
 
 
 def _pack(samples: list[Sample]) -> list[dict[str, Any]]:
@@ -111,20 +125,27 @@ def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], lis
             return _unpack(data["train"]), _unpack(data["heldout"]), _unpack(data["ood"])
         except Exception as e:  # a damaged cache is regenerated, never trusted
             log.warning("ignoring unreadable cache %s (%s)", cache_file, e)
+    evals: list[tuple[str, list[int], SamplingParams]] = []
     jobs: list[tuple[str, list[int], SamplingParams]] = []
     for i, r in enumerate(rows):
         ids = encode_prompt(lm.tokenizer, r["prompt"])
         split = r["split"] if r["split"] in ("heldout", "ood") else "train"
-        jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)))
-        if split == "train":
-            for c in range(cfg.sampled_copies):
-                jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.8, top_p=0.95,
-                                                        seed=cfg.seed * 1000 + i * 10 + c)))
+        greedy = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)
+        if split != "train":
+            evals.append((split, ids, greedy))  # generated first: the report needs them
+            continue
+        jobs.append((split, ids, greedy))
+        for c in range(cfg.sampled_copies):
+            jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.8, top_p=0.95,
+                                                    seed=cfg.seed * 1000 + i * 10 + c)))
+    jobs = evals + jobs
+    deadline = time.monotonic() + cfg.max_minutes * 60 * cfg.data_fraction
     samples = generate_samples(lm, [j[1] for j in jobs], [j[2] for j in jobs], cfg.gen_batch_size,
-                               "generating training data")
+                               "generating training data", deadline=deadline)
     split_samples: dict[str, list[Sample]] = {"train": [], "heldout": [], "ood": []}
     for (split, _, _), smp in zip(jobs, samples, strict=True):
-        split_samples[split].append(smp)
+        if smp is not None:
+            split_samples[split].append(smp)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(".tmp")
     torch.save({k: _pack(v) for k, v in split_samples.items()}, tmp)
