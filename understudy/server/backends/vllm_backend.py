@@ -112,6 +112,7 @@ class VllmBackend:
         self.log_dir = base / "logs"  # vLLM logs (kept)
         self.active: VllmProcess | None = None
         self.retiring: list[VllmProcess] = []
+        self._procs: set[VllmProcess] = set()  # every process started and not yet stopped (starting ones too)
         self._ports = itertools.cycle([port, port + 1]) if port else None  # blue/green alternate
         self._count = itertools.count(1)
         self._lock = threading.Lock()
@@ -135,11 +136,15 @@ class VllmBackend:
         n = next(self._count)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.launch.served_model_name}-{os.getpid()}-{n}-{label}")
         proc = VllmProcess(self.launch, port, label, drafter_dir, self.log_dir / f"vllm-{name[-100:]}.log")
-        proc.start()
+        with self._lock:
+            if self._closing.is_set():
+                raise VllmError("the server is shutting down: not starting another vLLM process")
+            self._procs.add(proc)
+            proc.start()
         try:
             proc.wait_healthy(self.startup_timeout_s, cancel=self._closing)
         except BaseException:
-            proc.stop()
+            self._stop(proc)
             raise
         log.info("vLLM (drafter %s) healthy after %.1f s", label, proc.started_s or 0.0)
         return proc
@@ -161,10 +166,15 @@ class VllmBackend:
         if old.in_flight:
             log.warning("stopping vLLM (drafter %s) with %d requests still in flight", old.label, old.in_flight)
         self.scrape(old)  # its last counts, before it goes
-        old.stop()
+        self._stop(old)
         with self._lock:
             if old in self.retiring:
                 self.retiring.remove(old)
+
+    def _stop(self, proc: VllmProcess) -> None:
+        proc.stop()
+        with self._lock:
+            self._procs.discard(proc)
 
     def lease(self) -> VllmProcess:
         """The active process for one request (release() it when the request is done)."""
@@ -182,12 +192,17 @@ class VllmBackend:
         with self._lock:
             proc.in_flight -= 1
 
-    def stop_all(self) -> None:
+    def begin_close(self) -> None:
+        """No new processes from now on; a start-up in progress gives up (and stops its process)."""
         self._closing.set()
+
+    def stop_all(self) -> None:
+        """Stop every process this backend started: active, retiring, and any still starting."""
+        self.begin_close()
         with self._lock:
-            procs = [p for p in [self.active, *self.retiring] if p is not None]
+            procs = list(self._procs)
         for p in procs:
-            p.stop()
+            self._stop(p)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # ---- metrics ----------------------------------------------------------------------------------------------
@@ -337,7 +352,8 @@ class VllmState:
         self.hotswap.start()
 
     async def stop(self) -> None:
-        self.hotswap.stop()
+        self.backend.begin_close()  # a swap's start-up in progress stops waiting, so the manager thread can end
+        await asyncio.to_thread(self.hotswap.stop)
         if self.client is not None:
             await self.client.aclose()
         await asyncio.to_thread(self.backend.stop_all)

