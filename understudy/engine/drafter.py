@@ -14,9 +14,6 @@ target's), and losslessness does not depend on it: the rejection sampler sees q 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from understudy.engine.config import ModelConfig
+from understudy.engine.fsutil import atomic_folder
 from understudy.engine.model import DecoderLayer, KVCache, Linear, RotaryTable, Transformer, attention_mask
 from understudy.errors import UnderstudyError
 
@@ -159,27 +157,10 @@ def save_drafter(drafter: Drafter, out: Path, extra_training: dict[str, Any] | N
     if extra_training:
         cfg = DrafterConfig(target=cfg.target, family_fingerprint=cfg.family_fingerprint,
                             draft_vocab_size=cfg.draft_vocab_size, training={**cfg.training, **extra_training})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(Path(out)) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in drafter.own_state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": DRAFTER_FORMAT})
         (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_drafter_config(folder: Path) -> DrafterConfig:
@@ -259,16 +240,7 @@ def export_vllm(src: Path, out: Path) -> dict[str, list[int]]:
     }
     if t.rope_scaling:
         hf_cfg["rope_scaling"] = t.rope_scaling
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(Path(out)) as tmp:
         save_file(out_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {k: list(v.shape) for k, v in out_sd.items()}

@@ -11,8 +11,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from understudy.engine.config import ConfigError, ModelConfig, family_fingerprint
+from understudy.engine.fsutil import atomic_folder
 from understudy.engine.model import Transformer
 from understudy.errors import UnderstudyError
 
@@ -150,18 +149,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     sd = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
     if cfg_dict.get("tie_word_embeddings") or hf_cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, default=str))
         tok.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
@@ -270,23 +261,8 @@ def save_model(model: Transformer, tokenizer: Any, out: Path, extra_config: dict
                 hf_cfg[key] = getattr(tokenizer, key)
     hf_cfg.update(extra_config or {})
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.hf_state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -9,13 +9,11 @@ engines share the policy's parameters in this process; `Linear`'s pre-packed wei
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +36,9 @@ from understudy.trainer.policy import load_policy
 from understudy.trainer.rollout import RolloutRequest, RolloutResult, RolloutWorkers
 from understudy.trainer.spot import SpotDrafterTrainer
 from understudy.trainer.tasks import Problem, get_task
+from understudy.trainer.timing import PhaseTimes
 
 log = logging.getLogger(__name__)
-
-
-class Phases:
-    """Per-step seconds by phase: `with phases.timed("rollout"):` (verl's marked_timer)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 def _percentile(xs: list[int], q: float) -> float:
@@ -134,7 +118,7 @@ class GRPOTrainer:
         return reqs, groups
 
     def train_step(self) -> dict[str, Any]:
-        c, ph = self.cfg, Phases()
+        c, ph = self.cfg, PhaseTimes()
         with ph.timed("sample"):
             problems = [self.task.sample(self.rng) for _ in range(c.prompts_per_step)]
             reqs, groups = self._requests(problems)
@@ -205,7 +189,7 @@ class GRPOTrainer:
         return m
 
     # ---- reporting -----------------------------------------------------------------------------------------
-    def _metrics(self, ph: Phases, result: RolloutResult, rewards: list[float], update: dict[str, float]) -> dict[str, Any]:
+    def _metrics(self, ph: PhaseTimes, result: RolloutResult, rewards: list[float], update: dict[str, float]) -> dict[str, Any]:
         lengths = [len(r) for r in result.responses]
         tokens = sum(lengths)
         m: dict[str, Any] = {

@@ -12,12 +12,9 @@ progress is max(step / steps, training time / max_minutes). Greedy accuracy is m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
-import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt, encode_text
 from understudy.trainer.chartok import make_char_tokenizer
 from understudy.trainer.tasks import Problem, SolvableTask, Task, TaskError, answer_line, get_task
+from understudy.trainer.timing import PhaseTimes
 
 
 @dataclass(frozen=True)
@@ -75,21 +73,6 @@ class PretrainConfig:
             raise ValueError("need batch_size >= 1, lr > 0 and 0 <= min_lr_ratio <= 1")
         if min(self.eval_problems, self.final_eval_problems, self.max_new_tokens) < 1 or self.eval_every < 0:
             raise ValueError("eval_problems, final_eval_problems and max_new_tokens must be >= 1, eval_every >= 0")
-
-
-class PhaseTimes:
-    """Seconds spent per named phase: `with times.timed("step"): ...`."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def timed(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 # ---- model and data -----------------------------------------------------------------------------------------
