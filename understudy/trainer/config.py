@@ -49,6 +49,7 @@ class TrainConfig:
     rollout_workers: int = 2  # rollout engines; the share of a worker that finishes early trains the drafter
     spot_training: bool = True  # train the drafter on idle rollout capacity
     drafter_init: str | None = None  # drafter folder to start from (None = fresh)
+    drafter_warmup_s: float = 0.0  # before step 1: self-distil the drafter on the initial policy's own rollouts
     drafter_lr: float = 1e-3  # drafter AdamW learning rate
     drafter_unroll_steps: int = 2  # training-time-test depth of the drafter loss
     drafter_tokens_per_batch: int = 2048  # drafter training batch

@@ -1,0 +1,59 @@
+"""`understudy drafter train` end to end on a tiny model: data, training, held-out report, atomic save, publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from understudy.engine.drafter import load_drafter
+from understudy.engine.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_path, tiny_llama, tiny_llama_dir):
+    words = ["grid", "line", "flow", "risk", "load", "sum", "apple", "zeta"]
+    rows = [{"prompt": " ".join(words[(i * 3 + j) % 8] for j in range(1 + i % 5)),
+             "split": "heldout" if i % 6 == 0 else ("ood" if i % 6 == 1 else "train")} for i in range(48)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "UNDERSTUDY_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "understudy.cli", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--prompts", str(prompts), "--max-minutes", "0.6",
+                        "--max-new-tokens", "40", "--draft-vocab-size", "0", "--lr", "3e-3", "--publish",
+                        "--registry", str(tmp_path / "reg")], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out: top-1 agreement" in r.stdout and "published as version 1" in r.stdout
+    d = load_drafter(tmp_path / "d", tiny_llama.model, tiny_llama.fingerprint)
+    training = d.config.training
+    assert training["heldout"]["expected_acceptance_length"] > 1.0
+    assert training["steps"] > 0 and not training["interrupted"]
+    reg = Registry.open(tmp_path / "reg", create=False)
+    v = reg.list_versions()[0]
+    assert v.metrics["heldout_acceptance_length"] == pytest.approx(training["heldout_acceptance_length"])
+    assert reg.aliases()["latest"] == 1 and reg.aliases()["best"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")], "no temporary folder left behind"
+    # a second run reuses the cached data and skips generation
+    r2 = subprocess.run([sys.executable, "-m", "understudy.cli", "drafter", "train", "--model", str(tiny_llama_dir),
+                         "--out", str(tmp_path / "d2"), "--prompts", str(prompts), "--max-minutes", "0.6",
+                         "--max-new-tokens", "40", "--draft-vocab-size", "0"], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=600)
+    assert r2.returncode == 0 and "generating training data" not in r2.stderr
+
+
+def test_bad_prompt_file_is_one_clear_error(tmp_path, tiny_llama_dir):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    r = subprocess.run([sys.executable, "-m", "understudy.cli", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--prompts", str(bad)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{bad}:2" in r.stderr and "prompt" in r.stderr
+    assert not (tmp_path / "d").exists()
