@@ -101,16 +101,19 @@ def bench_cell(lm: LoadedModel, hf, drafter, prompts: list[list[int]], batch: in
     runs: dict[str, list[Run]] = {}
     for _ in range(args.rounds):
         order: list[tuple[str, Any]] = [("plain", lambda: engine_run(lm, prompts, batch, args.max_new_tokens, "none", 0))]
-        if drafter is not None:
-            order.append(("drafter", lambda: engine_run(lm, prompts, batch, args.max_new_tokens, "drafter", args.k, drafter)))
-        order.append(("ngram", lambda: engine_run(lm, prompts, batch, args.max_new_tokens, "ngram", args.k)))
+        for k in args.ks:
+            if drafter is not None:
+                order.append((f"drafter k={k}", lambda k=k: engine_run(lm, prompts, batch, args.max_new_tokens,
+                                                                        "drafter", k, drafter)))
+            order.append((f"ngram k={k}", lambda k=k: engine_run(lm, prompts, batch, args.max_new_tokens, "ngram", k)))
         if hf is not None:
             order.append(("hf-generate", lambda: hf_run(hf, lm.tokenizer, prompts, batch, args.max_new_tokens, lm.eos_token_ids)))
             if batch == 1:  # transformers' assisted generation only supports batch size 1
                 order.append(("hf-prompt-lookup", lambda: hf_run(hf, lm.tokenizer, prompts, batch, args.max_new_tokens,
-                                                                 lm.eos_token_ids, prompt_lookup=args.k)))
+                                                                 lm.eos_token_ids, prompt_lookup=max(args.ks))))
         for name, fn in order:
             runs.setdefault(name, []).append(fn())
+            print(f"      {name}: {runs[name][-1].tok_s:.1f} tok/s", flush=True)
     base = statistics.median(r.tok_s for r in runs["plain"])
     ref = runs["plain"][0].outputs
     rows = []
@@ -129,7 +132,7 @@ def main() -> None:
     ap.add_argument("--drafter", help="drafter folder (trained for --model)")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--batch-sizes", default="1,4,16")
-    ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    ap.add_argument("--ks", default="2,4", help="draft tokens per step to measure (comma-separated)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--prompts-per-batch-size", type=int, default=1,
                     help="prompts per domain = max(batch, this x batch) (batch 1: this many prompts, one at a time)")
@@ -139,6 +142,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    args.ks = [int(k) for k in str(args.ks).split(",")]
     torch.set_num_threads(args.threads)
     domains = {"in-domain": load_prompts(splits=("heldout",)), "out-of-domain": load_prompts(splits=("ood",))}
     results: dict[str, Any] = {"config": vars(args) | {"out": str(args.out)}, "machine": machine_info(), "cells": []}

@@ -145,3 +145,12 @@ def test_all_cells_enumerated(micro):
     joint = exact_joint(micro, 1.0, 0, 1.0)
     assert len(joint) == V**LEN and abs(sum(joint.values()) - 1) < 1e-4
     assert set(joint) == set(itertools.product(range(V), repeat=LEN))
+
+
+def test_tiny_top_p_keeps_the_top_token():
+    """schemathesis found top_p=5e-324 (0 in float32) emptying the nucleus -> NaN probabilities -> a 500."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.2, 0.1]])
+    p = probs_from_logits(logits.clone(), torch.ones(2), torch.zeros(2, dtype=torch.long),
+                          torch.tensor([5e-324, 1e-9]))
+    assert torch.isfinite(p).all()
+    assert p[0].tolist() == [0.0, 1.0, 0.0] and p[1].tolist() == [1.0, 0.0, 0.0]

@@ -70,6 +70,7 @@ def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
         cum = sorted_logits.softmax(dim=1).cumsum(dim=1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop_sorted = (cum - sorted_logits.softmax(dim=1)) >= top_p[rows].unsqueeze(1)
+        drop_sorted[:, 0] = False  # never drop the most likely token (top_p can underflow to 0 in float32)
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits[rows] = sub.masked_fill(drop, float("-inf"))
     return logits.softmax(dim=1)

@@ -191,6 +191,25 @@ class _TooLarge(Exception):
     pass
 
 
+def _document_served_model(app: FastAPI) -> None:
+    """The OpenAPI schema names the one model this server serves (an enum on `model`), so clients and fuzzers
+    see what a 404 would otherwise tell them."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = default_openapi()
+        state = getattr(app.state, "understudy", None)
+        if state is not None:
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                props = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+                if "model" in props:
+                    props["model"] = {**props["model"], "enum": [state.served_model_name],
+                                      "examples": [state.served_model_name]}
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | None = None) -> FastAPI:
     s = settings or ServerSettings()
 
@@ -226,6 +245,7 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    _document_served_model(app)
 
     @app.get("/livez", tags=["health"])
     async def livez() -> dict[str, str]:
