@@ -1,7 +1,8 @@
 """Speculation on vs off under Locust, one invocation: for each mode, start `understudy serve` on loopback, sweep the
 closed-loop user counts with Locust (streaming chat), stop it; then build the side-by-side report.
 
-    python loadtests/bench_onoff.py --model smollm2-135m --drafter DIR_OR_VERSION --users 1,4,16 --duration 60
+    python loadtests/bench_onoff.py --model smollm2-135m --drafter DIR_OR_VERSION --users 1,4,16 --duration 60 \
+        [--prompts heldout|ood|FILE]
     -> runs/onoff-<stamp>/{on,off}/events-u*.jsonl, report.md, report.png, report.json
 
 "on" serves with the drafter and the adaptive controller (its choice of K, including off, is part of the
@@ -11,6 +12,7 @@ product); "off" is the same server with --num-speculative-tokens 0. Loopback onl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT_SET = ROOT / "understudy" / "data" / "prompts.jsonl"
 
 
 def free_port() -> int:
@@ -54,8 +57,22 @@ def start_server(args: argparse.Namespace, mode: str, log: Path) -> tuple[subpro
     raise SystemExit(f"server ({mode}) not ready after 300 s; see {log}")
 
 
+def prompts_file(spec: str, out: Path) -> str:
+    """'' = the Locust file's built-in prompts; 'heldout' / 'ood' = that split of the shipped prompt set (the
+    drafter never trained on them); anything else is a file for the Locust file's --prompts-file."""
+    if spec in ("heldout", "ood"):
+        rows = [json.loads(line) for line in PROMPT_SET.read_text().splitlines() if line.strip()]
+        path = out / f"prompts-{spec}.txt"
+        path.write_text("".join(r["prompt"].replace("\n", " ") + "\n" for r in rows if r["split"] == spec))
+        return str(path)
+    if spec and not Path(spec).is_file():
+        raise SystemExit(f"--prompts {spec}: not a file (or use heldout / ood / leave it out for the built-ins)")
+    return spec
+
+
 def locust(url: str, users: int, out: Path, args: argparse.Namespace) -> int:
-    env = {**os.environ, "UNDERSTUDY_EVENTS_FILE": str(out / f"events-u{users}.jsonl")}
+    env = {**os.environ, "UNDERSTUDY_EVENTS_FILE": str(out / f"events-u{users}.jsonl"),
+           "UNDERSTUDY_PROMPTS_FILE": args.prompts_path}
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
            "-u", str(users), "-r", str(users), "-t", f"{args.duration}s", "--stop-timeout", "120", "--host", url,
            "--api-key", "sk-bench", "--max-tokens", str(args.max_tokens), "--csv", str(out / f"locust-u{users}"),
@@ -73,11 +90,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--prompts", default="", help="heldout | ood (splits of the shipped prompt set) | a file of "
+                    "prompts; default: the Locust file's built-in prompts")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     users = [int(u) for u in args.users.split(",")]
     args.max_users = max(users)
     out = args.out or ROOT / "runs" / f"onoff-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    args.prompts_path = prompts_file(args.prompts, out)
     failures = 0
     for mode in ("on", "off"):
         d = out / mode

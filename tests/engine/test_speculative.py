@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import train_tiny_drafter
 from understudy.engine.config import EngineConfig
-from understudy.engine.drafter import new_drafter
+from understudy.engine.drafter import Drafter, DrafterConfig, new_drafter
 from understudy.engine.engine import Engine, RequestError
 from understudy.engine.sampling import SamplingParams
 
@@ -191,3 +191,27 @@ def test_bad_requests_are_refused_with_the_field(tiny_llama):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_swap_to_reduced_vocab_drafter_inside_a_step(tiny_llama, tiny_prompts):
+    """Regression: a swap is applied inside `step()` (inference mode); binding a reduced draft vocabulary there
+    made its LM-head rows an inference tensor, and the pre-packed Linear then failed on every draft step."""
+    lm = tiny_llama
+    ref = plain_engine(lm).generate(tiny_prompts[:2], GREEDY)
+    V = lm.config.vocab_size
+    reduced = Drafter(DrafterConfig(target=lm.config, family_fingerprint=lm.fingerprint, draft_vocab_size=V // 2))
+    reduced.set_draft_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(0))[: V // 2].sort().values)
+    eng = Engine(lm.model, EngineConfig(max_batch_size=2, max_model_len=256, num_speculative_tokens=3, dtype="float32"),
+                 lm.eos_token_ids, drafter=new_drafter(lm.model, lm.fingerprint, seed=5))
+    for i in range(2):
+        eng.add_request(str(i), tiny_prompts[i], GREEDY)
+    outs: dict[str, list[int]] = {}
+    steps = 0
+    while eng.has_unfinished():
+        if steps == 2:
+            eng.set_drafter(reduced)
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        steps += 1
+    assert eng.stats.num_drafts > 0
+    assert [outs[str(i)] for i in range(2)] == ref

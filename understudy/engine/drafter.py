@@ -76,9 +76,12 @@ class Drafter(nn.Module):
             raise DrafterError("drafter shapes do not match the target model; train a drafter for this target")
         self.embed_weight = target.embed_tokens.weight.detach()
         head = target.lm_head.weight.detach()
-        vocab = self.draft_vocab.to(head.device)
-        full = vocab.numel() == head.shape[0] and bool((vocab == torch.arange(head.shape[0], device=head.device)).all())
-        self.head_weight = head if full else head.index_select(0, vocab).contiguous()
+        # Engines apply swaps inside step() (inference mode): a head made there would be an inference tensor,
+        # which cannot be used by autograd later nor report the version the pre-packed Linear keys on.
+        with torch.inference_mode(False):
+            vocab = self.draft_vocab.to(head.device)
+            full = vocab.numel() == head.shape[0] and bool((vocab == torch.arange(head.shape[0], device=head.device)).all())
+            self.head_weight = head if full else head.index_select(0, vocab).contiguous()
         lin = Linear(self.head_weight.shape[1], self.head_weight.shape[0], bias=False, device="meta")
         lin.weight = nn.Parameter(self.head_weight, requires_grad=False)
         lin.pack_enabled = self.fc.pack_enabled

@@ -87,7 +87,7 @@ class Linear(nn.Linear):
         super().__init__(*args, **kwargs)
         self.pack_enabled = False
         self._packed: torch.Tensor | None = None
-        self._packed_key: tuple[int, int] | None = None
+        self._packed_key: tuple[int, int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pack_enabled and not torch.is_grad_enabled():
@@ -100,7 +100,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _packed_weight(self) -> torch.Tensor | None:
-        key = (id(self.weight), self.weight._version)
+        w = self.weight
+        # An inference tensor has no version counter (and cannot change outside inference mode): key on its storage.
+        key = (id(w), -1 if w.is_inference() else w._version, w.data_ptr())
         if self._packed_key != key:
             try:
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.pack_hint)

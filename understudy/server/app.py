@@ -151,6 +151,7 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     if s.drafter and version is not None:
         hotswap.pinned = version
     scheduler.step_hooks += [metrics.on_step, hotswap.on_step]
+    scheduler.failure_hooks.append(hotswap.on_step_failure)
     return ServerState(settings=s, target=target, engine=engine, scheduler=scheduler, metrics=metrics,
                        hotswap=hotswap, served_model_name=name)
 

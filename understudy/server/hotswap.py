@@ -324,6 +324,25 @@ class HotSwapManager(SwapManager):
         if callable(reset):
             reset()  # the arms' rewards belong to the old drafter
 
+    def on_step_failure(self, exc: BaseException) -> None:
+        """Engine-thread hook after a step raised. Speculation is lossless, so turning the drafter off is always
+        safe: do it at once (the next step runs without it), mark its version rejected, and report it; the
+        server keeps answering, plain. A later alias move, pin or rollback swaps a drafter in again."""
+        if self.engine.drafter is None:
+            return
+        bad = self.served
+        why = (f"engine error while drafter {bad.label} served ({type(exc).__name__}: {exc}); "
+               "speculation off until the next swap")
+        self.engine.set_drafter(None)
+        with self._lock:
+            if bad.version is not None:
+                self.rejected[bad.version] = why
+            self.served = _Served(label="none", version=None, drafter=None)
+            self.canary = None
+        self.metrics.set_drafter("none", "none", self.fingerprint)
+        self._record(SwapRecord(time.time(), "none", bad.label, "rolled_back", why))
+        log.error("drafter %s taken out of service: %s", bad.label, why)
+
     # ---- canary feed (the engine thread's step hook) ------------------------------------------------------
     def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]
         gen = self.engine.drafter_generation
@@ -362,5 +381,19 @@ def load_initial_drafter(spec: str | None, target: LoadedModel, registry: Regist
         try:
             return str(v), v, registry.load(v, target.model, target.fingerprint)
         except RegistryError as e:
-            log.warning("alias %s -> v%d is not usable (%s): serving without a drafter", follow, v, e)
+            # A registry shared by several targets (a tiny RL run published last, say): fall back to the newest
+            # version made for this target; the alias is still followed, and its moves are checked as usual.
+            mine = sorted((i.version for i in registry.list_versions()
+                           if i.family_fingerprint == target.fingerprint and i.version != v), reverse=True)
+            for alt in mine:
+                try:
+                    d = registry.load(alt, target.model, target.fingerprint)
+                except RegistryError as e2:
+                    log.warning("v%d is not usable either (%s)", alt, e2)
+                    continue
+                log.warning("alias %s -> v%d is not usable (%s): serving v%d, the newest version for this "
+                            "target, until the alias moves to a compatible one", follow, v, e, alt)
+                return str(alt), alt, d
+            log.warning("alias %s -> v%d is not usable (%s) and no other version fits this target: serving "
+                        "without a drafter", follow, v, e)
     return "none", None, None

@@ -53,6 +53,7 @@ class AsyncEngine:
         self.max_in_flight = engine.config.max_batch_size + max_queue
         self.streams: dict[str, RequestStream] = {}
         self.step_hooks: list[StepHook] = []
+        self.failure_hooks: list[Callable[[BaseException], None]] = []  # engine thread, after a failed step
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
@@ -133,6 +134,11 @@ class AsyncEngine:
             except Exception as e:  # a bug in the engine: fail the in-flight requests, keep serving
                 log.exception("engine step failed; failing %d in-flight requests", len(self.streams))
                 self._fail_all(EngineFailed(f"engine error: {type(e).__name__}: {e}"))
+                for fhook in self.failure_hooks:  # e.g. take a faulty drafter out of service
+                    try:
+                        fhook(e)
+                    except Exception:
+                        log.exception("failure hook %r failed", fhook)
                 continue
             self.steps += 1
             for hook in self.step_hooks:

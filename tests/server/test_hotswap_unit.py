@@ -1,0 +1,74 @@
+"""Hot-swap manager logic without a server process: which drafter a server starts with when its followed alias
+points at a version made for another target (a registry shared by several targets), and what happens when the
+engine fails while a drafter serves (it is taken out of service; the server keeps answering, plain)."""
+
+from __future__ import annotations
+
+import pytest
+
+from understudy.engine.config import EngineConfig
+from understudy.engine.drafter import Drafter, load_drafter
+from understudy.engine.engine import Engine
+from understudy.engine.registry import Registry, RegistryError
+from understudy.engine.sampling import SamplingParams
+from understudy.server.hotswap import HotSwapManager, load_initial_drafter
+from understudy.server.metrics import ServerMetrics
+
+
+def test_followed_alias_on_another_family_falls_back_to_newest_compatible(server_assets, tmp_path):
+    lm = server_assets["lm"]
+    reg = Registry.open(tmp_path / "reg")
+    v1 = reg.publish(server_assets["good"]).version
+    v2 = reg.publish(server_assets["garbage"]).version  # same family: the newest compatible one
+    v3 = reg.publish(server_assets["other"]).version  # another family: `latest` now points here
+    assert reg.resolve("latest") == v3
+    with pytest.raises(RegistryError):
+        reg.load(v3, lm.model, lm.fingerprint)
+    label, version, drafter = load_initial_drafter(None, lm, reg, "latest")
+    assert (label, version) == (str(v2), v2) and isinstance(drafter, Drafter)
+    assert v1 < v2
+
+
+def test_no_compatible_version_serves_without_drafter(server_assets, tmp_path):
+    reg = Registry.open(tmp_path / "reg")
+    reg.publish(server_assets["other"])
+    assert load_initial_drafter(None, server_assets["lm"], reg, "latest") == ("none", None, None)
+
+
+def test_explicit_foreign_version_is_refused_not_replaced(server_assets, tmp_path):
+    reg = Registry.open(tmp_path / "reg")
+    reg.publish(server_assets["good"])
+    v2 = reg.publish(server_assets["other"]).version
+    with pytest.raises(RegistryError, match=r"fingerprint|family"):
+        load_initial_drafter(str(v2), server_assets["lm"], reg, "latest")
+
+
+def test_engine_failure_takes_the_drafter_out_of_service(server_assets):
+    lm = server_assets["lm"]
+    greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompt = lm.tokenizer.encode("grid line flow risk")
+    cfg = EngineConfig(max_batch_size=2, max_model_len=128, num_speculative_tokens=3, dtype="float32")
+    plain = EngineConfig(max_batch_size=2, max_model_len=128, num_speculative_tokens=0, dtype="float32")
+    ref = Engine(lm.model, plain, lm.eos_token_ids).generate([prompt], greedy)[0]
+    drafter = load_drafter(server_assets["good"], lm.model, lm.fingerprint)
+    eng = Engine(lm.model, cfg, lm.eos_token_ids, drafter=drafter)
+    metrics = ServerMetrics("tiny")
+    mgr = HotSwapManager(eng, lm, metrics, registry=None, wake=lambda: None, follow=None)
+    mgr.set_initial("path:good", None, drafter)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated drafter fault")
+
+    drafter.draft_logits = broken  # every draft step now raises inside engine.step()
+    eng.add_request("a", prompt, greedy)
+    with pytest.raises(RuntimeError, match="simulated drafter fault"):
+        while eng.has_unfinished():
+            eng.step()
+    mgr.on_step_failure(RuntimeError("simulated drafter fault"))
+    eng.abort("a")  # what the scheduler does with the in-flight requests of a failed step
+    state = mgr.state()
+    assert state["version"] == "none"
+    assert state["history"][-1]["result"] == "rolled_back" and "simulated drafter fault" in state["history"][-1]["reason"]
+    assert b'version="none"' in metrics.render()
+    out = eng.generate([prompt], greedy)[0]  # the next step applies "no drafter": plain and exact
+    assert eng.drafter is None and out == ref
