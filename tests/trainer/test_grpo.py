@@ -172,6 +172,9 @@ def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
     assert len(versions) == 2
     assert all(v.metrics.get("heldout_acceptance_length") is not None for v in versions)
     assert [v.manifest.get("policy_version") for v in versions] == [2, 4]
+    assert [v.manifest.get("parent") for v in versions] == [None, versions[0].version]  # lineage of the run
+    assert all("eval_accuracy_sampled" in r for r in [json.loads(x) for x in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] if "eval_accuracy" in r)
     assert load_model(str(tmp_path / "run" / "policy"), dtype="float32").fingerprint == rl_assets["lm"].fingerprint
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]

@@ -97,6 +97,22 @@ def test_arith_format_and_extract():
     assert p.prompt == f"{p.meta['a']}{'+' if p.meta['kind'] == 'add' else '*'}{p.meta['b']}="
 
 
+def test_arith_instruct_mode_asks_in_words_and_reads_the_last_integer():
+    t = ArithTask(max_digits=2, instruct=True)
+    p = t.sample(random.Random(3))
+    assert "answer: <number>" in p.prompt and str(p.meta["a"]) in p.prompt and "=" not in p.prompt
+    q = Problem("What is 71 plus 55?", 126, {"kind": "add", "a": 71, "b": 55, "digits": 2})
+    assert t.reward(q, "71 + 55 = 126.") == 1.0
+    assert t.reward(q, "5 + 70 = 70 + 5 = 85") == 0.0  # the last integer counts
+    assert t.reward(q, "answer: 126\nso maybe 3") == 1.0  # an answer line still wins
+    assert t.extract_answer("it is 1,126 in total") == 1126
+    assert t.extract_answer("no digits here") is None
+    assert t.extract_answer("9" * 60) is None  # absurdly long: malformed, not a crash
+    assert ArithTask().extract_answer("71 + 55 = 126") is None  # the strict format stays strict
+    with pytest.raises(TaskError, match="instruct"):
+        ArithTask(instruct="yes")  # type: ignore[arg-type]
+
+
 def test_arith_solution_lengths_have_a_long_tail():
     task, rng = ArithTask(), random.Random(0)
     lengths = sorted(len(task.solution(task.sample(rng))) for _ in range(4000))

@@ -76,6 +76,7 @@ class GRPOTrainer:
             self.max_prompt + cfg.max_new_tokens + 1, cfg.num_draft_tokens if cfg.tlt else 0, self.controller,
             drafter_factory=self._drafter_copy if cfg.tlt else None, threads=cfg.threads)
         self.step = 0
+        self.last_published: int | None = None  # registry version this run published last (parent of the next)
         self.log = MetricsLog(self.out)
 
     # ---- construction helpers ------------------------------------------------------------------------------
@@ -251,7 +252,9 @@ class GRPOTrainer:
             reg = Registry.open(self.cfg.registry)
             info = reg.publish(folder, metrics={"heldout_acceptance_length": ev.get("expected_acceptance_length"),
                                                 "top1_agreement": ev.get("top1_agreement")},
-                               training_config=self.cfg.to_json(), policy_version=self.step)
+                               training_config=self.cfg.to_json(), policy_version=self.step,
+                               parent=self.last_published)
+            self.last_published = info.version  # the next version's parent (kept across --resume)
             out.update(drafter_version=info.version, heldout_acceptance_length=ev.get("expected_acceptance_length"))
         return out
 
@@ -260,6 +263,7 @@ class GRPOTrainer:
             "step": self.step, "policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
             "spot": self.spot.state_dict() if self.spot is not None else None,
             "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "config": self.cfg.to_json(),
+            "last_published": self.last_published,
         })
 
     def resume(self) -> bool:
@@ -273,6 +277,7 @@ class GRPOTrainer:
             self.spot.load_state_dict(ck["spot"])
             self.workers.load_drafter_weights(self.spot.drafter)
         self.rng.setstate(ck["rng"])
+        self.last_published = ck.get("last_published")
         torch.set_rng_state(ck["torch_rng"])
         self.step = int(ck["step"])
         self.workers.refresh_weights()

@@ -145,12 +145,18 @@ class ArithTask(BaseTask):
         answer: 573
     Each column line is `x+y[+carry]=sum >partial` (`x*y[+carry]=product >partial` for multiplication), where
     `partial` is the result's digits written so far; a final carry adds `carry c >partial`.
+    `instruct=True` asks in words instead (`What is 478 + 95? ... answer: <number>`), for instruction-tuned
+    policies such as SmolLM2-Instruct that would not complete the bare `478+95=` format; without an `answer:`
+    line the response's last integer (commas as thousands separators allowed) is its answer.
     """
 
     name = "arith"
 
     def __init__(self, max_digits: int = 4, mul_digits: int = 3, mul_fraction: float = 1 / 3,
-                 digit_weights: tuple[float, ...] | None = None) -> None:
+                 digit_weights: tuple[float, ...] | None = None, instruct: bool = False) -> None:
+        if not isinstance(instruct, bool):
+            raise TaskError(f"arith: instruct must be true or false, got {instruct!r}")
+        self.instruct = instruct
         if not 1 <= max_digits <= 12 or not 1 <= mul_digits <= 12:
             raise TaskError(f"arith: max_digits and mul_digits must be in [1, 12], got {max_digits}, {mul_digits}")
         if not 0.0 <= mul_fraction <= 1.0:
@@ -173,7 +179,9 @@ class ArithTask(BaseTask):
             da, db = rng.choices(range(1, self.max_digits + 1), weights=self.digit_weights, k=2)
             a, b, op = self._number(rng, da), self._number(rng, db), "+"
         answer = a * b if op == "*" else a + b
-        return Problem(prompt=f"{a}{op}{b}=", answer=answer,
+        prompt = (f"What is {a} {'times' if op == '*' else 'plus'} {b}? Think step by step, then write the result "
+                  "on a last line of the form 'answer: <number>'.") if self.instruct else f"{a}{op}{b}="
+        return Problem(prompt=prompt, answer=answer,
                        meta={"kind": "mul" if op == "*" else "add", "a": a, "b": b,
                              "digits": max(len(str(a)), len(str(b)))})
 
@@ -202,7 +210,14 @@ class ArithTask(BaseTask):
 
     def extract_answer(self, response: str) -> int | None:
         content = answer_line(response)
+        if content is None and self.instruct and isinstance(response, str):
+            # instruction models rarely keep the format: in words mode the last integer of the response counts
+            nums = _LAST_INT_RE.findall(response[-MAX_RESPONSE_CHARS:])
+            content = nums[-1].replace(",", "") if nums else None
         return int(content) if content is not None and _INT_RE.fullmatch(content) else None
+
+
+_LAST_INT_RE = re.compile(r"(?<![\d,])-?\d{1,3}(?:,\d{3})+(?![\d,])|(?<!\d)-?\d{1,30}(?!\d)")
 
 
 # ---- countdown -------------------------------------------------------------------------------------------------
