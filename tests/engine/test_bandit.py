@@ -60,3 +60,29 @@ def test_buckets_and_validation():
         BanditConfig(arms=(4,))
     with pytest.raises(ValueError):
         AdaptiveController(BanditConfig(arms=(0, 8)), max_k=4)
+
+
+def test_exploration_decays_to_its_floor_and_a_reset_restores_it():
+    cfg = BanditConfig(arms=(0, 2, 4), epsilon=0.1, epsilon_min=0.02, epsilon_decay_pulls=200, seed=5)
+    assert cfg.epsilon_at(0) == 0.1 and abs(cfg.epsilon_at(600) - 0.05) < 1e-9 and cfg.epsilon_at(10**6) == 0.02
+    assert BanditConfig(epsilon=0.1, epsilon_decay_pulls=0).epsilon_at(10**6) == 0.1  # decay off
+    ctrl = AdaptiveController(cfg)
+    speed = {1: {0: 60.0, 2: 30.0, 4: 20.0}}  # off is best: every exploration pull is a loss
+    picks = simulate(ctrl, speed, 6000, seed=6)[1]
+    early, late = picks[10:500], picks[4000:]
+    explore_early = 1 - early.count(0) / len(early)
+    explore_late = 1 - late.count(0) / len(late)
+    assert 0.05 < explore_early < 0.15, explore_early  # ~ epsilon 0.1 .. 0.07 over the first 500 pulls
+    assert 0.005 < explore_late < 0.04, explore_late  # ~ the 0.02 floor: it never stops watching
+    assert ctrl.state()["buckets"]["1"]["epsilon_now"] == 0.02
+    ctrl.reset()  # a new drafter: the K > 0 arms' speeds are unknown again
+    assert ctrl.state()["buckets"]["1"]["epsilon_now"] == 0.1
+    again = simulate(ctrl, speed, 300, seed=7)[1]
+    assert {2, 4} <= set(again[:12])  # min_samples tries of every arm first
+
+
+def test_epsilon_config_validation():
+    with pytest.raises(ValueError, match="epsilon_min"):
+        BanditConfig(epsilon=0.1, epsilon_min=0.2)
+    with pytest.raises(ValueError, match="epsilon_decay_pulls"):
+        BanditConfig(epsilon_decay_pulls=-1)
