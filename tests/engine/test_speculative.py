@@ -215,3 +215,42 @@ def test_swap_to_reduced_vocab_drafter_inside_a_step(tiny_llama, tiny_prompts):
         steps += 1
     assert eng.stats.num_drafts > 0
     assert [outs[str(i)] for i in range(2)] == ref
+
+
+def test_controller_is_not_charged_for_catch_up_after_an_off_stretch(tiny_llama, tiny_prompts, trained_drafter,
+                                                                      monkeypatch):
+    """The K>0 pull after a K=0 stretch pays the drafter's catch-up; the bandit must see the arm's own cost."""
+    import time as _time
+
+    from understudy.engine import drafter_proposer as dp
+
+    lm = tiny_llama
+    original = dp.DrafterProposer._catch_up_long_rows
+
+    def slow_catch_up(self, batch):  # make a long catch-up unmistakable: +0.2 s whenever a row is far behind
+        if any(n - 2 - self.drafter_len[b] > dp.LONG_CATCH_UP for b, n in enumerate(batch.num_tokens)):
+            _time.sleep(0.2)
+        return original(self, batch)
+
+    monkeypatch.setattr(dp.DrafterProposer, "_catch_up_long_rows", slow_catch_up)
+
+    class Scripted:  # off for 30 steps, then K=3; records what the engine reports
+        def __init__(self):
+            self.steps, self.seen = 0, []
+
+        def choose(self, batch_size):
+            self.steps += 1
+            return 0 if self.steps <= 30 else 3
+
+        def observe(self, batch_size, k, num_tokens, seconds):
+            self.seen.append((k, seconds))
+
+    ctrl = Scripted()
+    eng = Engine(lm.model, EngineConfig(max_batch_size=1, max_model_len=256, num_speculative_tokens=3, dtype="float32"),
+                 lm.eos_token_ids, drafter=trained_drafter, controller=ctrl)
+    out = eng.generate([tiny_prompts[0]], SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))[0]
+    assert out == plain_engine(lm).generate([tiny_prompts[0]], SamplingParams(max_tokens=60, temperature=0.0,
+                                                                               ignore_eos=True))[0]
+    switch = next(i for i, (k, _) in enumerate(ctrl.seen) if k == 3)
+    assert switch >= 29 and all(k == 0 for k, _ in ctrl.seen[:switch])
+    assert ctrl.seen[switch][1] < 0.2, ctrl.seen[switch]  # the 0.2 s catch-up is not charged to K=3

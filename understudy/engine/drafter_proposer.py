@@ -12,6 +12,8 @@ Entries the drafter wrote speculatively (step 2) are simply overwritten by the n
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from understudy.engine.drafter import Drafter
@@ -52,7 +54,9 @@ class DrafterProposer:
         B = batch.size
         n = batch.num_tokens
         device = self.hidden_buf.device
+        t0 = time.perf_counter()
         self._catch_up_long_rows(batch)
+        catch_up_s = time.perf_counter() - t0
         # batched catch-up: every row has 1..LONG_CATCH_UP positions left (dl .. n-2)
         starts = [self.drafter_len[b] for b in range(B)]
         counts = [n[b] - 1 - starts[b] for b in range(B)]
@@ -80,7 +84,8 @@ class DrafterProposer:
                 feat = self.drafter(drafts[:, j - 1:j], feat, pos, self.cache, kv_len=int(pos.max()) + 1)
             drafts[:, j] = self._choose(self.drafter.draft_logits(feat[:, 0]), batch, probs, j)
         return DraftProposal(token_ids=drafts, num_drafts=torch.full((B,), k, dtype=torch.long, device=device),
-                             probs=probs, vocab=None if self.drafter.full_vocab else self.drafter.draft_vocab)
+                             probs=probs, vocab=None if self.drafter.full_vocab else self.drafter.draft_vocab,
+                             catch_up_s=catch_up_s)
 
     def _choose(self, logits: torch.Tensor, batch: BatchState, probs: torch.Tensor | None, j: int) -> torch.Tensor:
         """Greedy rows take the argmax; sampled rows draw from q (kept for the rejection sampler). -> [B] target ids."""

@@ -42,6 +42,7 @@ class DraftProposal:
     probs: torch.Tensor | None = None  # [B, k, Vd] draft distribution q the tokens were sampled from;
     #                                    None = a deterministic proposer (q is one-hot on token_ids)
     vocab: torch.Tensor | None = None  # [Vd] int64 target-vocabulary id of each column of probs; None = full vocab
+    catch_up_s: float = 0.0  # seconds spent catching up rows far behind (after K=0 stretches, swaps, admissions)
 
     def __post_init__(self) -> None:
         B, k = self.token_ids.shape
