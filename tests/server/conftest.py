@@ -7,7 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -65,6 +67,59 @@ class ServerProcess:
         if self._log_fh is not subprocess.DEVNULL:
             self._log_fh.close()
         return self.proc.returncode
+
+
+class StreamLoad:
+    """Streaming chat clients in threads for swap-under-load tests. A stream is ok when it is a 200 that ends
+    with exactly one finish_reason and `data: [DONE]`; anything else is counted as non_2xx, truncated or error."""
+
+    def __init__(self, url: str, users: int, prompt: Callable[[int, int], str], max_tokens: int,
+                 headers: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        self.url, self.prompt, self.max_tokens = url, prompt, max_tokens
+        self.headers, self.timeout = headers or {}, timeout
+        self.stop = threading.Event()
+        self.ok = self.non_2xx = self.truncated = self.errors = 0
+        self.versions: list[str] = []  # x-understudy-drafter-version of every stream, in order
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._user, args=(i,), daemon=True) for i in range(users)]
+
+    @property
+    def failed(self) -> int:
+        return self.non_2xx + self.truncated + self.errors
+
+    def __enter__(self) -> StreamLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(self.timeout)
+
+    def _user(self, i: int) -> None:
+        n = 0
+        with httpx.Client(base_url=self.url, headers=self.headers, timeout=self.timeout) as http:
+            while not self.stop.is_set():
+                n += 1
+                body = {"model": "tiny", "messages": [{"role": "user", "content": self.prompt(i, n)}],
+                        "max_tokens": self.max_tokens, "temperature": 0, "stream": True}
+                version, outcome = "?", "errors"
+                try:
+                    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                        version = r.headers.get("x-understudy-drafter-version", "?")
+                        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+                    if r.status_code != 200:
+                        outcome = "non_2xx"
+                    elif lines and lines[-1] == "data: [DONE]" and sum('"finish_reason":"' in ln for ln in lines) == 1:
+                        outcome = "ok"
+                    else:
+                        outcome = "truncated"
+                except httpx.HTTPError:
+                    pass
+                with self.lock:
+                    setattr(self, outcome, getattr(self, outcome) + 1)
+                    self.versions.append(version)
 
 
 @pytest.fixture(scope="session")

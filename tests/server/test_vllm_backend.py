@@ -11,7 +11,6 @@ import dataclasses
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import build_tiny_hf, train_tiny_drafter
-from tests.server.conftest import ROOT, ServerProcess
+from tests.server.conftest import ROOT, ServerProcess, StreamLoad
 from understudy.engine.registry import Registry
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -197,45 +196,9 @@ def vllm_spec_counters(srv: ServerProcess) -> dict[str, float]:
     return parse_vllm_metrics(httpx.get(f"{url}/metrics", timeout=30, trust_env=False).text)
 
 
-class Load:
-    """Streaming chat clients in threads; every stream must be 200 and end with one finish_reason and [DONE]."""
-
-    def __init__(self, url: str, users: int = 2) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.ok = self.failed = 0
-        self.versions: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._user, args=(i,), daemon=True) for i in range(users)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
-
-    def _user(self, i: int) -> None:
-        n = 0
-        with httpx.Client(base_url=self.url, headers=AUTH, timeout=120) as http:
-            while not self.stop.is_set():
-                n += 1
-                body = {"model": "tiny", "messages": [{"role": "user", "content": f"{WORDS[(i + n) % 8]} line"}],
-                        "max_tokens": 16, "temperature": 0, "stream": True}
-                try:
-                    with http.stream("POST", "/v1/chat/completions", json=body) as r:
-                        version = r.headers.get("x-understudy-drafter-version", "?")
-                        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
-                        good = (r.status_code == 200 and lines[-1] == "data: [DONE]"
-                                and sum('"finish_reason":"' in ln for ln in lines) == 1)
-                except httpx.HTTPError:
-                    version, good = "?", False
-                with self.lock:
-                    self.ok += good
-                    self.failed += not good
-                    self.versions.append(version)
+def chat_load(url: str, users: int = 2) -> StreamLoad:
+    return StreamLoad(url, users, prompt=lambda i, n: f"{WORDS[(i + n) % 8]} line", max_tokens=16, headers=AUTH,
+                      timeout=120)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -308,7 +271,7 @@ def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_as
     reg = vllm_server.registry
     v1 = int(admin_state(vllm_server)["version"])
     old_pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
-    with Load(vllm_server.url) as load:
+    with chat_load(vllm_server.url) as load:
         time.sleep(2.0)
         v2 = reg.publish(vllm_assets["drafter"]).version
         reg.promote(v2, "serving")
