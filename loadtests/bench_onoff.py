@@ -12,7 +12,6 @@ product); "off" is the same server with --num-speculative-tokens 0. Loopback onl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -23,8 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from understudy.engine.text import load_prompts
+
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT_SET = ROOT / "understudy" / "data" / "prompts.jsonl"
 
 
 def free_port() -> int:
@@ -61,9 +61,8 @@ def prompts_file(spec: str, out: Path) -> str:
     """'' = the Locust file's built-in prompts; 'heldout' / 'ood' = that split of the shipped prompt set (the
     drafter never trained on them); anything else is a file for the Locust file's --prompts-file."""
     if spec in ("heldout", "ood"):
-        rows = [json.loads(line) for line in PROMPT_SET.read_text().splitlines() if line.strip()]
         path = out / f"prompts-{spec}.txt"
-        path.write_text("".join(r["prompt"].replace("\n", " ") + "\n" for r in rows if r["split"] == spec))
+        path.write_text("".join(r["prompt"].replace("\n", " ") + "\n" for r in load_prompts(splits=(spec,))))
         return str(path)
     if spec and not Path(spec).is_file():
         raise SystemExit(f"--prompts {spec}: not a file (or use heldout / ood / leave it out for the built-ins)")

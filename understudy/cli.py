@@ -299,9 +299,8 @@ def train(
         typer.echo(f"nothing to do: {cfg.out_dir} already finished {trainer.step} of {cfg.steps} steps", err=True)
         return
     last = result["history"][-1]
-    typer.echo(json.dumps({k: last.get(k) for k in ("step", "reward_mean", "accuracy", "eval_accuracy", "eval_accuracy_sampled",
-                                                     "published")},
-                          default=str))
+    keys = ("step", "reward_mean", "accuracy", "eval_accuracy", "eval_accuracy_sampled", "published")
+    typer.echo(json.dumps({k: last.get(k) for k in keys}, default=str))
 
 
 @app.command()

@@ -224,10 +224,11 @@ class GRPOTrainer:
                                                self.cfg.max_new_tokens + 1, num_speculative_tokens=0,
                                                dtype=str(self.policy.dtype).removeprefix("torch."), num_threads=None),
                      self.lm.eos_token_ids)
+        modes = [("eval_accuracy", 0.0)]
+        if self.cfg.temperature > 0:  # greedy rollouts: the sampled accuracy would be the greedy one again
+            modes.append(("eval_accuracy_sampled", self.cfg.temperature))
         out: dict[str, float] = {}
-        for key, temp in (("eval_accuracy", 0.0), ("eval_accuracy_sampled", self.cfg.temperature)):
-            if key != "eval_accuracy" and temp == 0.0:
-                continue
+        for key, temp in modes:
             params = [SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=temp, top_p=self.cfg.top_p,
                                      seed=self.cfg.seed * 7_919 + i) for i in range(len(prompts))]
             outs = eng.generate(prompts, params)
