@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
+from understudy.drafter.model import load_drafter
 from understudy.engine.config import EngineConfig
-from understudy.engine.drafter import load_drafter
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, load_model
 from understudy.engine.sampling import SamplingParams

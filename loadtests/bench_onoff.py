@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, mode: str, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "understudy.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "understudy.cli.main", "serve", "--model", args.model, "--host", "127.0.0.1",
            "--port", str(port), "--api-key", "sk-bench", "--max-batch-size", str(max(16, args.max_users)),
            "--served-model-name", "bench", "--dtype", args.dtype]
     if args.registry:

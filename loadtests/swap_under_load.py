@@ -112,7 +112,7 @@ def publish_versions(args: argparse.Namespace, alias: str, deadline: float) -> l
 
     All versions are always published (the load keeps running past --duration until they are): the run exists
     to show >= N swaps under load, so a slow machine stretches it rather than cutting it short."""
-    from understudy.engine.registry import Registry  # needs torch to validate drafters: imported only here
+    from understudy.registry.store import Registry  # needs torch to validate drafters: imported only here
 
     reg = Registry.open(args.registry, create=False)
     interval = args.interval if args.interval is not None else 0.7 * args.duration / args.versions

@@ -92,9 +92,9 @@ def write_json(path: Path, obj) -> None:
 
 def train_tiny_drafter(lm, prompts: list[list[int]], steps: int = 60, seed: int = 0):
     """Self-distil a drafter for a tiny model on its own greedy outputs (seconds; partial acceptance)."""
+    from understudy.drafter.model import new_drafter
+    from understudy.drafter.train import DrafterTrainConfig, DrafterTrainer, target_features
     from understudy.engine.config import EngineConfig
-    from understudy.engine.drafter import new_drafter
-    from understudy.engine.drafter_train import DrafterTrainConfig, DrafterTrainer, target_features
     from understudy.engine.engine import Engine
     from understudy.engine.sampling import SamplingParams
 

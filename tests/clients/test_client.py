@@ -20,7 +20,7 @@ from understudy.clients.client import (
     UnderstudyStreamError,
     normalize_base_url,
 )
-from understudy.engine.registry import Registry
+from understudy.registry.store import Registry
 
 MSG = [{"role": "user", "content": "grid line flow risk"}]
 
@@ -177,7 +177,7 @@ def test_admin_pin_current_rollback_follow(client, server, server_assets):  # no
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "understudy.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "understudy.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, input=stdin if stdin is not None else "")
 
 

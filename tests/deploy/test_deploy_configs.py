@@ -218,7 +218,7 @@ def cli_options(*path: str) -> set[str]:
     """Every --option (and -x) of `understudy <path...>`, from the real Typer app."""
     import typer
 
-    from understudy.cli import app
+    from understudy.cli.main import app
 
     cmd = typer.main.get_command(app)  # a click-style Group (Typer may ship its own click)
     for p in path:
@@ -504,7 +504,8 @@ def test_dockerignore_keeps_the_build_context_small_but_complete():
 
 # ---- the server the configs point at ------------------------------------------------------------------------------
 def test_probe_and_metrics_routes_exist_and_metrics_need_no_api_key(settings_cls):
-    from understudy.server.app import create_app, require_api_key
+    from understudy.server.app import create_app
+    from understudy.server.deps import require_api_key
 
     app = create_app(settings_cls(api_key=["k"]))  # no lifespan: nothing is loaded
     routes = {r.path: r for r in app.routes if hasattr(r, "path")}

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "understudy.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "understudy.cli.main", *args], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
 
 
@@ -83,7 +83,7 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, tiny_llama_dir):
 
 
 def test_cli_generate_json(tmp_path, tiny_llama, tiny_llama_dir):
-    from understudy.engine.drafter import new_drafter, save_drafter
+    from understudy.drafter.model import new_drafter, save_drafter
 
     save_drafter(new_drafter(tiny_llama.model, tiny_llama.fingerprint), tmp_path / "d")
     outs = {}
@@ -103,7 +103,7 @@ def test_cli_generate_json(tmp_path, tiny_llama, tiny_llama_dir):
 
 def test_cli_drafter_from_another_family_is_refused(tmp_path, tiny_llama_dir):
     from tests.conftest import build_tiny_hf
-    from understudy.engine.drafter import new_drafter, save_drafter
+    from understudy.drafter.model import new_drafter, save_drafter
 
     other = load_model(str(build_tiny_hf(tmp_path / "other", "llama", hidden_size=32, intermediate_size=64)),
                        dtype="float32")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from understudy.drafter.model import new_drafter
 from understudy.engine import rejection_sampler
 from understudy.engine.config import EngineConfig, ModelConfig
-from understudy.engine.drafter import new_drafter
 from understudy.engine.engine import Engine
 from understudy.engine.model import Transformer
 from understudy.engine.proposer import BatchState, DraftProposal

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import train_tiny_drafter
+from understudy.drafter.model import Drafter, DrafterConfig, new_drafter
 from understudy.engine.config import EngineConfig
-from understudy.engine.drafter import Drafter, DrafterConfig, new_drafter
 from understudy.engine.engine import Engine, RequestError
 from understudy.engine.sampling import SamplingParams
 

@@ -33,7 +33,7 @@ class ServerProcess:
         self.log = log
         self._log_fh = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "understudy.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+            [sys.executable, "-m", "understudy.cli.main", "serve", "--port", str(self.port), "--host", "127.0.0.1",
              "--dtype", "float32", *args],
             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             stdout=self._log_fh, stderr=subprocess.STDOUT)
@@ -125,7 +125,7 @@ class StreamLoad:
 @pytest.fixture(scope="session")
 def server_assets(tmp_path_factory):
     """Tiny model + a trained drafter + a garbage drafter + a drafter of another family, as folders."""
-    from understudy.engine.drafter import Drafter, DrafterConfig, new_drafter, save_drafter
+    from understudy.drafter.model import Drafter, DrafterConfig, new_drafter, save_drafter
     from understudy.engine.loader import load_model
     from understudy.engine.text import encode_prompt
 

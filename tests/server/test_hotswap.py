@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import ServerProcess, StreamLoad
-from understudy.engine.registry import Registry
+from understudy.registry.store import Registry
 
 pytestmark = pytest.mark.slow
 

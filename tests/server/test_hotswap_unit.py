@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 
+from understudy.drafter.model import Drafter, load_drafter
 from understudy.engine.config import EngineConfig
-from understudy.engine.drafter import Drafter, load_drafter
 from understudy.engine.engine import Engine
-from understudy.engine.registry import Registry, RegistryError
 from understudy.engine.sampling import SamplingParams
-from understudy.server.hotswap import HotSwapManager, load_initial_drafter
+from understudy.registry.store import Registry, RegistryError
+from understudy.server.backends.native import HotSwapManager
+from understudy.server.hotswap import InitialDrafter, choose_initial_drafter
 from understudy.server.metrics import ServerMetrics
 
 
@@ -23,16 +24,18 @@ def test_followed_alias_on_another_family_falls_back_to_newest_compatible(server
     v3 = reg.publish(server_assets["other"]).version  # another family: `latest` now points here
     assert reg.resolve("latest") == v3
     with pytest.raises(RegistryError):
-        reg.load(v3, lm.model, lm.fingerprint)
-    label, version, drafter = load_initial_drafter(None, lm, reg, "latest")
-    assert (label, version) == (str(v2), v2) and isinstance(drafter, Drafter)
+        reg.checkout(v3, lm.fingerprint)
+    first = choose_initial_drafter(None, lm.fingerprint, reg, "latest")
+    assert (first.label, first.version) == (str(v2), v2)
+    assert isinstance(load_drafter(first.path, lm.model, lm.fingerprint), Drafter)
     assert v1 < v2
 
 
 def test_no_compatible_version_serves_without_drafter(server_assets, tmp_path):
     reg = Registry.open(tmp_path / "reg")
     reg.publish(server_assets["other"])
-    assert load_initial_drafter(None, server_assets["lm"], reg, "latest") == ("none", None, None)
+    assert choose_initial_drafter(None, server_assets["lm"].fingerprint, reg, "latest") == InitialDrafter(
+        "none", None, None)
 
 
 def test_explicit_foreign_version_is_refused_not_replaced(server_assets, tmp_path):
@@ -40,7 +43,7 @@ def test_explicit_foreign_version_is_refused_not_replaced(server_assets, tmp_pat
     reg.publish(server_assets["good"])
     v2 = reg.publish(server_assets["other"]).version
     with pytest.raises(RegistryError, match=r"fingerprint|family"):
-        load_initial_drafter(str(v2), server_assets["lm"], reg, "latest")
+        choose_initial_drafter(str(v2), server_assets["lm"].fingerprint, reg, "latest")
 
 
 def test_engine_failure_takes_the_drafter_out_of_service(server_assets):

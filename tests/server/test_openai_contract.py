@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from understudy.engine.registry import Registry
+from understudy.registry.store import Registry
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import build_tiny_hf, train_tiny_drafter
 from tests.server.conftest import ROOT, ServerProcess, StreamLoad
-from understudy.engine.registry import Registry
+from understudy.registry.store import Registry
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 VLLM_MARKS = (pytest.mark.slow, pytest.mark.vllm,
@@ -79,7 +79,7 @@ def test_failed_start_names_the_log_file(tmp_path):
 
 def test_vllm_errors_and_metrics_are_translated():
     from understudy.server.backends.vllm_process import parse_vllm_metrics
-    from understudy.server.backends.vllm_proxy import translate_error
+    from understudy.server.routes_vllm import translate_error
 
     e = translate_error(400, b'{"error":{"message":"max_tokens=900 cannot be greater than max_model_len=256",'
                              b'"type":"BadRequestError","param":"max_tokens","code":400}}')
@@ -103,7 +103,7 @@ def on_vllm(fn):  # type: ignore[no-untyped-def]
 # ---- slow: a real vLLM behind the server --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vllm_assets(tmp_path_factory):
-    from understudy.engine.drafter import new_drafter, save_drafter
+    from understudy.drafter.model import new_drafter, save_drafter
     from understudy.engine.loader import load_model
     from understudy.engine.text import encode_prompt
 
@@ -186,7 +186,10 @@ def srv_drafter(srv: ServerProcess, lm):  # type: ignore[no-untyped-def]
     v = admin_state(srv)["version"]
     if v == "none":
         return None
-    return srv.registry.load(int(v), lm.model, lm.fingerprint)  # type: ignore[attr-defined]
+    from understudy.drafter.model import load_drafter
+
+    _, folder = srv.registry.checkout(int(v), lm.fingerprint)  # type: ignore[attr-defined]
+    return load_drafter(folder, lm.model, lm.fingerprint)
 
 
 def vllm_spec_counters(srv: ServerProcess) -> dict[str, float]:

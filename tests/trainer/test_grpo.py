@@ -11,7 +11,7 @@ import torch
 from scipy.stats import fisher_exact
 
 from tests.conftest import build_tiny_hf, train_tiny_drafter
-from understudy.engine.drafter_train import DrafterTrainConfig
+from understudy.drafter.train import DrafterTrainConfig
 from understudy.engine.loader import load_model
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt
@@ -94,7 +94,7 @@ def test_sampled_speculative_rollouts_match_reward_distribution(rl_assets, tmp_p
 
 def test_spot_trainer_runs_only_on_idle_workers_and_stops_with_the_rollout(rl_assets):
     lm, prompts = rl_assets["lm"], rl_assets["prompts"]
-    from understudy.engine.drafter_train import target_features
+    from understudy.drafter.train import target_features
 
     d = rl_assets["drafter"]
     spot = SpotDrafterTrainer(d, lm.model, DrafterTrainConfig(tokens_per_batch=256, unroll_steps=1), 100_000)
@@ -151,7 +151,7 @@ def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
     import subprocess
     import sys
 
-    from understudy.engine.registry import Registry
+    from understudy.registry.store import Registry
 
     cfg = cfg_for(rl_assets, tmp_path, steps=4, publish_every=2, eval_every=2)
     path = tmp_path / "cfg.toml"
@@ -164,7 +164,7 @@ def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
         else:
             lines.append(f"{k} = {json.dumps(v)}")
     path.write_text("\n".join(lines) + "\n")
-    r = subprocess.run([sys.executable, "-m", "understudy.cli", "train", "--config", str(path)], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "train", "--config", str(path)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     reg = Registry.open(tmp_path / "reg", create=False)
@@ -180,7 +180,7 @@ def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert {"rollout", "reward", "update", "drafter_sync"} <= set(rows[1]["time"])
     # --resume picks up at the end: nothing left to do, same summary
-    r = subprocess.run([sys.executable, "-m", "understudy.cli", "train", "--config", str(path), "--resume"],
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "train", "--config", str(path), "--resume"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "resumed" in r.stderr
 

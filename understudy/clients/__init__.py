@@ -1,6 +1,6 @@
 """Clients for a running Understudy server (no torch): `UnderstudyClient`, `AsyncUnderstudyClient`.
 
-The names are loaded on first use (PEP 562), so `understudy.cli` can import `understudy.clients.cli_client`
+The names are loaded on first use (PEP 562), so `understudy.cli.main` can import `understudy.clients.cli_client`
 without paying for httpx on commands that never talk to a server.
 """
 

@@ -60,6 +60,23 @@ class ModelConfig:
                     f"rope_scaling type {kind!r} is not supported (supported: llama3, default)"
                 )
 
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+        """The Hugging Face config.json dict for this shape (the inverse of from_hf); every writer uses it."""
+        hf: dict[str, Any] = {
+            "architectures": ["Qwen2ForCausalLM" if self.architecture == "qwen2" else "LlamaForCausalLM"],
+            "model_type": self.architecture, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings, "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu", "torch_dtype": dtype,
+        }
+        if self.architecture != "qwen2":
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.rope_scaling:
+            hf["rope_scaling"] = dict(self.rope_scaling)
+        return hf
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Translate a Hugging Face config.json dict."""
@@ -131,7 +148,7 @@ class EngineConfig:
     ngram_max: int = 4  # n-gram prompt lookup: longest suffix to match
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     dtype: str = "bfloat16"  # "float32" | "bfloat16" | "float16"
-    num_threads: int | None = 1  # torch intra-op threads on CPU (MODELS.md: one thread is fastest here)
+    num_threads: int | None = 1  # torch intra-op threads on CPU (one thread is fastest on 2-core CPUs: docs/performance.md)
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for backend-specific knobs
 
     def __post_init__(self) -> None:

@@ -16,9 +16,8 @@ import time
 
 import torch
 
-from understudy.engine.drafter import Drafter
 from understudy.engine.model import KVCache
-from understudy.engine.proposer import BatchState, DraftProposal
+from understudy.engine.proposer import BatchState, DraftModel, DraftProposal
 from understudy.engine.sampling import probs_from_logits
 
 LONG_CATCH_UP = 16  # rows with more positions to catch up than this run alone (no padding waste)
@@ -27,7 +26,7 @@ LONG_CATCH_UP = 16  # rows with more positions to catch up than this run alone (
 class DrafterProposer:
     name = "drafter"
 
-    def __init__(self, drafter: Drafter, hidden_buf: torch.Tensor, num_slots: int, capacity: int) -> None:
+    def __init__(self, drafter: DraftModel, hidden_buf: torch.Tensor, num_slots: int, capacity: int) -> None:
         self.drafter = drafter
         self.hidden_buf = hidden_buf  # [S, C, H] engine-owned: target features h_i per slot and position
         self.cache: KVCache = drafter.allocate_cache(num_slots, capacity, hidden_buf.dtype, hidden_buf.device)
@@ -44,6 +43,13 @@ class DrafterProposer:
     def reset_all(self) -> None:
         """Forget every slot's drafter state (after a drafter swap): the next step catches up from 0."""
         self.drafter_len = [0] * len(self.drafter_len)
+
+    def swap_drafter(self, drafter: DraftModel) -> bool:
+        """Same shapes (one family), so the draft KV cache is reused; the new drafter has seen none of the live
+        sequences: full catch-up on the next step."""
+        self.drafter = drafter
+        self.reset_all()
+        return True
 
     def on_verified(self, batch: BatchState, accepted: list[int]) -> None:
         return None

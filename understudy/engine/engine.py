@@ -22,26 +22,24 @@ import torch
 
 from understudy.engine.config import EngineConfig
 from understudy.engine.controller import FixedController, SpeculationController
-from understudy.engine.drafter import Drafter
 from understudy.engine.drafter_proposer import DrafterProposer
 from understudy.engine.model import RotaryTable, Transformer, enable_cpu_packing
 from understudy.engine.ngram import NgramProposer
-from understudy.engine.proposer import BatchState, DraftProposal
+from understudy.engine.proposer import BatchState, DraftModel, DraftProposal, Proposer
 from understudy.engine.rejection_sampler import rejection_sample
 from understudy.engine.sampling import MAX_LOGPROBS, SamplingParams, make_generator, probs_from_logits
 from understudy.engine.spec_metrics import SpecDecodeStats
 from understudy.engine.verify import verify
-from understudy.errors import UnderstudyError
+from understudy.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
-class RequestError(UnderstudyError, ValueError):
-    """A request the engine cannot take (names the field)."""
+class RequestError(InputError, ValueError):
+    """A request the engine cannot take (names the field): 400."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param, code="context_length_exceeded" if "context length" in message else None)
 
 
 @dataclass
@@ -97,7 +95,7 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: Transformer, config: EngineConfig | None = None, eos_token_ids: tuple[int, ...] = (),
-                 drafter: Drafter | None = None, controller: SpeculationController | None = None,
+                 drafter: DraftModel | None = None, controller: SpeculationController | None = None,
                  capture_hidden: bool = False) -> None:
         self.config = config = config or EngineConfig()
         if config.num_threads is not None and model.device.type == "cpu":
@@ -115,8 +113,8 @@ class Engine:
         self.hidden_buf = torch.zeros(S, self.capacity, model.config.hidden_size, dtype=model.dtype,
                                       device=model.device)  # [S, C, H] target features, for the drafter
         self.controller: SpeculationController = controller or FixedController(self.k_max)
-        self.drafter: Drafter | None = None
-        self.proposer: DrafterProposer | NgramProposer | None = None
+        self.drafter: DraftModel | None = None
+        self.proposer: Proposer | None = None
         self._install_proposer(drafter)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # index == KV slot
@@ -129,7 +127,7 @@ class Engine:
         self.last_step = StepStats()
 
     # ---- proposer / drafter ------------------------------------------------------------------------------
-    def _install_proposer(self, drafter: Drafter | None) -> None:
+    def _install_proposer(self, drafter: DraftModel | None) -> None:
         c = self.config
         kind = c.proposer
         if kind == "auto":
@@ -143,33 +141,26 @@ class Engine:
             self.proposer = NgramProposer(c.ngram_min, c.ngram_max)
         else:
             assert drafter is not None
-            if drafter.rotary.cos.shape[0] < self.capacity:
-                drafter.rotary = RotaryTable(drafter.config.target, self.capacity).to(self.model.device)
-            enable_cpu_packing(drafter)
-            drafter.bind(self.model)
-            self.proposer = DrafterProposer(drafter, self.hidden_buf, c.max_batch_size, self.capacity)
+            self.proposer = DrafterProposer(drafter.attach(self.model, self.capacity), self.hidden_buf,
+                                            c.max_batch_size, self.capacity)
 
-    def set_drafter(self, drafter: Drafter | None) -> None:
+    def set_drafter(self, drafter: DraftModel | None) -> None:
         """Swap the drafter (None = stop speculating with one). Takes effect at the start of the next step."""
         self._inbox.append(("drafter", drafter))
 
     def refresh_weights(self) -> None:
         """The target's weights changed in place (a policy update): re-bind the drafter's shared head."""
         if self.drafter is not None:
-            self.drafter.bind(self.model)
+            self.drafter.attach(self.model, self.capacity)
 
-    def _apply_swap(self, drafter: Drafter | None) -> None:
-        if isinstance(self.proposer, DrafterProposer) and drafter is not None:
-            if drafter.rotary.cos.shape[0] < self.capacity:
-                drafter.rotary = RotaryTable(drafter.config.target, self.capacity).to(self.model.device)
-            enable_cpu_packing(drafter)
-            self.proposer.drafter = drafter.bind(self.model)
-            self.proposer.reset_all()  # the new drafter has seen none of the live sequences: full catch-up
+    def _apply_swap(self, drafter: DraftModel | None) -> None:
+        if drafter is not None and self.proposer is not None and self.proposer.swap_drafter(
+                drafter.attach(self.model, self.capacity)):
             self.drafter = drafter
         else:
             self._install_proposer(drafter)
-            for seq in self.running:  # a fresh proposer: all live slots start from zero
-                if isinstance(self.proposer, DrafterProposer):
+            if self.proposer is not None:
+                for seq in self.running:  # a fresh proposer: all live slots start from zero
                     self.proposer.on_slot_reset(seq.slot)
         self.drafter_generation += 1
 
@@ -258,7 +249,7 @@ class Engine:
             seq = self.waiting.popleft()
             seq.slot = len(self.running)
             self.running.append(seq)
-            if isinstance(self.proposer, DrafterProposer):
+            if self.proposer is not None:
                 self.proposer.on_slot_reset(seq.slot)
             outputs.append(self._prefill(seq))
             stats.num_prefill_tokens += seq.prompt_len
@@ -379,7 +370,7 @@ class Engine:
                 length = len(mover.token_ids)  # positions 0..n-2 are in the cache; n-1 is harmless extra
                 self.cache.move_slot(last, slot, min(length, self.capacity))
                 self.hidden_buf[slot, :length].copy_(self.hidden_buf[last, :length])
-                if isinstance(self.proposer, DrafterProposer):
+                if self.proposer is not None:
                     self.proposer.on_slot_moved(last, slot, min(length, self.capacity))
                 self.running[slot] = mover
                 mover.slot = slot

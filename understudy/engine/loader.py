@@ -1,6 +1,6 @@
 """Load target models: local HF folders (config.json + safetensors + tokenizer), GGUF files, and presets.
 
-A GGUF file is dequantised once through transformers and cached as a plain safetensors folder (MODELS.md:
+A GGUF file is dequantised once through transformers and cached as a plain safetensors folder (docs/performance.md:
 3 s + 12 s the first time for SmolLM2-135M, ~1 s afterwards). Nothing is ever downloaded.
 """
 
@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from understudy.engine.config import ConfigError, ModelConfig, family_fingerprint
-from understudy.engine.fsutil import atomic_folder
 from understudy.engine.model import Transformer
 from understudy.errors import UnderstudyError
+from understudy.fsutil import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -241,20 +241,7 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu", max_posi
 
 def save_model(model: Transformer, tokenizer: Any, out: Path, extra_config: dict[str, Any] | None = None) -> None:
     """Write an HF-compatible folder (config.json + model.safetensors + tokenizer), atomically."""
-    c = model.config
-    hf_cfg: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if c.architecture == "qwen2" else "LlamaForCausalLM"],
-        "model_type": c.architecture, "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
-        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_norm_eps, "tie_word_embeddings": c.tie_word_embeddings,
-        "max_position_embeddings": c.max_position_embeddings, "hidden_act": "silu",
-        "torch_dtype": str(model.dtype).removeprefix("torch."),
-    }
-    if c.architecture != "qwen2":
-        hf_cfg.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-    if c.rope_scaling:
-        hf_cfg["rope_scaling"] = c.rope_scaling
+    hf_cfg = model.config.to_hf(str(model.dtype).removeprefix("torch."))
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(tokenizer, key, None) is not None:
@@ -266,3 +253,19 @@ def save_model(model: Transformer, tokenizer: Any, out: Path, extra_config: dict
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX), else float32.
+
+    On AVX2-only CPUs bf16 matmuls take a slow reference path whose cost grows linearly with the number of rows
+    (docs/performance.md), so float32 is both faster and makes verification cheap there.
+    """
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16"
+    try:
+        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    except (AttributeError, RuntimeError):
+        return "float32"

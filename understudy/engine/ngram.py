@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from understudy.engine.proposer import BatchState, DraftProposal
+from understudy.engine.proposer import BatchState, DraftProposal, StatelessProposer
 
 
 def lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> list[int]:
@@ -23,7 +23,7 @@ def lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> list[int]:
     return []
 
 
-class NgramProposer:
+class NgramProposer(StatelessProposer):
     name = "ngram"
 
     def __init__(self, n_min: int = 1, n_max: int = 4) -> None:
@@ -41,6 +41,3 @@ class NgramProposer:
                 out[b, :len(found)] = torch.tensor(found)
                 num[b] = len(found)
         return DraftProposal(token_ids=out, num_drafts=num)
-
-    def on_verified(self, batch: BatchState, accepted: list[int]) -> None:
-        return None

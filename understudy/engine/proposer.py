@@ -8,7 +8,7 @@ drafter (`drafter_proposer.py`) and n-gram prompt lookup (`ngram.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -61,7 +61,8 @@ class DraftProposal:
 
 
 class Proposer(Protocol):
-    """Guesses up to k tokens per row. Must be cheap relative to one target step."""
+    """Guesses up to k tokens per row. Must be cheap relative to one target step. The engine sees proposers only
+    through this protocol: slot events keep per-slot state (a drafter's KV cache) in step with the target's."""
 
     name: str
 
@@ -70,3 +71,53 @@ class Proposer(Protocol):
     def on_verified(self, batch: BatchState, accepted: list[int]) -> None:
         """Called after verification with the number of drafts each row accepted (for stateful proposers)."""
         ...
+
+    def on_slot_reset(self, slot: int) -> None:
+        """A new sequence took `slot`: forget what the proposer knew of the slot."""
+        ...
+
+    def on_slot_moved(self, src: int, dst: int, length: int) -> None:
+        """The sequence in `src` moved to `dst` (its first `length` positions are valid)."""
+        ...
+
+    def swap_drafter(self, drafter: Any) -> bool:
+        """Take a new draft model in place (True), or say this proposer has none (False: the engine rebuilds)."""
+        ...
+
+
+class DraftModel(Protocol):
+    """What the engine needs of a draft model (the EAGLE-style one is understudy.drafter.model.Drafter)."""
+
+    config: Any  # .draft_vocab_size: int, .target: ModelConfig
+    draft_vocab: torch.Tensor  # [Vd] target-vocabulary ids of the draft vocabulary
+
+    @property
+    def full_vocab(self) -> bool: ...
+
+    def __call__(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor | None = None,
+                 cache: Any = None, kv_len: int | None = None, slot_start: int = 0) -> torch.Tensor: ...
+
+    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def allocate_cache(self, num_slots: int, capacity: int, dtype: torch.dtype, device: torch.device | str) -> Any: ...
+
+    def attach(self, target: Any, capacity: int) -> DraftModel:
+        """Bind to the target's embedding and LM head, sized for `capacity` positions (again after the target's
+        weights change)."""
+        ...
+
+
+class StatelessProposer:
+    """Slot events and drafter swaps are no-ops for proposers without per-slot state or a model (n-gram)."""
+
+    def on_verified(self, batch: BatchState, accepted: list[int]) -> None:
+        return None
+
+    def on_slot_reset(self, slot: int) -> None:
+        return None
+
+    def on_slot_moved(self, src: int, dst: int, length: int) -> None:
+        return None
+
+    def swap_drafter(self, drafter: Any) -> bool:
+        return False

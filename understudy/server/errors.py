@@ -15,9 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from understudy.engine.engine import RequestError
-from understudy.server.hotswap import SwapError
-from understudy.server.scheduler import Draining, EngineFailed, Overloaded
+from understudy.errors import UnderstudyError
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +37,16 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 def to_api_error(exc: Exception) -> APIError:
-    """Map domain exceptions to HTTP errors (used by handlers and inside SSE streams)."""
+    """Map exceptions to HTTP errors (used by handlers and inside SSE streams). Domain exceptions carry their own
+    status, type and code (understudy.errors.UnderstudyError); nothing here knows the domain's classes."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, RequestError):
-        code = "context_length_exceeded" if "context length" in str(exc) else None
-        return APIError(400, str(exc), param=exc.param, code=code)
-    if isinstance(exc, Overloaded):
-        return APIError(429, f"the server is overloaded ({exc}); retry later", "rate_limit_error",
-                        code="overloaded", headers={"Retry-After": "1"})
-    if isinstance(exc, Draining):
-        return APIError(503, "the server is shutting down; retry on another replica", "service_unavailable",
-                        code="draining", headers={"Retry-After": "5"})
+    if isinstance(exc, UnderstudyError):
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
+        return APIError(exc.http_status, exc.public_message(), exc.error_type, param=exc.param, code=exc.code,
+                        headers=headers)
     if isinstance(exc, TimeoutError):
         return APIError(408, str(exc) or "request timed out", "timeout", code="timeout")
-    if isinstance(exc, SwapError):
-        return APIError(409, str(exc), "invalid_request_error", code="swap_failed")
-    if isinstance(exc, EngineFailed):
-        return APIError(500, str(exc), "server_error", code="engine_error")
     return APIError(500, "internal server error", "server_error")
 
 
@@ -109,5 +99,5 @@ def install_error_handlers(app: FastAPI, metrics_hook: Any = None) -> None:
         count(err.status)
         return error_response(err)
 
-    for cls in (APIError, RequestError, Overloaded, Draining, TimeoutError, SwapError, EngineFailed):
+    for cls in (APIError, UnderstudyError, TimeoutError):
         app.add_exception_handler(cls, _any)  # type: ignore[arg-type]

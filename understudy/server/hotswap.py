@@ -6,9 +6,9 @@ it between two steps. The version is reported (header, metrics, admin API) only 
 took effect. Any failure keeps the old drafter serving and is recorded.
 
 `SwapManager` holds what every backend shares (registry watching, admin commands, validation results, history,
-the canary verdict); a subclass says how a validated version is loaded (`_load`) and put into service
-(`_install`): `HotSwapManager` hands a Drafter to the native engine, the vLLM backend replaces its process
-blue/green (`server/backends/vllm_backend.py`).
+the canary verdict, the start-up choice); a subclass says how a validated version is loaded (`_load`) and put into
+service (`_install`): `backends/native.py` hands a Drafter to the native engine, `backends/vllm_backend.py`
+replaces its vLLM process blue/green. This module holds no tensors and does not import torch.
 
 Canary: after a swap, the new version's live mean acceptance length over `canary_window` drafts is compared with
 the previous version's over its last window; if it falls below by more than `canary_margin`, the manager swaps
@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import logging
 import queue
-import statistics
 import threading
 import time
 from concurrent.futures import Future
@@ -29,12 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from understudy.engine.drafter import Drafter, load_drafter
-from understudy.engine.engine import Engine, StepOutput, StepStats
-from understudy.engine.loader import LoadedModel
-from understudy.engine.registry import Registry, RegistryError
-from understudy.engine.registry_watch import RegistryWatcher
+from understudy.drafter.format import check_family, validate_folder
 from understudy.errors import UnderstudyError
+from understudy.registry.store import Registry, RegistryError
+from understudy.registry.watch import RegistryWatcher
 from understudy.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +39,8 @@ log = logging.getLogger(__name__)
 
 class SwapError(UnderstudyError):
     """An admin swap request cannot be done (names the version/alias and why)."""
+
+    http_status, error_type, code, expose = 409, "invalid_request_error", "swap_failed", True
 
 
 @dataclass
@@ -290,110 +289,51 @@ class SwapManager:
             self.previous = None
 
 
-class HotSwapManager(SwapManager):
-    """The native engine's swaps: the engine applies a loaded Drafter between two steps; the canary is fed from
-    the engine thread's step hook, and the first step after a swap is timed as the swap's stall."""
+@dataclass(frozen=True)
+class InitialDrafter:
+    """What a backend serves at start, validated (format, family, checksums) but not loaded."""
 
-    def __init__(self, engine: Engine, target: LoadedModel, metrics: ServerMetrics, registry: Registry | None,
-                 wake: Any, follow: str | None = "latest", watch_interval_s: float = 1.0,
-                 canary_window: int = 256, canary_margin: float = 0.5) -> None:
-        super().__init__(target.fingerprint, metrics, registry, follow, watch_interval_s, canary_window,
-                         canary_margin)
-        self.engine, self.target = engine, target
-        self.wake = wake  # callable: nudge the engine thread so an idle engine applies the swap
-        self.served = _Served(label="none", version=None, drafter=engine.drafter)
-        self._gen_seen = engine.drafter_generation
-        self._step_times: collections.deque[float] = collections.deque(maxlen=64)
-        self._pending_stall: SwapRecord | None = None
-
-    def _load(self, version: int) -> Drafter:
-        assert self.registry is not None
-        return self.registry.load(version, self.target.model, self.target.fingerprint)  # checks, then loads
-
-    def _install(self, new: _Served) -> None:
-        gen = self.engine.drafter_generation
-        self.engine.set_drafter(new.drafter)
-        self.wake()
-        deadline = time.monotonic() + 60
-        while self.engine.drafter_generation == gen and time.monotonic() < deadline and not self._stop.is_set():
-            time.sleep(0.002)
-
-    def _after_swap(self, rec: SwapRecord) -> None:
-        self._pending_stall = rec
-        reset = getattr(self.engine.controller, "reset", None)
-        if callable(reset):
-            reset()  # the arms' rewards belong to the old drafter
-
-    def on_step_failure(self, exc: BaseException) -> None:
-        """Engine-thread hook after a step raised. Speculation is lossless, so turning the drafter off is always
-        safe: do it at once (the next step runs without it), mark its version rejected, and report it; the
-        server keeps answering, plain. A later alias move, pin or rollback swaps a drafter in again."""
-        if self.engine.drafter is None:
-            return
-        bad = self.served
-        why = (f"engine error while drafter {bad.label} served ({type(exc).__name__}: {exc}); "
-               "speculation off until the next swap")
-        self.engine.set_drafter(None)
-        with self._lock:
-            if bad.version is not None:
-                self.rejected[bad.version] = why
-            self.served = _Served(label="none", version=None, drafter=None)
-            self.canary = None
-        self.metrics.set_drafter("none", "none", self.fingerprint)
-        self._record(SwapRecord(time.time(), "none", bad.label, "rolled_back", why))
-        log.error("drafter %s taken out of service: %s", bad.label, why)
-
-    # ---- canary feed (the engine thread's step hook) ------------------------------------------------------
-    def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]
-        gen = self.engine.drafter_generation
-        if gen != self._gen_seen:  # this step applied a swap: its extra time is the swap's stall (catch-up)
-            self._gen_seen = gen
-            typical = statistics.median(self._step_times) if self._step_times else 0.0
-            stall = max(0.0, stats.seconds - typical)
-            self.metrics.swap_stall.labels(self.metrics.model_name).observe(stall)
-            if self._pending_stall is not None:
-                self._pending_stall.stall_s = round(stall, 4)
-                self._pending_stall = None
-        elif stats.batch_size:
-            self._step_times.append(stats.seconds)
-        if stats.spec.num_drafts:
-            self._observe(stats.spec.num_drafts, stats.spec.num_accepted_tokens)
+    label: str  # "path:DIR", a version number, or "none"
+    version: int | None
+    path: Path | None
 
 
-def load_initial_drafter(spec: str | None, target: LoadedModel, registry: Registry | None,
-                         follow: str | None) -> tuple[str, int | None, Drafter | None]:
-    """What to serve at start: an explicit path/version/alias, else the followed alias if the registry has it."""
+def choose_initial_drafter(spec: str | None, fingerprint: str, registry: Registry | None,
+                           follow: str | None) -> InitialDrafter:
+    """Both backends' start-up rule: an explicit path/version/alias (its errors are the operator's to fix), else
+    the followed alias; a registry shared by several targets falls back to the newest version made for this
+    target (the alias is still followed, and its moves are checked as usual)."""
     if spec:
         path = Path(spec).expanduser()
         if path.is_dir():
-            return f"path:{path}", None, load_drafter(path, target.model, target.fingerprint)
+            check_family(validate_folder(path).family_fingerprint, fingerprint, f"drafter {path}")
+            return InitialDrafter(f"path:{path}", None, path)
         if registry is None:
             raise SwapError(f"--drafter {spec!r} is not a folder and no registry is configured (--registry)")
-        v = registry.resolve(spec)
-        return str(v), v, registry.load(v, target.model, target.fingerprint)
-    if registry is not None and follow:
+        v, path = registry.checkout(spec, fingerprint)
+        return InitialDrafter(str(v), v, path)
+    if registry is None or not follow:
+        return InitialDrafter("none", None, None)
+    try:
+        v = registry.resolve(follow)
+    except RegistryError:
+        log.warning("registry %s has no alias %r yet: serving without a drafter until one is published",
+                    registry.root, follow)
+        return InitialDrafter("none", None, None)
+    mine = sorted((i.version for i in registry.list_versions()
+                   if i.family_fingerprint == fingerprint and i.version != v), reverse=True)
+    first: RegistryError | None = None
+    for cand in [v, *mine]:
         try:
-            v = registry.resolve(follow)
-        except RegistryError:
-            log.warning("registry %s has no alias %r yet: serving without a drafter until one is published",
-                        registry.root, follow)
-            return "none", None, None
-        try:
-            return str(v), v, registry.load(v, target.model, target.fingerprint)
+            cand, path = registry.checkout(cand, fingerprint)
         except RegistryError as e:
-            # A registry shared by several targets (a tiny RL run published last, say): fall back to the newest
-            # version made for this target; the alias is still followed, and its moves are checked as usual.
-            mine = sorted((i.version for i in registry.list_versions()
-                           if i.family_fingerprint == target.fingerprint and i.version != v), reverse=True)
-            for alt in mine:
-                try:
-                    d = registry.load(alt, target.model, target.fingerprint)
-                except RegistryError as e2:
-                    log.warning("v%d is not usable either (%s)", alt, e2)
-                    continue
-                log.warning("alias %s -> v%d is not usable (%s): serving v%d, the newest version for this "
-                            "target, until the alias moves to a compatible one", follow, v, e, alt)
-                return str(alt), alt, d
-            log.warning("alias %s -> v%d is not usable (%s) and no other version fits this target: serving "
-                        "without a drafter", follow, v, e)
-    return "none", None, None
+            first = first or e
+            log.warning("v%d is not usable (%s)", cand, e)
+            continue
+        if cand != v:
+            log.warning("alias %s -> v%d is not usable (%s): serving v%d, the newest version for this target, "
+                        "until the alias moves to a compatible one", follow, v, first, cand)
+        return InitialDrafter(str(cand), cand, path)
+    log.warning("alias %s -> v%d is not usable (%s) and no other version fits this target: serving without a "
+                "drafter", follow, v, first)
+    return InitialDrafter("none", None, None)

@@ -9,8 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from understudy.engine.registry import RegistryError
-from understudy.server.app import State, require_admin
+from understudy.server.deps import State, require_admin
 from understudy.server.errors import APIError
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
@@ -37,11 +36,8 @@ def _registry(state: Any) -> Any:
 @router.get("/drafters")
 async def list_drafters(state: State) -> dict[str, Any]:
     reg = _registry(state)
-    try:
-        versions = await asyncio.to_thread(reg.list_versions)
-        aliases = await asyncio.to_thread(reg.aliases)
-    except RegistryError as e:
-        raise APIError(500, str(e), "server_error", code="registry_error") from e
+    versions = await asyncio.to_thread(reg.list_versions)  # a RegistryError carries its 500 registry_error
+    aliases = await asyncio.to_thread(reg.aliases)
     fp = state.target.fingerprint
     return {"registry": str(reg.root), "aliases": aliases,
             "versions": [{**v.to_json(), "compatible": v.family_fingerprint == fp} for v in versions]}

@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from understudy.engine.engine import TokenLogprob
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_chat, encode_text
-from understudy.server.app import ServerState, State, require_api_key
+from understudy.server.backends.native import ServerState
+from understudy.server.deps import NativeState, require_api_key
 from understudy.server.detok import Detokenizer
 from understudy.server.errors import APIError, to_api_error
 from understudy.server.protocol import (
@@ -223,12 +224,12 @@ def completion_logprobs(state: ServerState, lps: list[TokenLogprob], offset: int
 
 # ---- routes ---------------------------------------------------------------------------------------------------
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(state: State) -> ModelList:
+async def list_models(state: NativeState) -> ModelList:
     return ModelList(data=[ModelCard(id=state.served_model_name)])
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Any:
+async def chat_completions(req: ChatCompletionRequest, request: Request, state: NativeState) -> Any:
     check_model(state, req.model)
     log_unknown(req, state)
     try:
@@ -286,7 +287,7 @@ async def chat_stream(state: ServerState, req: ChatCompletionRequest, choices: l
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(req: CompletionRequest, request: Request, state: State) -> Any:
+async def completions(req: CompletionRequest, request: Request, state: NativeState) -> Any:
     check_model(state, req.model)
     log_unknown(req, state)
     rid = new_id("cmpl")

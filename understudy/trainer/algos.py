@@ -1,4 +1,4 @@
-"""GRPO algorithms as registered pure functions (verl's `register_adv_est` style; CONVENTIONS.md §7).
+"""GRPO algorithms as registered pure functions (verl's `register_adv_est` style).
 
     advantages   ADVANTAGE_ESTIMATORS[name](rewards, group_ids) -> per-sequence advantages
     policy loss  POLICY_LOSSES[name](logp_new, logp_old, advantages, mask, ...) -> (loss, metrics)

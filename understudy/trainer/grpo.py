@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from understudy.drafter.model import Drafter, load_drafter, new_drafter, save_drafter
+from understudy.drafter.train import DrafterTrainConfig, Sample
 from understudy.engine.bandit import AdaptiveController, BanditConfig
 from understudy.engine.config import EngineConfig
-from understudy.engine.drafter import Drafter, load_drafter, new_drafter, save_drafter
-from understudy.engine.drafter_train import DrafterTrainConfig, Sample
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, save_model
 from understudy.engine.sampling import SamplingParams
@@ -239,7 +239,7 @@ class GRPOTrainer:
 
     # ---- publishing and checkpoints -------------------------------------------------------------------------
     def publish(self) -> dict[str, Any]:
-        from understudy.engine.registry import Registry
+        from understudy.registry.store import Registry
 
         out: dict[str, Any] = {}
         policy_dir = self.out / f"policy-step{self.step:05d}"
@@ -289,7 +289,7 @@ class GRPOTrainer:
         """Self-distil the drafter on the initial policy's own sampled rollouts (a third of the budget generates,
         the rest trains), so TLT starts with a useful drafter. Problems come from a separate RNG: the RL data
         stream is the same with and without it."""
-        from understudy.engine.warmup import generate_samples
+        from understudy.drafter.warmup import generate_samples
 
         assert self.spot is not None
         c, t0 = self.cfg, time.perf_counter()

@@ -1,4 +1,4 @@
-"""Pretrain a tiny Llama policy from scratch on a task's canonical worked solutions (MODELS.md, "Tiny models").
+"""Pretrain a tiny Llama policy from scratch on a task's canonical worked solutions (docs/design.md, "Tiny policies").
 
 The result is a normal HF safetensors folder (config.json, model.safetensors, a character tokenizer with a chat
 template, eos "</s>") that `understudy.engine.loader.load_model` loads: a fast, honest policy for RL smoke
@@ -36,7 +36,7 @@ from understudy.trainer.timing import PhaseTimes
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """The tiny-policy recipe. Defaults: the MODELS.md model (2.6M parameters) on step-by-step arithmetic."""
+    """The tiny-policy recipe. Defaults: a 2.6M-parameter model on step-by-step arithmetic."""
 
     task: str = "arith"  # a registered task that writes canonical solutions (arith, countdown, grid-risk)
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # options of the task, e.g. {"max_digits": 2}
@@ -59,7 +59,7 @@ class PretrainConfig:
     final_eval_problems: int = 256  # problems in the final evaluation (includes the periodic set)
     max_new_tokens: int = 128  # generation budget per evaluation problem
     seed: int = 0  # model init, data and evaluation problems
-    num_threads: int | None = 1  # torch threads on CPU (MODELS.md: one is fastest on these machines)
+    num_threads: int | None = 1  # torch threads on CPU (one is fastest on 2-core CPUs: docs/performance.md)
 
     def __post_init__(self) -> None:
         if self.steps is None and self.max_minutes is None:

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from understudy.drafter.model import Drafter
 from understudy.engine.config import EngineConfig
 from understudy.engine.controller import SpeculationController
-from understudy.engine.drafter import Drafter
 from understudy.engine.engine import Engine
 from understudy.engine.model import Transformer
 from understudy.engine.sampling import SamplingParams
@@ -74,7 +74,7 @@ class RolloutWorkers:
 
     def load_drafter_weights(self, source: Drafter) -> None:
         """Copy the spot-trained drafter into every worker's drafter (between steps, never mid-rollout)."""
-        sd = {k: v for k, v in source.state_dict().items() if not k.startswith("rotary.")}
+        sd = source.own_state_dict()
         for eng in self.engines:
             if eng.drafter is not None:
                 with torch.no_grad():

@@ -1,5 +1,5 @@
 """TLT's spot drafter trainer: trains the drafter on idle rollout capacity, with the EAGLE loss of
-`understudy drafter train` (engine/drafter_train.py), on features from the update's own log-prob forward pass.
+`understudy drafter train` (drafter/train.py), on features from the update's own log-prob forward pass.
 
 Data: a bounded buffer of the most recent rollouts (tokens + the policy's final hidden states, captured in the
 update phase). A slice of the newest step is held out for the acceptance estimate that goes into the registry.
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from understudy.engine.drafter import Drafter
-from understudy.engine.drafter_train import DrafterTrainConfig, DrafterTrainer, Sample, evaluate
+from understudy.drafter.model import Drafter
+from understudy.drafter.train import DrafterTrainConfig, DrafterTrainer, Sample, evaluate
 from understudy.engine.model import Transformer
 
 
@@ -70,7 +70,7 @@ class SpotDrafterTrainer:
         return evaluate(self.drafter, self.target, self.heldout, k=k)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"drafter": {k: v for k, v in self.drafter.state_dict().items() if not k.startswith("rotary.")},
+        return {"drafter": self.drafter.own_state_dict(),
                 "trainer": self.trainer.state_dict(), "total_train_s": self.total_train_s}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:

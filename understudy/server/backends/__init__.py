@@ -3,20 +3,25 @@
 The FastAPI app (auth, body limit, error shape, /metrics, /readyz, the admin API, the drafter-version header) is
 the same for every backend; what differs is who generates tokens:
 
-- `native` (default): our engine in this process (server/app.py `ServerState`, server/routes_openai.py).
+- `native` (default): our engine in this process (backends/native.py `ServerState`, server/routes_openai.py).
 - `vllm`: vLLM's OpenAI server as a managed subprocess on a loopback port, serving the same target folder with
   the current drafter exported to vLLM's `eagle` layout; hot swap is blue/green (vllm_backend.py), and the
-  OpenAI routes proxy to it (vllm_proxy.py).
+  OpenAI routes proxy to it (server/routes_vllm.py).
 
 `BackendState` is what create_app, main.py (the SIGTERM drain) and the admin API use from either state object.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any, Protocol
 
+from understudy.registry.store import Registry, RegistryError, default_registry_path
 from understudy.server.metrics import ServerMetrics
 from understudy.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 
 class Admission(Protocol):
@@ -48,3 +53,14 @@ class BackendState(Protocol):
     async def metrics_text(self) -> bytes: ...
 
     def controller_state(self) -> dict[str, Any]: ...
+
+
+def open_registry(s: ServerSettings) -> Registry | None:
+    path = s.registry or str(default_registry_path())
+    try:
+        return Registry.open(path, create=s.registry is not None)
+    except RegistryError as e:
+        if s.registry is not None or (s.drafter and not Path(s.drafter).expanduser().is_dir()):
+            raise
+        log.info("no drafter registry at %s (%s): hot swap off", path, e)
+        return None

@@ -1,7 +1,7 @@
 """The vLLM backend: vLLM's OpenAI server as a managed subprocess behind our front door, hot-swapped blue/green.
 
 Serving: one *active* vLLM process (vllm_process.py) serves the target folder with the current drafter exported
-to vLLM's `eagle` layout; the proxy (vllm_proxy.py) leases it per request, counting requests in flight.
+to vLLM's `eagle` layout; the proxy (server/routes_vllm.py) leases it per request, counting requests in flight.
 
 Hot swap (`BlueGreenSwapManager`, same rules as the native `HotSwapManager`: the registry's alias events and admin
 commands, family + checksum validation, failures keep the old drafter, canary): export the new version, start a
@@ -33,8 +33,9 @@ from typing import Any
 import httpx
 from safetensors import SafetensorError
 
+from understudy.drafter.export import export_vllm
+from understudy.drafter.format import DrafterError
 from understudy.engine.config import ConfigError, ModelConfig, family_fingerprint
-from understudy.engine.drafter import DrafterError, export_vllm, read_drafter_config
 from understudy.engine.loader import (
     ModelLoadError,
     cache_dir,
@@ -43,7 +44,8 @@ from understudy.engine.loader import (
     resolve_model_path,
     tokenizer_digest,
 )
-from understudy.engine.registry import Registry, RegistryError
+from understudy.registry.store import Registry
+from understudy.server.backends import open_registry
 from understudy.server.backends.vllm_process import (
     VllmError,
     VllmLaunch,
@@ -52,7 +54,7 @@ from understudy.server.backends.vllm_process import (
     resolve_vllm_python,
 )
 from understudy.server.errors import APIError
-from understudy.server.hotswap import SwapError, SwapManager, SwapRecord, _Served
+from understudy.server.hotswap import SwapManager, SwapRecord, _Served, choose_initial_drafter
 from understudy.server.metrics import ServerMetrics
 from understudy.server.scheduler import Draining, Overloaded
 from understudy.server.settings import ServerSettings
@@ -255,10 +257,7 @@ class BlueGreenSwapManager(SwapManager):
 
     def _load(self, version: int) -> Path:
         assert self.registry is not None
-        self.registry.check_compatible(version, self.fingerprint)  # family, from the manifest
-        self.registry.verify_or_raise(version)  # sha256 of every file
-        src = self.registry.version_path(version)
-        check_drafter_folder(src, self.fingerprint)
+        _, src = self.registry.checkout(version, self.fingerprint)  # family + sha256 of every file
         return self.backend.export(str(version), src)
 
     def _install(self, new: _Served) -> None:
@@ -282,39 +281,6 @@ class BlueGreenSwapManager(SwapManager):
         drafts = int(d.get("vllm:spec_decode_num_drafts_total", 0))
         if drafts and proc.label == self.served.label:
             self._observe(drafts, int(d.get("vllm:spec_decode_num_accepted_tokens_total", 0)))
-
-
-def check_drafter_folder(folder: Path, fingerprint: str) -> None:
-    cfg = read_drafter_config(folder)
-    if cfg.family_fingerprint != fingerprint:
-        raise DrafterError(f"drafter {folder} was trained for model family {cfg.family_fingerprint}, but the target "
-                           f"is {fingerprint} (different architecture, shapes or tokenizer). Train one for this "
-                           "target with `understudy drafter train --model ...`, or pick a compatible version")
-
-
-def initial_drafter(spec: str | None, fingerprint: str, registry: Registry | None,
-                    follow: str | None) -> tuple[str, int | None, Path | None]:
-    """hotswap.load_initial_drafter's rules, returning the validated folder instead of a loaded Drafter."""
-    if spec:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            check_drafter_folder(path, fingerprint)
-            return f"path:{path}", None, path
-        if registry is None:
-            raise SwapError(f"--drafter {spec!r} is not a folder and no registry is configured (--registry)")
-        v = registry.check_compatible(spec, fingerprint)
-        registry.verify_or_raise(v)
-        return str(v), v, registry.version_path(v)
-    if registry is not None and follow:
-        try:
-            v = registry.resolve(follow)
-            registry.check_compatible(v, fingerprint)
-            registry.verify_or_raise(v)
-            return str(v), v, registry.version_path(v)
-        except RegistryError as e:
-            log.warning("registry %s: alias %r is not usable yet (%s): serving without a drafter", registry.root,
-                        follow, e)
-    return "none", None, None
 
 
 # ---- the state create_app holds ------------------------------------------------------------------------------------
@@ -386,8 +352,6 @@ def build_launch(s: ServerSettings, target: TargetInfo, served_name: str) -> Vll
 
 def build_vllm_state(s: ServerSettings) -> VllmState:
     """Validate everything that can be checked without vLLM (interpreter, target, drafter); start nothing."""
-    from understudy.server.app import open_registry
-
     if s.backend != "vllm":
         raise VllmError(f"build_vllm_state needs backend='vllm', got {s.backend!r}")
     target = describe_target(s.model)
@@ -396,7 +360,8 @@ def build_vllm_state(s: ServerSettings) -> VllmState:
     metrics = ServerMetrics(name)
     registry = open_registry(s)
     follow = s.follow_alias if not s.drafter else None
-    label, version, folder = initial_drafter(s.drafter, target.fingerprint, registry, follow)
+    first = choose_initial_drafter(s.drafter, target.fingerprint, registry, follow)
+    label, version, folder = first.label, first.version, first.path
     backend = VllmBackend(launch, metrics, port=s.vllm_port, startup_timeout_s=s.vllm_startup_timeout_s,
                           retire_timeout_s=s.request_timeout_s)
     exported = backend.export(label, folder) if folder is not None else None

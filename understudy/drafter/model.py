@@ -14,7 +14,6 @@ target's), and losslessness does not depend on it: the rejection sampler sees q 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +22,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from understudy.engine.config import ModelConfig
-from understudy.engine.fsutil import atomic_folder
-from understudy.engine.model import DecoderLayer, KVCache, Linear, RotaryTable, Transformer, attention_mask
-from understudy.errors import UnderstudyError
+from understudy.drafter.format import (
+    CONFIG_FILE,
+    DRAFTER_FORMAT,
+    WEIGHTS_FILE,
+    DrafterConfig,
+    DrafterError,
+    check_family,
+    read_drafter_config,
+)
+from understudy.engine.model import (
+    DecoderLayer,
+    KVCache,
+    Linear,
+    RotaryTable,
+    Transformer,
+    attention_mask,
+    enable_cpu_packing,
+)
+from understudy.fsutil import atomic_folder
 
-DRAFTER_FORMAT = "understudy-eagle-v1"
-
-
-class DrafterError(UnderstudyError, RuntimeError):
-    """A drafter folder is missing, corrupt, or belongs to another model family."""
-
-
-@dataclass(frozen=True)
-class DrafterConfig:
-    target: ModelConfig  # the target's shapes (the drafter's layer copies them)
-    family_fingerprint: str  # the target family it was trained for (engine.config.family_fingerprint)
-    draft_vocab_size: int  # rows of the reduced draft vocabulary (== target vocab_size: full vocab)
-    format: str = DRAFTER_FORMAT
-    training: dict[str, Any] = field(default_factory=dict)  # metrics + resolved training config, for manifests
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target"] = asdict(self.target)
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> DrafterConfig:
-        return cls(target=ModelConfig(**d["target"]), family_fingerprint=d["family_fingerprint"],
-                   draft_vocab_size=int(d["draft_vocab_size"]), format=d.get("format", DRAFTER_FORMAT),
-                   training=d.get("training", {}))
-
+__all__ = ["Drafter", "DrafterConfig", "DrafterError", "load_drafter", "new_drafter", "save_drafter"]
 
 class Drafter(nn.Module):
     def __init__(self, config: DrafterConfig, max_positions: int | None = None) -> None:
@@ -87,6 +76,14 @@ class Drafter(nn.Module):
         lin.pack_enabled = self.fc.pack_enabled
         self._head = [lin]  # a list, so the bound head is not registered as a submodule nor saved
         return self
+
+    def attach(self, target: Transformer, capacity: int) -> Drafter:
+        """Ready to draft for `target` in an engine with `capacity` positions: rotary table long enough,
+        pre-packed CPU weights, and bound to the target's embedding and head (again after a policy update)."""
+        if self.rotary.cos.shape[0] < capacity:
+            self.rotary = RotaryTable(self.config.target, capacity).to(target.device)
+        enable_cpu_packing(self)
+        return self.bind(target)
 
     @property
     def full_vocab(self) -> bool:
@@ -156,45 +153,19 @@ def new_drafter(target: Transformer, fingerprint: str, draft_vocab: torch.Tensor
 
 def save_drafter(drafter: Drafter, out: Path, extra_training: dict[str, Any] | None = None) -> None:
     """Write config.json + model.safetensors into `out` atomically (temp folder, fsync, rename)."""
-    cfg = drafter.config
-    if extra_training:
-        cfg = DrafterConfig(target=cfg.target, family_fingerprint=cfg.family_fingerprint,
-                            draft_vocab_size=cfg.draft_vocab_size, training={**cfg.training, **extra_training})
+    cfg = drafter.config.with_training(extra_training) if extra_training else drafter.config
     with atomic_folder(Path(out)) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in drafter.own_state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": DRAFTER_FORMAT})
-        (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-
-
-def read_drafter_config(folder: Path) -> DrafterConfig:
-    folder = Path(folder)
-    cfg_file = folder / "config.json"
-    if not folder.is_dir():
-        raise DrafterError(f"drafter folder {folder} does not exist; pass a folder written by "
-                           "`understudy drafter train` or a registry version")
-    if not cfg_file.exists():
-        raise DrafterError(f"{cfg_file} is missing: {folder} is not a drafter folder")
-    try:
-        raw = json.loads(cfg_file.read_text())
-        if raw.get("format") != DRAFTER_FORMAT:
-            raise DrafterError(f"{cfg_file}: format {raw.get('format')!r} is not {DRAFTER_FORMAT!r}; "
-                               "re-train or re-export the drafter with this version of Understudy")
-        return DrafterConfig.from_json(raw)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise DrafterError(f"{cfg_file} is malformed ({type(e).__name__}: {e}); re-train or re-publish it") from e
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": DRAFTER_FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
 
 
 def load_drafter(folder: Path, target: Transformer, target_fingerprint: str) -> Drafter:
     """Load and bind a drafter; refuse one trained for another model family with a message naming both."""
     folder = Path(folder)
     cfg = read_drafter_config(folder)
-    if cfg.family_fingerprint != target_fingerprint:
-        raise DrafterError(
-            f"drafter {folder} was trained for model family {cfg.family_fingerprint}, but the target is "
-            f"{target_fingerprint} (different architecture, shapes or tokenizer). Train one for this target "
-            "with `understudy drafter train --model ...`, or pick a compatible version"
-        )
-    weights = folder / "model.safetensors"
+    check_family(cfg.family_fingerprint, target_fingerprint, f"drafter {folder}")
+    weights = folder / WEIGHTS_FILE
     if not weights.exists():
         raise DrafterError(f"{weights} is missing; the drafter folder is incomplete")
     try:
@@ -209,41 +180,3 @@ def load_drafter(folder: Path, target: Transformer, target_fingerprint: str) -> 
     d = d.to(dtype=target.dtype, device=target.device)
     d.rotary.to(dtype=torch.float32)
     return d.bind(target)
-
-
-def export_vllm(src: Path, out: Path) -> dict[str, list[int]]:
-    """Write vLLM's `eagle` layout: a 1-layer Llama config + fc.weight [H, 2H] + layers.0.* without
-    input_layernorm; no embedding, no final norm, no lm_head (vLLM shares the target's). Returns key -> shape."""
-    cfg = read_drafter_config(Path(src))
-    sd = load_file(str(Path(src) / "model.safetensors"))
-    t = cfg.target
-    q_dim, kv_dim = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-    out_sd: dict[str, torch.Tensor] = {"fc.weight": sd["fc.weight"]}
-    qkv = sd["layer.attn.wqkv.weight"]
-    for name, part in zip("qkv", qkv.split([q_dim, kv_dim, kv_dim]), strict=True):
-        out_sd[f"layers.0.self_attn.{name}_proj.weight"] = part
-    if "layer.attn.wqkv.bias" in sd:
-        for name, part in zip("qkv", sd["layer.attn.wqkv.bias"].split([q_dim, kv_dim, kv_dim]), strict=True):
-            out_sd[f"layers.0.self_attn.{name}_proj.bias"] = part
-    out_sd["layers.0.self_attn.o_proj.weight"] = sd["layer.attn.wo.weight"]
-    gate, up = sd["layer.mlp.w13.weight"].chunk(2)
-    out_sd["layers.0.mlp.gate_proj.weight"] = gate
-    out_sd["layers.0.mlp.up_proj.weight"] = up
-    out_sd["layers.0.mlp.down_proj.weight"] = sd["layer.mlp.w2.weight"]
-    out_sd["layers.0.post_attention_layernorm.weight"] = sd["layer.post_attention_layernorm.weight"]
-    out_sd = {k: v.contiguous() for k, v in out_sd.items()}
-    hf_cfg = {
-        "architectures": ["Qwen2ForCausalLM" if t.architecture == "qwen2" else "LlamaForCausalLM"],
-        "model_type": t.architecture, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-        "num_hidden_layers": 1, "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads,
-        "head_dim": t.head_dim, "vocab_size": t.vocab_size, "rope_theta": t.rope_theta,
-        "rms_norm_eps": t.rms_norm_eps, "max_position_embeddings": t.max_position_embeddings,
-        "tie_word_embeddings": t.tie_word_embeddings, "hidden_act": "silu", "attention_bias": t.qkv_bias,
-        "torch_dtype": "float32", "understudy_family_fingerprint": cfg.family_fingerprint,
-    }
-    if t.rope_scaling:
-        hf_cfg["rope_scaling"] = t.rope_scaling
-    with atomic_folder(Path(out)) as tmp:
-        save_file(out_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    return {k: list(v.shape) for k, v in out_sd.items()}

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from understudy.engine.config import EngineConfig
-from understudy.engine.drafter import Drafter, new_drafter, save_drafter
-from understudy.engine.drafter_train import (
+from understudy.drafter.model import Drafter, new_drafter, save_drafter
+from understudy.drafter.train import (
     DrafterTrainConfig,
     DrafterTrainer,
     Sample,
     evaluate,
     select_draft_vocab,
 )
+from understudy.engine.config import EngineConfig
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, cache_dir
 from understudy.engine.sampling import SamplingParams

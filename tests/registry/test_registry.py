@@ -21,12 +21,12 @@ import pytest
 import torch
 
 import understudy
-from understudy.engine import registry as regmod
+from understudy.drafter.model import load_drafter, new_drafter, save_drafter
+from understudy.registry import store as regmod
 from understudy.engine.config import ModelConfig
-from understudy.engine.drafter import load_drafter, new_drafter, save_drafter
 from understudy.engine.model import Transformer
-from understudy.engine.registry import Event, Registry, RegistryError
-from understudy.engine.registry_watch import RegistryWatcher
+from understudy.registry.store import Event, Registry, RegistryError
+from understudy.registry.watch import RegistryWatcher
 
 REPO = Path(understudy.__file__).resolve().parents[1]
 ACC = regmod.BEST_METRIC
@@ -136,8 +136,8 @@ def test_version_numbers_are_never_reused(reg, drafter_dir):
 
 PUBLISHER = r"""
 import os, sys, time
-from understudy.engine.registry import Registry
-import understudy.engine.drafter  # noqa: F401  (import torch before the start signal so the publishes overlap)
+from understudy.registry.store import Registry
+import understudy.drafter.model  # noqa: F401  (import torch before the start signal so the publishes overlap)
 root, src, go, n = sys.argv[1:5]
 print("ready", flush=True)
 while not os.path.exists(go):
@@ -172,8 +172,8 @@ def test_concurrent_publishers_in_separate_processes_get_distinct_versions(tmp_p
 
 KILLED_PUBLISHER = r"""
 import os, random, signal, sys, time, traceback
-from understudy.engine.registry import Registry
-import understudy.engine.drafter  # noqa: F401  (torch is imported once, before any fork)
+from understudy.registry.store import Registry
+import understudy.drafter.model  # noqa: F401  (torch is imported once, before any fork)
 root, src = sys.argv[1], sys.argv[2]
 for line in sys.stdin:  # one line per trial: the delay before SIGKILL
     pid = os.fork()
@@ -190,6 +190,13 @@ for line in sys.stdin:  # one line per trial: the delay before SIGKILL
     _, status = os.waitpid(pid, 0)
     print("killed" if os.WIFSIGNALED(status) else f"exited {status}", flush=True)
 """
+
+
+def load_version(reg, spec, target, fingerprint):  # type: ignore[no-untyped-def]
+    """What a server does with a registry version: checkout (family + checksums), then load the folder."""
+    _, folder = reg.checkout(spec, fingerprint)
+    return load_drafter(folder, target, fingerprint)
+
 
 
 def assert_consistent(reg: Registry) -> None:
@@ -230,12 +237,12 @@ def test_sigkilled_publishers_never_leave_a_visible_version_that_fails_verificat
 def test_a_flipped_byte_is_caught_by_verify_loading_and_promote(reg, drafter_dir, target, name):
     v = reg.publish(drafter_dir).version
     path = reg.version_path(v) / name
-    assert reg.load(v, target, "fam-x") is not None
+    assert load_version(reg, v, target, "fam-x") is not None
     flip_byte(path)
     problems = reg.verify(v)
     assert len(problems) == 1 and str(path) in problems[0] and "sha256" in problems[0]
     with pytest.raises(RegistryError, match="failed verification") as e:
-        reg.load("latest", target, "fam-x")
+        load_version(reg, "latest", target, "fam-x")
     assert str(path) in str(e.value) and "rollback" in str(e.value)
     with pytest.raises(RegistryError, match="failed verification"):
         reg.promote(v, "serving")
@@ -257,11 +264,11 @@ def test_a_drafter_of_another_family_is_refused_with_a_clear_error(reg, drafter_
     w = reg.publish(other).version  # families may coexist; the manifest records which is which
     assert reg.manifest(w)["family_fingerprint"] == "fam-y"
     with pytest.raises(RegistryError) as e:
-        reg.load(w, target, "fam-x")
+        load_version(reg, w, target, "fam-x")
     msg = str(e.value)
     assert "fam-y" in msg and "fam-x" in msg and str(reg.version_path(w)) in msg and "train" in msg
     assert reg.check_compatible(v, "fam-x") == v
-    d = reg.load(v, target, "fam-x")
+    d = load_version(reg, v, target, "fam-x")
     ref = load_drafter(drafter_dir, target, "fam-x")
     assert all(torch.equal(a, b) for a, b in zip(d.own_state_dict().values(), ref.own_state_dict().values(),
                                                   strict=True))
@@ -381,7 +388,7 @@ def test_a_missing_registry_is_reported_not_created(tmp_path):
     with pytest.raises(RegistryError) as e:
         Registry.open(missing, create=False)
     assert str(missing) in str(e.value) and "--registry" in str(e.value)
-    r = subprocess.run([sys.executable, "-m", "understudy.cli", "drafters", "list", "--registry", str(missing)],
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafters", "list", "--registry", str(missing)],
                        capture_output=True, text=True, env=subprocess_env(), timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and str(missing) in r.stderr
     assert "Traceback" not in r.stderr and not missing.exists()
@@ -473,7 +480,7 @@ def test_unknown_versions_and_aliases_list_what_exists(reg, drafter_dir, target)
         reg.resolve("nope")
     assert "latest -> 1" in str(e.value) and str(reg.root) in str(e.value)
     for call in (lambda: reg.version_path(99), lambda: reg.manifest(99), lambda: reg.promote(99, "serving"),
-                 lambda: reg.load("nope", target, "fam-x"), lambda: reg.alias_history("nope")):
+                 lambda: load_version(reg, "nope", target, "fam-x"), lambda: reg.alias_history("nope")):
         with pytest.raises(RegistryError):
             call()
     with pytest.raises(RegistryError, match="alias name 'v2' is invalid"):
@@ -493,7 +500,7 @@ def test_a_malformed_manifest_is_named_and_the_version_never_served(reg, drafter
     assert str(mpath) in str(e.value) and "re-publish" in str(e.value)
     assert str(mpath) in reg.verify(1)[0]
     assert [i.version for i in reg.list_versions()] == [2]
-    for call in (lambda: reg.load(1, target, "fam-x"), lambda: reg.promote(1, "serving")):
+    for call in (lambda: load_version(reg, 1, target, "fam-x"), lambda: reg.promote(1, "serving")):
         with pytest.raises(RegistryError, match="malformed"):
             call()
     mpath.write_text(json.dumps({**reg.manifest(2), "version": 7}))
@@ -539,7 +546,7 @@ def test_publish_refuses_folders_that_are_not_drafters(reg, drafter_dir, tmp_pat
 
 # ---- CLI ------------------------------------------------------------------------------------------------------------
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from understudy.cli import main
+    from understudy.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["understudy", *args])
     try:

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-from understudy.engine.config import EngineConfig
-from understudy.engine.drafter import DrafterError, export_vllm, load_drafter, new_drafter, save_drafter
-from understudy.engine.drafter_proposer import DrafterProposer
-from understudy.engine.drafter_train import (
+from understudy.drafter.export import export_vllm
+from understudy.drafter.model import DrafterError, load_drafter, new_drafter, save_drafter
+from understudy.drafter.train import (
     DrafterTrainConfig,
     DrafterTrainer,
     Sample,
@@ -20,6 +19,8 @@ from understudy.engine.drafter_train import (
     target_features,
     unrolled_forward,
 )
+from understudy.engine.config import EngineConfig
+from understudy.engine.drafter_proposer import DrafterProposer
 from understudy.engine.engine import Engine
 from understudy.engine.proposer import BatchState
 from understudy.engine.sampling import SamplingParams
@@ -119,7 +120,7 @@ def test_unrolled_training_forward_equals_inference_drafting(tiny_llama, tiny_pr
 
 
 def test_training_reduces_loss_and_raises_acceptance(tiny_llama, tiny_prompts):
-    from understudy.engine.drafter_train import evaluate
+    from understudy.drafter.train import evaluate
 
     lm = tiny_llama
     plain = Engine(lm.model, EngineConfig(max_batch_size=24, max_model_len=256, num_speculative_tokens=0,

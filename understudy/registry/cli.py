@@ -1,7 +1,8 @@
 """`understudy drafters ...`: list, show, verify, publish, promote, rollback and gc over the drafter registry.
 
 With --server URL, `list` and `rollback` act on a live server's admin API instead (as do `current`, `pin` and
-`follow`, added by understudy.clients.cli_client). Human tables by default, --json for scripts. Every failure
+`follow`, added by understudy.clients.cli_client); the composing CLI (understudy.cli.main) hands this module the
+client's functions through the click context (`obj["remote_admin"]`), so the registry never imports the client. Human tables by default, --json for scripts. Every failure
 raises RegistryError (the top-level main prints `error: ...` and exits 2). Importing this module does not
 import torch (only `publish` needs it).
 """
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from understudy.engine.registry import BEST_METRIC, Registry, RegistryError, VersionInfo
+from understudy.registry.store import BEST_METRIC, Registry, RegistryError, VersionInfo
 
 drafters_app = typer.Typer(no_args_is_help=True,
                            help="The drafter registry: immutable versions, aliases (latest, best, serving), rollback.")
@@ -25,6 +26,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts)"
 ServerOpt = Annotated[str | None, typer.Option(
     "--server", help="Act on a live server's admin API (http://host:port) instead of the local registry")]
 AdminKeyOpt = Annotated[str | None, typer.Option("--admin-key", help="With --server (default: $UNDERSTUDY_ADMIN_KEY)")]
+
+
+def _remote(ctx: typer.Context) -> Any:
+    """The live-server admin functions the composing CLI provides (server_list, server_rollback)."""
+    remote = (ctx.find_root().obj or {}).get("remote_admin")
+    if remote is None:
+        raise RegistryError("--server is only available from the `understudy` command (it talks to a live server)")
+    return remote
 
 
 def _echo_json(obj: Any) -> None:
@@ -62,13 +71,11 @@ def _open(registry: str | None) -> Registry:
 
 
 @drafters_app.command("list")
-def list_cmd(registry: RegistryOpt = None, as_json: JsonOpt = False, server: ServerOpt = None,
+def list_cmd(ctx: typer.Context, registry: RegistryOpt = None, as_json: JsonOpt = False, server: ServerOpt = None,
              admin_key: AdminKeyOpt = None) -> None:
     """List versions (oldest first) with their family, held-out acceptance length and aliases."""
     if server is not None:
-        from understudy.clients.cli_client import server_list
-
-        return server_list(server, admin_key, as_json)
+        return _remote(ctx).server_list(server, admin_key, as_json)
     reg = _open(registry)
     versions, aliases = reg.list_versions(), reg.aliases()
     if as_json:
@@ -210,18 +217,16 @@ def promote_cmd(spec: Annotated[str, typer.Argument(help="Version number or alia
 
 
 @drafters_app.command("rollback")
-def rollback_cmd(alias: Annotated[str | None, typer.Argument(help="Alias to return to its previous target")] = None,
+def rollback_cmd(ctx: typer.Context, alias: Annotated[str | None, typer.Argument(help="Alias to return to its previous target")] = None,
                  registry: RegistryOpt = None, as_json: JsonOpt = False, server: ServerOpt = None,
                  admin_key: AdminKeyOpt = None) -> None:
     """Return ALIAS to the target it had before its last move; with --server, roll the live server back (its
     followed alias, else the previously served version)."""
     if server is not None:
-        from understudy.clients.cli_client import server_rollback
-
         if alias is not None:
             raise RegistryError(f"with --server, rollback takes no ALIAS ({alias!r}): the server rolls back the alias "
                                 "it follows; use `understudy drafters current --server URL` to see which")
-        return server_rollback(server, admin_key, as_json)
+        return _remote(ctx).server_rollback(server, admin_key, as_json)
     if alias is None:
         raise RegistryError("missing ALIAS: `understudy drafters rollback ALIAS` (local registry) or "
                             "`understudy drafters rollback --server URL` (a live server)")

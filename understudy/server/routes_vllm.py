@@ -21,9 +21,9 @@ import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from understudy.server.app import get_state, require_api_key
 from understudy.server.backends.vllm_backend import VllmState
 from understudy.server.backends.vllm_process import VllmProcess
+from understudy.server.deps import get_state, require_api_key
 from understudy.server.errors import APIError, error_body
 from understudy.server.protocol import new_id
 

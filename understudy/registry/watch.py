@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from understudy.engine.registry import Event, Registry, RegistryError, default_registry_path
+from understudy.registry.store import Event, Registry, RegistryError, default_registry_path
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Used by `understudy drafter train` (warm-up self-distillation) and by the RL trainer's spot drafter trainer,
 which feeds it the hidden states of its own log-prob forward pass (TLT).
 
-Loss (DESIGN.md): SmoothL1 between the predicted and the target's next hidden state (weight 1.0) + soft
+Loss (docs/design.md): SmoothL1 between the predicted and the target's next hidden state (weight 1.0) + soft
 cross-entropy against the target's next-token distribution (weight 0.1), on response tokens only. The
 distributions are taken over the reduced draft vocabulary (what the drafter drafts from). With
 `unroll_steps > 1` the loss also covers draft steps 2..n fed the drafter's *own* features, with the same
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from understudy.engine.drafter import Drafter
+from understudy.drafter.model import Drafter
 from understudy.engine.model import Transformer, apply_rope
 
 
@@ -66,15 +66,8 @@ class DrafterTrainConfig:
 def target_features(model: Transformer, sequences: list[tuple[list[int], int]], max_tokens_per_batch: int = 8192,
                     progress: Callable[[int], None] | None = None) -> list[Sample]:
     """Run the target once over each (tokens, prompt_len) and keep its final hidden states (float32, CPU)."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
     out: list[Sample | None] = [None] * len(sequences)
-    i = 0
-    while i < len(order):
-        T = len(sequences[order[i]][0])
-        j = i
-        while j < len(order) and (j - i + 1) * len(sequences[order[j]][0]) <= max(max_tokens_per_batch, T):
-            j += 1
-        idx = order[i:j]
+    for idx in length_buckets([len(t) for t, _ in sequences], max_tokens_per_batch):
         T = max(len(sequences[k][0]) for k in idx)
         toks = torch.zeros(len(idx), T, dtype=torch.long)
         for r, k in enumerate(idx):
@@ -85,7 +78,6 @@ def target_features(model: Transformer, sequences: list[tuple[list[int], int]], 
             out[k] = Sample(tokens=toks[r, :n].clone(), features=hidden[r, :n].clone(), prompt_len=sequences[k][1])
         if progress:
             progress(len(idx))
-        i = j
     return [s for s in out if s is not None]
 
 
@@ -101,21 +93,26 @@ def select_draft_vocab(samples: list[Sample], size: int, vocab_size: int, always
     return counts.topk(size).indices.sort().values
 
 
-def batches(samples: list[Sample], tokens_per_batch: int, generator: torch.Generator) -> Iterator[list[Sample]]:
-    """Length-bucketed batches in random order (one pass)."""
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
-    groups: list[list[Sample]] = []
-    cur: list[Sample] = []
-    for i in order:
-        s = samples[i]
-        if cur and (len(cur) + 1) * len(s) > tokens_per_batch:
+def length_buckets(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
+    """Indices grouped by similar length (shortest first) so that each padded group, rows x longest length,
+    holds at most `tokens_per_batch` tokens (a longer single item gets a group of its own)."""
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if cur and (len(cur) + 1) * lengths[i] > tokens_per_batch:
             groups.append(cur)
             cur = []
-        cur.append(s)
+        cur.append(i)
     if cur:
         groups.append(cur)
+    return groups
+
+
+def batches(samples: list[Sample], tokens_per_batch: int, generator: torch.Generator) -> Iterator[list[Sample]]:
+    """Length-bucketed batches in random order (one pass)."""
+    groups = length_buckets([len(s) for s in samples], tokens_per_batch)
     for g in torch.randperm(len(groups), generator=generator).tolist():
-        yield groups[g]
+        yield [samples[i] for i in groups[g]]
 
 
 def collate(group: list[Sample]) -> dict[str, torch.Tensor]:

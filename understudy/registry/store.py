@@ -30,18 +30,14 @@ import re
 import secrets
 import shutil
 import stat
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from understudy.drafter.format import DrafterConfig, DrafterError, check_family, validate_folder
 from understudy.errors import UnderstudyError
-
-if TYPE_CHECKING:  # the registry is imported by the CLI; torch is only loaded to validate or load a drafter
-    from understudy.engine.drafter import Drafter, DrafterConfig
-    from understudy.engine.model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +52,8 @@ _CHUNK = 1 << 20
 
 class RegistryError(UnderstudyError, RuntimeError):
     """The registry is missing, unwritable or inconsistent, or a version/alias is unknown or fails checks."""
+
+    http_status, error_type, code, expose = 500, "server_error", "registry_error", True
 
 
 def default_registry_path() -> Path:
@@ -193,34 +191,6 @@ def _os_error(e: OSError, action: str, root: Path, unchanged: bool = True) -> Re
 
 
 # ---- source validation (what `publish` accepts) ---------------------------------------------------------------
-def _check_safetensors(path: Path, cfg: DrafterConfig) -> None:
-    """Parse the safetensors header (no torch needed) and check it is complete and shaped like cfg's drafter."""
-    bad = f"cannot publish: {path} is not a valid drafter checkpoint"
-    fix = "re-train or re-export the drafter"
-    if not path.is_file():
-        raise RegistryError(f"cannot publish: {path} is missing; a drafter folder holds config.json + model.safetensors")
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-        shapes = {k: list(t["shape"]) for k, t in header.items()}
-    except (struct.error, ValueError, KeyError, TypeError) as e:
-        raise RegistryError(f"{bad} ({type(e).__name__}: {e}); {fix}") from e
-    if end != size - 8 - n:
-        raise RegistryError(f"{bad}: tensor data ends at byte {end} but the file holds {size - 8 - n} "
-                            f"(truncated or padded); {fix}")
-    h = cfg.target.hidden_size
-    want = {"fc.weight": [h, 2 * h], "draft_vocab": [cfg.draft_vocab_size]}
-    for key, shape in want.items():
-        if shapes.get(key) != shape:
-            raise RegistryError(f"{bad}: tensor {key} has shape {shapes.get(key)}, config.json implies {shape}; {fix}")
-
-
 def _source_files(src: Path) -> list[str]:
     """The files a version copies from src: top-level regular files, minus hidden ones and any old manifest."""
     names = []
@@ -236,17 +206,13 @@ def _source_files(src: Path) -> list[str]:
 
 
 def _validate_source(src: Path) -> DrafterConfig:
-    from understudy.engine.drafter import DrafterError, read_drafter_config
-
     if not src.is_dir():
         raise RegistryError(f"cannot publish {src}: no such folder; pass a drafter folder (config.json + "
                             "model.safetensors) written by `understudy drafter train --out DIR`")
     try:
-        cfg = read_drafter_config(src)
+        return validate_folder(src)
     except DrafterError as e:
         raise RegistryError(f"cannot publish {src}: {e}") from e
-    _check_safetensors(src / "model.safetensors", cfg)
-    return cfg
 
 
 def _metric(manifest: dict[str, Any] | None) -> float | None:
@@ -554,26 +520,20 @@ class Registry:
         """Refuse (RegistryError) a version trained for another model family. Cheap: reads the manifest only."""
         v = self.resolve(spec)
         m = self.manifest(v)
-        if m["family_fingerprint"] != target_fingerprint:
-            t = m.get("target") or {}
-            shape = f"{t.get('architecture')}, hidden {t.get('hidden_size')}, vocab {t.get('vocab_size')}"
-            raise RegistryError(
-                f"version {v} ({self._vdir(v)}) was trained for model family {m['family_fingerprint']} ({shape}), "
-                f"but the target is {target_fingerprint} (different architecture, shapes or tokenizer). Pick a "
-                "version of this family (`understudy drafters list` shows each one's family) or train one with "
-                "`understudy drafter train --model ... --publish`")
+        t = m.get("target") or {}
+        try:
+            check_family(m["family_fingerprint"], target_fingerprint, f"version {v} ({self._vdir(v)})",
+                         f"{t.get('architecture')}, hidden {t.get('hidden_size')}, vocab {t.get('vocab_size')}")
+        except DrafterError as e:
+            raise RegistryError(str(e)) from e
         return v
 
-    def load(self, spec: str | int, target: Transformer, target_fingerprint: str) -> Drafter:
-        """Resolve, check the family, re-verify every checksum, then load and bind the drafter."""
-        from understudy.engine.drafter import DrafterError, load_drafter
-
+    def checkout(self, spec: str | int, target_fingerprint: str) -> tuple[int, Path]:
+        """Resolve, check the family (from the manifest) and re-verify every checksum: the version's folder,
+        ready for `understudy.drafter.model.load_drafter`. Reads files only (no torch)."""
         v = self.check_compatible(spec, target_fingerprint)
         self.verify_or_raise(v)
-        try:
-            return load_drafter(self._vdir(v), target, target_fingerprint)
-        except DrafterError as e:
-            raise RegistryError(f"version {v}: {e}") from e
+        return v, self._vdir(v)
 
     # ---- publish ----------------------------------------------------------------------------------------------------
     def publish(self, src_dir: str | Path, *, metrics: dict[str, Any] | None = None,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from understudy.engine.drafter import load_drafter
-from understudy.engine.registry import Registry
+from understudy.drafter.model import load_drafter
+from understudy.registry.store import Registry
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_p
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "UNDERSTUDY_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-m", "understudy.cli", "drafter", "train", "--model", str(tiny_llama_dir),
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
                         "--out", str(tmp_path / "d"), "--prompts", str(prompts), "--max-minutes", "0.6",
                         "--max-new-tokens", "40", "--draft-vocab-size", "0", "--lr", "3e-3", "--publish",
                         "--registry", str(tmp_path / "reg")], capture_output=True, text=True, cwd=ROOT, env=env,
@@ -41,7 +41,7 @@ def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_p
     assert reg.aliases()["latest"] == 1 and reg.aliases()["best"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")], "no temporary folder left behind"
     # a second run reuses the cached data and skips generation
-    r2 = subprocess.run([sys.executable, "-m", "understudy.cli", "drafter", "train", "--model", str(tiny_llama_dir),
+    r2 = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
                          "--out", str(tmp_path / "d2"), "--prompts", str(prompts), "--max-minutes", "0.6",
                          "--max-new-tokens", "40", "--draft-vocab-size", "0"], capture_output=True, text=True,
                         cwd=ROOT, env=env, timeout=600)
@@ -51,7 +51,7 @@ def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_p
 def test_bad_prompt_file_is_one_clear_error(tmp_path, tiny_llama_dir):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
-    r = subprocess.run([sys.executable, "-m", "understudy.cli", "drafter", "train", "--model", str(tiny_llama_dir),
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
                         "--out", str(tmp_path / "d"), "--prompts", str(bad)], capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -1,0 +1,179 @@
+"""The native backend: our engine in this process. `build_state` loads the target and the start-up drafter, and
+wires the engine thread (`AsyncEngine`), the metrics and the hot-swap manager (`HotSwapManager`, which hands a
+loaded Drafter to the engine between two steps)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from understudy.drafter.model import Drafter, load_drafter
+from understudy.engine.bandit import AdaptiveController, BanditConfig
+from understudy.engine.config import EngineConfig
+from understudy.engine.controller import FixedController, SpeculationController
+from understudy.engine.engine import Engine, StepOutput, StepStats
+from understudy.engine.loader import LoadedModel, load_model, resolve_dtype
+from understudy.registry.store import Registry
+from understudy.server.backends import open_registry
+from understudy.server.hotswap import SwapManager, SwapRecord, _Served, choose_initial_drafter
+from understudy.server.metrics import ServerMetrics
+from understudy.server.scheduler import AsyncEngine
+from understudy.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    target: LoadedModel
+    engine: Engine
+    scheduler: AsyncEngine
+    metrics: ServerMetrics
+    hotswap: HotSwapManager
+    served_model_name: str
+    ready: bool = False
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.target.tokenizer
+
+    def drafter_label(self) -> str:
+        return self.hotswap.served.label
+
+    # ---- what create_app and the admin API need from any backend (see backends/__init__.py) ----------------
+    async def start(self) -> None:
+        self.scheduler.start()
+        self.hotswap.start()
+
+    async def stop(self) -> None:
+        self.hotswap.stop()
+        await self.scheduler.stop()
+
+    def health(self) -> dict[str, Any]:
+        e = self.engine
+        return {"status": "draining" if self.scheduler.draining else "ok", "model": self.served_model_name,
+                "drafter_version": self.drafter_label(), "running": e.num_running, "waiting": e.num_waiting,
+                "in_flight": self.scheduler.in_flight, "max_in_flight": self.scheduler.max_in_flight,
+                "steps": self.scheduler.steps, "spec_decode": e.stats.to_dict(), "controller": e.controller.state()}
+
+    async def metrics_text(self) -> bytes:
+        self.metrics.set_queue(self.engine.num_running, self.engine.num_waiting)
+        self.metrics.set_controller(self.engine.controller.state())
+        return self.metrics.render()
+
+    def controller_state(self) -> dict[str, Any]:
+        return self.engine.controller.state()
+
+
+class HotSwapManager(SwapManager):
+    """The native engine's swaps: the engine applies a loaded Drafter between two steps; the canary is fed from
+    the engine thread's step hook, and the first step after a swap is timed as the swap's stall."""
+
+    def __init__(self, engine: Engine, target: LoadedModel, metrics: ServerMetrics, registry: Registry | None,
+                 wake: Any, follow: str | None = "latest", watch_interval_s: float = 1.0,
+                 canary_window: int = 256, canary_margin: float = 0.5) -> None:
+        super().__init__(target.fingerprint, metrics, registry, follow, watch_interval_s, canary_window,
+                         canary_margin)
+        self.engine, self.target = engine, target
+        self.wake = wake  # callable: nudge the engine thread so an idle engine applies the swap
+        self.served = _Served(label="none", version=None, drafter=engine.drafter)
+        self._gen_seen = engine.drafter_generation
+        self._step_times: collections.deque[float] = collections.deque(maxlen=64)
+        self._pending_stall: SwapRecord | None = None
+
+    def _load(self, version: int) -> Drafter:
+        assert self.registry is not None
+        _, path = self.registry.checkout(version, self.target.fingerprint)  # family + checksums
+        return load_drafter(path, self.target.model, self.target.fingerprint)
+
+    def _install(self, new: _Served) -> None:
+        gen = self.engine.drafter_generation
+        self.engine.set_drafter(new.drafter)
+        self.wake()
+        deadline = time.monotonic() + 60
+        while self.engine.drafter_generation == gen and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.002)
+
+    def _after_swap(self, rec: SwapRecord) -> None:
+        self._pending_stall = rec
+        reset = getattr(self.engine.controller, "reset", None)
+        if callable(reset):
+            reset()  # the arms' rewards belong to the old drafter
+
+    def on_step_failure(self, exc: BaseException) -> None:
+        """Engine-thread hook after a step raised. Speculation is lossless, so turning the drafter off is always
+        safe: do it at once (the next step runs without it), mark its version rejected, and report it; the
+        server keeps answering, plain. A later alias move, pin or rollback swaps a drafter in again."""
+        if self.engine.drafter is None:
+            return
+        bad = self.served
+        why = (f"engine error while drafter {bad.label} served ({type(exc).__name__}: {exc}); "
+               "speculation off until the next swap")
+        self.engine.set_drafter(None)
+        with self._lock:
+            if bad.version is not None:
+                self.rejected[bad.version] = why
+            self.served = _Served(label="none", version=None, drafter=None)
+            self.canary = None
+        self.metrics.set_drafter("none", "none", self.fingerprint)
+        self._record(SwapRecord(time.time(), "none", bad.label, "rolled_back", why))
+        log.error("drafter %s taken out of service: %s", bad.label, why)
+
+    # ---- canary feed (the engine thread's step hook) ------------------------------------------------------
+    def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]
+        gen = self.engine.drafter_generation
+        if gen != self._gen_seen:  # this step applied a swap: its extra time is the swap's stall (catch-up)
+            self._gen_seen = gen
+            typical = statistics.median(self._step_times) if self._step_times else 0.0
+            stall = max(0.0, stats.seconds - typical)
+            self.metrics.swap_stall.labels(self.metrics.model_name).observe(stall)
+            if self._pending_stall is not None:
+                self._pending_stall.stall_s = round(stall, 4)
+                self._pending_stall = None
+        elif stats.batch_size:
+            self._step_times.append(stats.seconds)
+        if stats.spec.num_drafts:
+            self._observe(stats.spec.num_drafts, stats.spec.num_accepted_tokens)
+
+
+def build_controller(s: ServerSettings) -> SpeculationController:
+    if s.controller == "fixed" or s.num_speculative_tokens == 0:
+        return FixedController(s.num_speculative_tokens)
+    arms = tuple(sorted({a for a in s.controller_arms if a <= s.num_speculative_tokens} | {0}))
+    return AdaptiveController(BanditConfig(arms=arms), max_k=s.num_speculative_tokens)
+
+
+def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> ServerState:
+    dtype = resolve_dtype(s.dtype, s.device)
+    target = preloaded or load_model(s.model, dtype=dtype, device=s.device)
+    registry = open_registry(s)
+    follow = s.follow_alias if not s.drafter else None
+    first = choose_initial_drafter(s.drafter, target.fingerprint, registry, follow)
+    drafter = load_drafter(first.path, target.model, target.fingerprint) if first.path is not None else None
+    label, version = first.label, first.version
+    engine_dtype = str(target.model.dtype).removeprefix("torch.")
+    engine = Engine(target.model, EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
+                                               num_speculative_tokens=s.num_speculative_tokens, device=s.device,
+                                               dtype=engine_dtype, num_threads=s.threads),
+                    target.eos_token_ids, drafter=drafter, controller=build_controller(s))
+    name = s.served_model_name or (s.model if "/" not in s.model else Path(s.model).name)
+    metrics = ServerMetrics(name)
+    scheduler = AsyncEngine(engine, max_queue=s.max_queue)
+    hotswap = HotSwapManager(engine, target, metrics, registry, wake=scheduler._wake.set,
+                             follow=follow if registry is not None else None, watch_interval_s=s.watch_interval_s,
+                             canary_window=s.canary_window, canary_margin=s.canary_margin)
+    hotswap.set_initial(label, version, drafter)
+    if s.drafter and version is not None:
+        hotswap.pinned = version
+    scheduler.step_hooks += [metrics.on_step, hotswap.on_step]
+    scheduler.failure_hooks.append(hotswap.on_step_failure)
+    return ServerState(settings=s, target=target, engine=engine, scheduler=scheduler, metrics=metrics,
+                       hotswap=hotswap, served_model_name=name)
+
+
