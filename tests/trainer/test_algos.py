@@ -105,6 +105,22 @@ def test_clipped_surrogate_token_mean_by_hand():
     # approx_kl = mean(logp_old - logp_new) = -(ln1 + ln1.5 + ln.5 + ln1.1 + ln.7) / 5 = 0.549047 / 5
     assert m["approx_kl"] == pytest.approx(0.1098094, abs=1e-6)
     assert m["kl"] == 0.0
+    # ratio over the 5 valid tokens: (1.0 + 1.5 + 0.5 + 1.1 + 0.7) / 5 = 4.8 / 5 = 0.96, min 0.5, max 1.5
+    assert m["ratio_mean"] == pytest.approx(0.96) and m["ratio_min"] == pytest.approx(0.5)
+    assert m["ratio_max"] == pytest.approx(1.5)
+
+
+def test_ratio_stats_ignore_masked_tokens_and_default_to_one():
+    # valid ratios 2 and 0.5 (mean 1.25); the masked 9.0 and 0.1 must not count
+    logp_new = torch.tensor([[2.0, 9.0], [0.5, 0.1]], dtype=f64).log()
+    mask = torch.tensor([[1, 0], [1, 0]])
+    _, m = clipped_surrogate_loss(logp_new, torch.zeros(2, 2, dtype=f64), torch.ones(2, dtype=f64), mask)
+    assert (m["ratio_mean"], m["ratio_min"], m["ratio_max"]) == pytest.approx((1.25, 0.5, 2.0))
+    # ratio 2 with A = +1 is above 1 + 0.2 (clipped), 0.5 with A = +1 is not: clip_frac = 1/2
+    assert m["clip_frac"] == pytest.approx(0.5)
+    _, none = clipped_surrogate_loss(logp_new, torch.zeros(2, 2, dtype=f64), torch.ones(2, dtype=f64),
+                                     torch.zeros(2, 2))
+    assert (none["ratio_mean"], none["ratio_min"], none["ratio_max"], none["clip_frac"]) == (1.0, 1.0, 1.0, 0.0)
 
 
 def test_gradient_flows_only_through_logp_new_and_is_zero_where_clipped():

@@ -10,38 +10,15 @@ import pytest
 import torch
 from scipy.stats import fisher_exact
 
-from tests.conftest import build_tiny_hf, train_tiny_drafter
+from tests.trainer.rl_setup import cfg_for, write_toml
 from understudy.drafter.train import DrafterTrainConfig
 from understudy.engine.loader import load_model
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt
-from understudy.trainer.config import TrainConfig, TrainConfigError, load_config
+from understudy.trainer.config import TrainConfigError, load_config
 from understudy.trainer.grpo import GRPOTrainer
 from understudy.trainer.rollout import RolloutRequest, RolloutWorkers
 from understudy.trainer.spot import SpotDrafterTrainer
-
-WORDS = ["grid", "line", "flow", "risk", "load", "sum", "wind", "trip"]
-
-
-@pytest.fixture(scope="module")
-def rl_assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rl")
-    model_dir = build_tiny_hf(root / "policy", "llama")
-    rows = [{"prompt": " ".join(WORDS[(i + j) % 8] for j in range(1 + i % 4)), "answer": "e"} for i in range(40)]
-    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lm = load_model(str(model_dir), dtype="float32")
-    prompts = [encode_prompt(lm.tokenizer, r["prompt"]) for r in rows]
-    return {"root": root, "model": model_dir, "task": root / "task.jsonl", "lm": lm, "prompts": prompts,
-            "drafter": train_tiny_drafter(lm, prompts[:24], steps=60)}
-
-
-def cfg_for(rl_assets, tmp_path, **over) -> TrainConfig:
-    base = dict(policy=str(rl_assets["model"]), task="jsonl",
-                task_kwargs={"path": str(rl_assets["task"]), "reward": "contains"}, steps=2, prompts_per_step=4,
-                group_size=4, max_new_tokens=24, lr=1e-3, out_dir=str(tmp_path / "run"), registry=str(tmp_path / "reg"),
-                publish_every=0, checkpoint_every=1, eval_every=0, eval_problems=4, rollout_workers=2)
-    base.update(over)
-    return TrainConfig(**base)
 
 
 def test_one_grpo_step_changes_every_parameter(rl_assets, tmp_path):
@@ -51,6 +28,21 @@ def test_one_grpo_step_changes_every_parameter(rl_assets, tmp_path):
     assert 0 < m["reward_mean"] < 1, "the test task must give mixed rewards, or there is no gradient"
     unchanged = [k for k, v in t.policy.named_parameters() if torch.equal(v.detach(), before[k])]
     assert not unchanged, f"parameters not updated: {unchanged}"
+
+
+def test_ppo_epochs_make_the_ratio_and_the_clip_act(rl_assets, tmp_path):
+    """One epoch: ratio 1, nothing clipped (the on-policy step). Two epochs at a large learning rate: the second
+    epoch's ratio is measured against the rollout policy, departs from 1, and the clip bounds it."""
+    one = GRPOTrainer(cfg_for(rl_assets, tmp_path / "one", steps=1, speculation=False, lr=0.05), progress=False)
+    u1 = one.train_step()["update"]
+    assert (u1["ratio_mean"], u1["clip_frac"], u1["optimizer_steps"]) == (1.0, 0.0, 1) and "epochs" not in u1
+    two = GRPOTrainer(cfg_for(rl_assets, tmp_path / "two", steps=1, speculation=False, lr=0.05, ppo_epochs=2),
+                      progress=False)
+    u2 = two.train_step()["update"]
+    assert u2["optimizer_steps"] == 2
+    assert u2["epochs"]["1"]["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and u2["epochs"]["1"]["clip_frac"] == 0
+    assert abs(u2["epochs"]["2"]["ratio_mean"] - 1.0) > 1e-3 and u2["epochs"]["2"]["clip_frac"] > 0
+    assert u2["epochs"]["2"]["ratio_max"] > 1.28 or u2["epochs"]["2"]["ratio_min"] < 0.8  # outside the clip range
 
 
 def test_greedy_speculative_rollouts_are_token_identical(rl_assets):
@@ -154,16 +146,7 @@ def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
     from understudy.registry.store import Registry
 
     cfg = cfg_for(rl_assets, tmp_path, steps=4, publish_every=2, eval_every=2)
-    path = tmp_path / "cfg.toml"
-    lines = []
-    for k, v in cfg.to_json().items():
-        if v is None:
-            continue
-        if isinstance(v, dict):
-            lines.append(f"{k} = {{ " + ", ".join(f'{a} = {json.dumps(b)}' for a, b in v.items()) + " }")
-        else:
-            lines.append(f"{k} = {json.dumps(v)}")
-    path.write_text("\n".join(lines) + "\n")
+    path = write_toml(cfg, tmp_path / "cfg.toml")
     r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "train", "--config", str(path)], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -195,3 +178,11 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(p)
     with pytest.raises(TrainConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+    p.write_text('ppo_epochs = 0\n')
+    with pytest.raises(TrainConfigError, match="ppo_epochs"):
+        load_config(p)
+    p.write_text('prompts_per_step = 2\ngroup_size = 4\nppo_mini_batches = 9\n')  # 8 sequences per batch
+    with pytest.raises(TrainConfigError, match="ppo_mini_batches"):
+        load_config(p)
+    p.write_text('prompts_per_step = 2\ngroup_size = 4\nppo_mini_batches = 8\nppo_epochs = 3\n')
+    assert (load_config(p).ppo_mini_batches, load_config(p).ppo_epochs) == (8, 3)

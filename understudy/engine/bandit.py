@@ -132,6 +132,33 @@ class AdaptiveController:
                 for r in b.rewards.values():
                     r.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the controller has learned, as plain lists/dicts/numbers (a checkpoint can hold it)."""
+        with self._lock:
+            version, internal, gauss = self._rng.getstate()
+            return {
+                "arms": list(self.arms), "rng": [version, list(internal), gauss],
+                "buckets": {str(i): {"rewards": {str(a): list(r) for a, r in b.rewards.items()}, "current": b.current,
+                                     "pulls": {str(a): n for a, n in b.pulls.items()}, "switches": b.switches,
+                                     "since_reset": b.since_reset} for i, b in sorted(self._buckets.items())},
+            }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore state_dict(); the arms must be this controller's (ValueError otherwise)."""
+        if [int(a) for a in sd["arms"]] != list(self.arms):
+            raise ValueError(f"controller state is for arms {list(sd['arms'])}, this controller has {list(self.arms)}: "
+                             "resume with the controller_arms and num_draft_tokens the state was saved with")
+        version, internal, gauss = sd["rng"]
+        buckets = {}
+        for i, b in sd["buckets"].items():
+            rewards = {a: collections.deque(b["rewards"].get(str(a), []), maxlen=self.cfg.window) for a in self.arms}
+            buckets[int(i)] = _Bucket(rewards=rewards, current=int(b["current"]),
+                                      pulls=collections.Counter({int(a): int(n) for a, n in b["pulls"].items()}),
+                                      switches=int(b["switches"]), since_reset=int(b["since_reset"]))
+        with self._lock:
+            self._rng.setstate((version, tuple(internal), gauss))
+            self._buckets = buckets
+
     def current_arm(self, batch_size: int) -> int:
         with self._lock:
             return self._bucket(self.bucket_of(batch_size)).current

@@ -174,7 +174,8 @@ def clipped_surrogate_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advan
 
     logp_new, logp_old, mask: [B, T]; advantages: [B] (one per sequence, broadcast over its tokens).
     Per token: max(-A * ratio, -A * clip(ratio)); aggregated by `loss_agg` (token-mean by default).
-    Gradients flow through logp_new only. Returns (loss, metrics: clip_frac, approx_kl, pg_loss, kl).
+    Gradients flow through logp_new only. Returns (loss, metrics: pg_loss, clip_frac, approx_kl, kl, and the
+    ratio's token-mean, min and max over valid tokens; 1.0 when there is none).
     """
     if logp_new.shape != logp_old.shape or logp_new.shape != mask.shape or logp_new.dim() != 2:
         raise AlgoError(f"logp_new, logp_old and mask must all be [B, T]; got {tuple(logp_new.shape)}, "
@@ -200,11 +201,15 @@ def clipped_surrogate_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advan
         kl = agg(kl_k3(logp_new, logp_ref.detach()), mask)
         loss = loss + kl_coef * kl
     with torch.no_grad():
+        valid = ratio[mask > 0]
         metrics = {
             "pg_loss": float(pg_loss),
             "clip_frac": float(token_mean((clipped > unclipped).to(pg.dtype), mask)),
             "approx_kl": float(token_mean(-log_ratio, mask)),
             "kl": float(kl),
+            "ratio_mean": float(valid.mean()) if valid.numel() else 1.0,
+            "ratio_min": float(valid.min()) if valid.numel() else 1.0,
+            "ratio_max": float(valid.max()) if valid.numel() else 1.0,
         }
     return loss, metrics
 

@@ -27,7 +27,7 @@ class TrainConfig:
     task: str = "arith"  # registered task (arith, countdown, grid-risk, jsonl)
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # options of the task (e.g. {"max_digits": 3})
     # ---- GRPO ----
-    steps: int = 30  # RL steps (one rollout + one policy update each)
+    steps: int = 30  # RL steps (one rollout + one policy update of ppo_epochs x ppo_mini_batches optimizer steps)
     prompts_per_step: int = 8  # distinct problems per step
     group_size: int = 8  # samples per problem (the GRPO group)
     max_new_tokens: int = 160  # response budget
@@ -38,6 +38,8 @@ class TrainConfig:
     clip_low: float = 0.2  # ratio clip below 1 - clip_low
     clip_high: float = 0.28  # ratio clip above 1 + clip_high (DAPO clip-higher)
     kl_coef: float = 0.0  # KL to the initial policy (k3); 0 = off
+    ppo_epochs: int = 1  # optimisation passes over each rollout batch; > 1 makes the ratio (and the clip) act
+    ppo_mini_batches: int = 1  # optimizer steps per epoch (the batch's sequences split evenly, reshuffled per epoch)
     lr: float = 1e-5  # policy AdamW learning rate
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -78,6 +80,9 @@ class TrainConfig:
             (len(set(self.controller_arms)) >= 2, "controller_arms needs at least two distinct K (e.g. [0, 4])"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
             (self.publish_every >= 0 and self.checkpoint_every >= 1, "publish_every >= 0, checkpoint_every >= 1"),
+            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1 (1 = one optimizer pass per rollout batch)"),
+            (1 <= self.ppo_mini_batches <= self.prompts_per_step * self.group_size,
+             "ppo_mini_batches must be in [1, prompts_per_step * group_size]"),
         ]
         for ok, msg in checks:
             if not ok:

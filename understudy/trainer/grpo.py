@@ -3,8 +3,9 @@
     sample -> rollout (speculative; idle workers spot-train the drafter) -> reward -> update (log-prob forward,
     whose hidden states feed the drafter buffer) -> drafter sync (between steps) -> eval / publish / checkpoint
 
-One policy update per batch (on-policy: logp_old is the same forward, detached). The learner and the rollout
-engines share the policy's parameters in this process; `Linear`'s pre-packed weights follow in-place updates.
+The update (update.py) takes `ppo_epochs` x `ppo_mini_batches` optimizer steps per batch (1 x 1 = on-policy:
+logp_old is the same forward, detached). The learner and the rollout engines share the policy's parameters in
+this process; `Linear`'s pre-packed weights follow in-place updates.
 """
 
 from __future__ import annotations
@@ -28,15 +29,30 @@ from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, save_model
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt
-from understudy.trainer.algos import get_adv_estimator, get_policy_loss, token_logprobs
-from understudy.trainer.checkpoint import load_checkpoint, save_checkpoint
+from understudy.trainer import crashpoints
+from understudy.trainer.algos import get_adv_estimator, get_policy_loss
+from understudy.trainer.checkpoint import (
+    load_checkpoint,
+    random_state_from_plain,
+    random_state_to_plain,
+    save_checkpoint,
+)
 from understudy.trainer.config import TrainConfig
+from understudy.trainer.lineage import (
+    new_run_id,
+    publish_note,
+    read_run_id,
+    reconcile,
+    run_versions,
+    write_run_id,
+)
 from understudy.trainer.metrics_log import MetricsLog
 from understudy.trainer.policy import load_policy
 from understudy.trainer.rollout import RolloutRequest, RolloutResult, RolloutWorkers
 from understudy.trainer.spot import SpotDrafterTrainer
 from understudy.trainer.tasks import Problem, get_task
 from understudy.trainer.timing import PhaseTimes
+from understudy.trainer.update import PolicyUpdater, UpdateConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +80,11 @@ class GRPOTrainer:
         self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
         self.adv_fn = get_adv_estimator(cfg.advantage)
-        self.loss_fn = get_policy_loss(cfg.policy_loss)
         self.ref = self._reference() if cfg.kl_coef > 0 else None
+        self.updater = PolicyUpdater(self.policy, self.opt, get_policy_loss(cfg.policy_loss), UpdateConfig(
+            ppo_epochs=cfg.ppo_epochs, ppo_mini_batches=cfg.ppo_mini_batches, micro_batch_tokens=cfg.micro_batch_tokens,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef, grad_clip=cfg.grad_clip,
+            seed=cfg.seed), ref=self.ref)
         self.controller = AdaptiveController(BanditConfig(arms=cfg.controller_arms, seed=cfg.seed),
                                              max_k=cfg.num_draft_tokens) if cfg.tlt else None
         self.spot = self._spot_trainer() if cfg.tlt else None
@@ -77,6 +96,8 @@ class GRPOTrainer:
             drafter_factory=self._drafter_copy if cfg.tlt else None, threads=cfg.threads)
         self.step = 0
         self.last_published: int | None = None  # registry version this run published last (parent of the next)
+        self.run_id: str | None = None  # this run's identity in the registry's notes (lineage.py)
+        self.published_ahead: dict[int, int] = {}  # after a resume: step -> version a crashed attempt published
         self.log = MetricsLog(self.out)
 
     # ---- construction helpers ------------------------------------------------------------------------------
@@ -139,58 +160,17 @@ class GRPOTrainer:
         return self._metrics(ph, result, rewards, update)
 
     def _update(self, reqs: list[RolloutRequest], responses: list[list[int]], rewards: list[float],
-                groups: list[int]) -> dict[str, float]:
-        c = self.cfg
+                groups: list[int]) -> dict[str, Any]:
         adv = self.adv_fn(torch.tensor(rewards, dtype=torch.float32), torch.tensor(groups))
         seqs = [(r.prompt_ids + resp, len(r.prompt_ids)) for r, resp in zip(reqs, responses, strict=True)]
-        n_tokens = sum(len(s) - p for s, p in seqs)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-        self.policy.train()
-        self.opt.zero_grad(set_to_none=True)
-        samples: list[Sample] = []
-        agg: dict[str, float] = {}
-        i = 0
-        while i < len(order):
-            j = i + 1
-            while j < len(order) and (j - i + 1) * len(seqs[order[j]][0]) <= c.micro_batch_tokens:
-                j += 1
-            idx = order[i:j]
-            m = self._micro_batch([seqs[k] for k in idx], adv[idx], n_tokens, samples)
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + v * len(idx) / len(seqs)
-            i = j
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.grad_clip))
-        self.opt.step()
-        self.policy.eval()
-        if self.spot is not None:
+        samples: list[Sample] | None = [] if self.spot is not None else None
+        update = self.updater.update(seqs, adv, step=self.step, samples=samples)
+        if self.spot is not None and samples is not None:
             self.spot.add(samples)
-        return {**agg, "grad_norm": grad_norm, "advantage_abs_mean": float(adv.abs().mean())}
-
-    def _micro_batch(self, seqs: list[tuple[list[int], int]], adv: torch.Tensor, n_total: int,
-                     samples: list[Sample]) -> dict[str, float]:
-        c = self.cfg
-        T = max(len(s) for s, _ in seqs)
-        toks = torch.zeros(len(seqs), T, dtype=torch.long)
-        mask = torch.zeros(len(seqs), T - 1, dtype=torch.bool)
-        for b, (s, p) in enumerate(seqs):
-            toks[b, :len(s)] = torch.tensor(s)
-            mask[b, p - 1:len(s) - 1] = True  # logits at t predict token t+1: the response tokens
-        hidden = self.policy(toks)  # [b, T, H]: the update's own forward, also the drafter's features
-        logp = token_logprobs(self.policy.logits(hidden[:, :-1]), toks[:, 1:])  # [b, T-1]
-        ref = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref = token_logprobs(self.ref.logits(self.ref(toks)[:, :-1]), toks[:, 1:])
-        loss, m = self.loss_fn(logp, logp.detach(), adv, mask, clip_low=c.clip_low, clip_high=c.clip_high,
-                               logp_ref=ref, kl_coef=c.kl_coef)
-        (loss * (mask.sum() / max(n_total, 1))).backward()  # token-mean over the whole batch, not the chunk
-        feats = hidden.detach().float()
-        for b, (s, p) in enumerate(seqs):
-            samples.append(Sample(tokens=toks[b, :len(s)].clone(), features=feats[b, :len(s)].clone(), prompt_len=p))
-        return m
+        return {**update, "advantage_abs_mean": float(adv.abs().mean())}
 
     # ---- reporting -----------------------------------------------------------------------------------------
-    def _metrics(self, ph: PhaseTimes, result: RolloutResult, rewards: list[float], update: dict[str, float]) -> dict[str, Any]:
+    def _metrics(self, ph: PhaseTimes, result: RolloutResult, rewards: list[float], update: dict[str, Any]) -> dict[str, Any]:
         lengths = [len(r) for r in result.responses]
         tokens = sum(lengths)
         m: dict[str, Any] = {
@@ -239,6 +219,8 @@ class GRPOTrainer:
 
     # ---- publishing and checkpoints -------------------------------------------------------------------------
     def publish(self) -> dict[str, Any]:
+        """Save the policy; publish the drafter (once per step per run: a step that a crashed attempt already
+        published reuses that version, see lineage.py)."""
         from understudy.registry.store import Registry
 
         out: dict[str, Any] = {}
@@ -246,30 +228,52 @@ class GRPOTrainer:
         save_model(self.policy, self.tok, policy_dir, extra_config={"understudy_policy_step": self.step})
         save_model(self.policy, self.tok, self.out / "policy", extra_config={"understudy_policy_step": self.step})
         out["policy"] = str(policy_dir)
-        if self.spot is not None:
-            ev = self.spot.evaluate(k=self.cfg.num_draft_tokens) or {}
-            folder = self.out / f"drafter-step{self.step:05d}"
-            save_drafter(self.spot.drafter, folder, extra_training={"heldout": ev, "policy_step": self.step})
-            reg = Registry.open(self.cfg.registry)
-            info = reg.publish(folder, metrics={"heldout_acceptance_length": ev.get("expected_acceptance_length"),
-                                                "top1_agreement": ev.get("top1_agreement")},
-                               training_config=self.cfg.to_json(), policy_version=self.step,
-                               parent=self.last_published)
-            self.last_published = info.version  # the next version's parent (kept across --resume)
-            out.update(drafter_version=info.version, heldout_acceptance_length=ev.get("expected_acceptance_length"))
-        return out
+        if self.spot is None:
+            return out
+        if self.step in self.published_ahead:  # published before a crash; the checkpoint did not know yet
+            self.last_published = self.published_ahead.pop(self.step)
+            log.info("step %d already has drafter version %d (published before the crash): not publishing again",
+                     self.step, self.last_published)
+            return {**out, "drafter_version": self.last_published, "reused": True}
+        ev = self.spot.evaluate(k=self.cfg.num_draft_tokens) or {}
+        folder = self.out / f"drafter-step{self.step:05d}"
+        save_drafter(self.spot.drafter, folder, extra_training={"heldout": ev, "policy_step": self.step})
+        crashpoints.reach("publish_before", self.step)
+        info = Registry.open(self.cfg.registry).publish(
+            folder, metrics={"heldout_acceptance_length": ev.get("expected_acceptance_length"),
+                             "top1_agreement": ev.get("top1_agreement")},
+            training_config=self.cfg.to_json(), policy_version=self.step, parent=self.last_published,
+            note=publish_note(self._run_id(), self.step))
+        crashpoints.reach("publish_after", self.step)
+        self.last_published = info.version  # the next version's parent (kept across --resume)
+        return {**out, "drafter_version": info.version,
+                "heldout_acceptance_length": ev.get("expected_acceptance_length")}
+
+    def _run_id(self) -> str:
+        """This run's id; a fresh run gets one (written to OUT_DIR/run.json before its first publish)."""
+        if self.run_id is None:
+            self.run_id = new_run_id()
+            write_run_id(self.out, self.run_id)
+        return self.run_id
 
     def save(self) -> None:
         save_checkpoint(self.out / "checkpoint.pt", {
             "step": self.step, "policy": self.policy.state_dict(), "opt": self.opt.state_dict(),
             "spot": self.spot.state_dict() if self.spot is not None else None,
-            "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "config": self.cfg.to_json(),
-            "last_published": self.last_published,
-        })
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "rng": random_state_to_plain(self.rng.getstate()), "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_json(), "run_id": self._run_id(), "last_published": self.last_published,
+        }, step=self.step)
+        crashpoints.reach("checkpoint_after", self.step)
 
     def resume(self) -> bool:
+        """Continue from OUT_DIR/checkpoint.pt (False: none, start at step 0 but keep the run's identity), then
+        reconcile with the registry so that no step's drafter is published twice or lost."""
         ck = load_checkpoint(self.out / "checkpoint.pt")
         if ck is None:
+            self.run_id = read_run_id(self.out)  # a run killed before its first checkpoint
+            self.log.truncate_after(-1)  # it restarts from scratch: its log does too
+            self._reconcile()
             return False
         with torch.no_grad():
             self.policy.load_state_dict(ck["policy"])
@@ -277,13 +281,30 @@ class GRPOTrainer:
         if self.spot is not None and ck.get("spot"):
             self.spot.load_state_dict(ck["spot"])
             self.workers.load_drafter_weights(self.spot.drafter)
-        self.rng.setstate(ck["rng"])
+        if self.controller is not None and ck.get("controller"):
+            self.controller.load_state_dict(ck["controller"])
+        self.rng.setstate(random_state_from_plain(ck["rng"]))
         self.last_published = ck.get("last_published")
+        self.run_id = ck.get("run_id") or read_run_id(self.out)
         torch.set_rng_state(ck["torch_rng"])
         self.step = int(ck["step"])
         self.workers.refresh_weights()
         self.log.truncate_after(self.step)
+        self._reconcile()
         return True
+
+    def _reconcile(self) -> None:
+        if self.spot is None or self.run_id is None:
+            return
+        from understudy.registry.store import Registry
+
+        versions = Registry.open(self.cfg.registry).list_versions()
+        r = reconcile(run_versions(((v.version, v.manifest) for v in versions), self.run_id), self.step,
+                      self.last_published)
+        self.last_published, self.published_ahead = r.last_published, r.ahead
+        if r.ahead:
+            log.info("resuming at step %d: steps %s were already published (versions %s) and will not be again",
+                     self.step, sorted(r.ahead), [r.ahead[s] for s in sorted(r.ahead)])
 
     def warmup_drafter(self) -> dict[str, float]:
         """Self-distil the drafter on the initial policy's own sampled rollouts (a third of the budget generates,
@@ -325,13 +346,14 @@ class GRPOTrainer:
                 t0 = time.perf_counter()
                 m.update(self.evaluate())
                 m["time"]["eval"] = round(time.perf_counter() - t0, 4)
-            if (c.publish_every and self.step % c.publish_every == 0) or last:
+            published = bool(c.publish_every and self.step % c.publish_every == 0) or last
+            if published:
                 t0 = time.perf_counter()
                 m["published"] = self.publish()
                 m["time"]["publish"] = round(time.perf_counter() - t0, 4)
-            if self.step % c.checkpoint_every == 0 or last:
+            self.log.write(m)  # before the checkpoint: a resume never lacks the line of a checkpointed step
+            if published or self.step % c.checkpoint_every == 0 or last:  # a publish is always checkpointed
                 self.save()
-            self.log.write(m)
             history.append(m)
             bar.update(1)
             bar.set_postfix(reward=f"{m['reward_mean']:.2f}", acc=f"{m.get('eval_accuracy', m['accuracy']):.2f}",

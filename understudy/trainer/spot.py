@@ -70,11 +70,36 @@ class SpotDrafterTrainer:
         return evaluate(self.drafter, self.target, self.heldout, k=k)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"drafter": self.drafter.own_state_dict(),
-                "trainer": self.trainer.state_dict(), "total_train_s": self.total_train_s}
+        """Plain data (tensors, dicts, numbers): the drafter, its optimizer, and the buffer it trains on."""
+        return {"drafter": self.drafter.own_state_dict(), "trainer": self.trainer.state_dict(),
+                "total_train_s": self.total_train_s, "buffer": pack_samples(list(self.buffer)),
+                "heldout": pack_samples(self.heldout), "last_metrics": dict(self.last_metrics)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         with torch.no_grad():
             self.drafter.load_state_dict(sd["drafter"], strict=False)
         self.trainer.load_state_dict(sd["trainer"])
         self.total_train_s = float(sd.get("total_train_s", 0.0))
+        self.buffer = collections.deque(unpack_samples(sd["buffer"]) if "buffer" in sd else [])
+        self.heldout = unpack_samples(sd["heldout"]) if "heldout" in sd else []
+        self.last_metrics = {k: float(v) for k, v in sd.get("last_metrics", {}).items()}
+
+
+def pack_samples(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """Samples as four tensors (a checkpoint stores a few tensors, not thousands of objects): the tokens and
+    the features concatenated, each sample's length and prompt length."""
+    if not samples:
+        empty = torch.zeros(0, dtype=torch.long)
+        return {"tokens": empty, "features": torch.zeros(0, 0), "lengths": empty, "prompt_lens": empty}
+    return {"tokens": torch.cat([s.tokens for s in samples]), "features": torch.cat([s.features for s in samples]),
+            "lengths": torch.tensor([len(s) for s in samples]),
+            "prompt_lens": torch.tensor([s.prompt_len for s in samples])}
+
+
+def unpack_samples(packed: dict[str, torch.Tensor]) -> list[Sample]:
+    sizes = packed["lengths"].tolist()
+    if not sizes:
+        return []
+    tokens, features = packed["tokens"].split(sizes), packed["features"].split(sizes)
+    return [Sample(tokens=t.clone(), features=f.clone(), prompt_len=int(p))
+            for t, f, p in zip(tokens, features, packed["prompt_lens"].tolist(), strict=True)]
