@@ -2,8 +2,13 @@
 # Understudy server image (CPU). Build from the repository root:
 #
 #   docker build -t understudy:0.1.0 .
-#   docker run --rm -p 8000:8000 -v understudy-registry:/data/registry -v understudy-cache:/data/cache understudy:0.1.0
+#   docker run --rm -p 127.0.0.1:8000:8000 -e UNDERSTUDY_API_KEY=<your key> \
+#     -v understudy-registry:/data/registry -v understudy-cache:/data/cache understudy:0.1.0
 #
+# The server binds 0.0.0.0 in the container, and a non-loopback bind needs an API key: without UNDERSTUDY_API_KEY
+# (or --api-key) it refuses to start (exit 2), unless `--allow-unauthenticated` is given for a server that only an
+# authenticating proxy can reach. No key is baked into the image. An admin key (UNDERSTUDY_ADMIN_KEY, optional)
+# must differ from every API key.
 # Extra `understudy serve` flags go after the image name (they are appended to the ENTRYPOINT), e.g. `--threads 4`;
 # every setting is also an UNDERSTUDY_* environment variable (understudy/server/settings.py).
 # See deploy/README.md for docker compose (server + Prometheus + Grafana + trainer) and Kubernetes.
@@ -64,5 +69,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
 # and exits 0; a second signal exits at once. Give `docker stop` more than that: `docker stop -t 150`, or
 # stop_grace_period / terminationGracePeriodSeconds in deploy/.
 STOPSIGNAL SIGTERM
+# 0.0.0.0 is what makes the port reachable from outside the container; it is also why the server demands an API key.
 ENTRYPOINT ["understudy", "serve", "--host", "0.0.0.0"]
 CMD []

@@ -115,13 +115,25 @@ def _f(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _ms(x: float | None) -> str:
+    """Milliseconds with 3 significant digits, never in exponent form and never rounded to a misleading 0:
+    inter-token gaps of chunks that arrive in one network read are tens of microseconds (0.0312 ms), and a
+    fixed one-decimal format printed them as 0.0."""
+    if x is None:
+        return "-"
+    if x == 0 or x >= 100:
+        return f"{x:.0f}"
+    digits = max(0, 2 - math.floor(math.log10(abs(x))))
+    return f"{x:.{digits}f}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def latency_table(rows: list[dict[str, Any]]) -> list[str]:
-    body = [[r["label"], str(r["users"]), _f(r["rate"], 2), m, str(s["n"]), *(_f(s[f"p{q}"]) for q in QUANTILES)]
+    body = [[r["label"], str(r["users"]), _f(r["rate"], 2), m, str(s["n"]), *(_ms(s[f"p{q}"]) for q in QUANTILES)]
             for r in rows for m, s in r["latency_ms"].items()]
     return _table(["run", "users", "rate (req/s)", "metric", "n", *(f"p{q} (ms)" for q in QUANTILES)], body)
 
@@ -162,8 +174,8 @@ def comparison_tables(comps: list[dict[str, Any]]) -> list[str]:
         a, b = mine[0]["base"], other
         lines += ["", f"## {a} vs {b} (side by side; ratio = {b} / {a}, > 1 means {a} is faster)", ""]
         lines += _table(["load", "metric", f"p50 {a}", f"p50 {b}", "p50 ratio", f"p99 {a}", f"p99 {b}", "p99 ratio"],
-                        [[c["load"], c["metric"], _f(c["base_ms"]["p50"]), _f(c["other_ms"]["p50"]),
-                          _f(c["ratio"]["p50"], 2), _f(c["base_ms"]["p99"]), _f(c["other_ms"]["p99"]),
+                        [[c["load"], c["metric"], _ms(c["base_ms"]["p50"]), _ms(c["other_ms"]["p50"]),
+                          _f(c["ratio"]["p50"], 2), _ms(c["base_ms"]["p99"]), _ms(c["other_ms"]["p99"]),
                           _f(c["ratio"]["p99"], 2)] for c in mine])
     return lines
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import random
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,15 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+@pytest.fixture(autouse=True)
+def _pinned_seeds():
+    """Every test starts from the same global RNG states (torch, random, numpy): a test that draws without its
+    own generator is still deterministic, run alone or in any order."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def make_char_tokenizer(folder: Path):

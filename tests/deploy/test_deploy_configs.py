@@ -65,17 +65,58 @@ def duration_s(text: str | int | float) -> float:
     return sum(float(n) * scale[u] for n, u in parts)
 
 
+class ComposeVarMissing(Exception):
+    """compose refuses to run: a ${VAR:?message} (or ${VAR?message}) variable is not set."""
+
+
+COMPOSE_VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def compose_interpolate(value: Any, env: dict[str, str]) -> str:
+    """compose's variable substitution with the user's variables ENV (shell + .env): ${X}, $X, ${X:-d}, ${X-d},
+    ${X:?msg}, ${X?msg} (the ':' forms treat an empty value as unset), $$ = a literal $."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group(1) or m.group(4), m.group(2), m.group(3) or ""
+        v = env.get(name)
+        missing = (not v) if (op or "").startswith(":") else v is None
+        if op in (":-", "-"):
+            return arg if missing else str(v)
+        if op in (":?", "?"):
+            if missing:
+                raise ComposeVarMissing(f"{name}: {arg}")
+            return str(v)
+        return v or ""
+
+    return COMPOSE_VAR_RE.sub(sub, str(value))
+
+
 def compose_default(value: Any) -> str:
-    """What compose substitutes with no variables set: ${X:-default} / ${X-default} -> default, ${X} -> ''."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+    """What compose substitutes with no variables set (raises ComposeVarMissing for a required one)."""
+    return compose_interpolate(value, {})
 
 
-def env_list_to_dict(env: Any) -> dict[str, str]:
+def env_list_to_dict(env: Any) -> dict[str, str | None]:
+    """A service's `environment`, either form; None = a name without a value (compose passes the user's value
+    through, or leaves the variable unset in the container)."""
     if env is None:
         return {}
-    if isinstance(env, list):  # compose's list form: ["KEY=value", ...]
-        return dict(e.split("=", 1) if "=" in e else (e, "") for e in env)
-    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+    if isinstance(env, list):  # compose's list form: ["KEY=value", "KEY", ...]
+        return {k: v for k, _, v in (e.partition("=") for e in env)} | {e: None for e in env if "=" not in e}
+    return {str(k): None if v is None else str(v) for k, v in env.items()}
+
+
+def container_env(svc: dict, user_env: dict[str, str]) -> dict[str, str]:
+    """The environment compose gives a service's container, with the user's variables USER_ENV."""
+    out = {}
+    for k, v in env_list_to_dict(svc.get("environment")).items():
+        if v is None:
+            if k in user_env:
+                out[k] = user_env[k]
+        else:
+            out[k] = compose_interpolate(v, user_env)
+    return out
 
 
 def balanced(expr: str) -> bool:
@@ -201,7 +242,8 @@ def env_names_are_real(names: set[str], settings_cls, where: str) -> None:
             f"nor a variable read by the package ({sorted(read_by_name)})")
 
 
-def settings_from_env(env: dict[str, str], settings_cls, monkeypatch):
+def settings_from_env(env: dict[str, str], settings_cls, monkeypatch, **flags: Any):
+    """The settings a container with environment ENV gets from `understudy serve` with FLAGS (as field values)."""
     import os
 
     for k in list(os.environ):
@@ -211,7 +253,14 @@ def settings_from_env(env: dict[str, str], settings_cls, monkeypatch):
     for k, v in env.items():
         if k.startswith(ENV_PREFIX) and k[len(ENV_PREFIX):].lower() in fields:
             monkeypatch.setenv(k, v)
-    return settings_cls()
+    return settings_cls(**flags)
+
+
+def image_flags() -> dict[str, str]:
+    """The settings the image's ENTRYPOINT passes as flags (`--host 0.0.0.0`), as field values."""
+    entry = json.loads(dict(parse_dockerfile())["ENTRYPOINT"])
+    args = entry[entry.index("serve") + 1:]
+    return {args[i][2:].replace("-", "_"): args[i + 1] for i in range(0, len(args) - 1, 2) if args[i].startswith("--")}
 
 
 def cli_options(*path: str) -> set[str]:
@@ -432,6 +481,38 @@ def test_dockerfile_base_user_port_volumes(settings_cls):
     env_names_are_real(set(env), settings_cls, "Dockerfile")
 
 
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for k, a in parse_dockerfile():
+        if k == "ENV":
+            env.update(dict(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", a)))
+    return env
+
+
+AUTH_VARS = ("UNDERSTUDY_API_KEY", "UNDERSTUDY_ADMIN_KEY", "UNDERSTUDY_ALLOW_UNAUTHENTICATED")
+
+
+def test_dockerfile_bakes_in_no_key_and_its_entrypoint_fails_safe(settings_cls, monkeypatch):
+    """The ENTRYPOINT binds 0.0.0.0: with the image's own environment and no key, the server must refuse to start;
+    with UNDERSTUDY_API_KEY it starts."""
+    from pydantic import ValidationError
+
+    from understudy.server.settings import is_loopback
+
+    ins = parse_dockerfile()
+    declared = set(dockerfile_env()) | {a.split("=", 1)[0].strip() for k, a in ins if k == "ARG"}
+    assert not declared & set(AUTH_VARS), f"the image must not set {sorted(declared & set(AUTH_VARS))}"
+    entry = json.loads(dict(ins)["ENTRYPOINT"])
+    assert not {"--allow-unauthenticated", "--api-key", "--admin-key"} & set(flags_of(entry))
+    flags = image_flags()
+    assert not is_loopback(flags["host"]), "the image binds a non-loopback address: the API-key rule applies"
+    with pytest.raises(ValidationError, match="--api-key") as e:
+        settings_from_env(dockerfile_env(), settings_cls, monkeypatch, **flags)
+    assert "--allow-unauthenticated" in str(e.value)
+    s = settings_from_env({**dockerfile_env(), "UNDERSTUDY_API_KEY": "sk-a"}, settings_cls, monkeypatch, **flags)
+    assert s.api_key == ["sk-a"] and s.host == flags["host"]
+
+
 def test_dockerfile_installs_pinned_cpu_torch_before_the_package():
     runs = [a for k, a in parse_dockerfile() if k == "RUN"]
 
@@ -561,15 +642,58 @@ def test_compose_healthcheck_really_probes_readyz(compose, readyz_stub):
 
 
 def test_compose_env_vars_are_settings_and_validate(compose, settings_cls, monkeypatch):
-    server_env = {}
     for name, svc in compose["services"].items():
-        env = env_list_to_dict(svc.get("environment"))
-        env_names_are_real(set(env), settings_cls, f"compose service {name}")
-        if name == "server":
-            server_env = {k: compose_default(v) for k, v in env.items()}
-    s = settings_from_env(server_env, settings_cls, monkeypatch)
+        env_names_are_real(set(env_list_to_dict(svc.get("environment"))), settings_cls, f"compose service {name}")
+    env = container_env(compose["services"]["server"], {"UNDERSTUDY_API_KEY": "sk-a,sk-b"})
+    s = settings_from_env(env, settings_cls, monkeypatch, **image_flags())
     assert s.registry == "/data/registry"
-    assert s.api_key == [] and not s.admin_key  # the defaults: auth off, admin API off (ports bind to 127.0.0.1)
+    assert s.host == "0.0.0.0" and s.api_key == ["sk-a", "sk-b"]
+    assert s.admin_key is None and not s.allow_unauthenticated  # admin API off unless UNDERSTUDY_ADMIN_KEY is set
+
+
+def test_compose_server_requires_an_api_key_and_a_separate_admin_key(compose, settings_cls, monkeypatch):
+    from pydantic import ValidationError
+
+    server = compose["services"]["server"]
+    # no API key (unset or empty): compose itself refuses to run, naming the variable
+    for user_env in ({}, {"UNDERSTUDY_API_KEY": ""}):
+        with pytest.raises(ComposeVarMissing, match="UNDERSTUDY_API_KEY"):
+            container_env(server, user_env)
+    # nothing turns the fail-safe off, and no key is written into the file
+    for name, svc in compose["services"].items():
+        raw = env_list_to_dict(svc.get("environment"))
+        assert "UNDERSTUDY_ALLOW_UNAUTHENTICATED" not in raw, f"{name}: compose must not serve without auth"
+        assert not any(a.startswith("--allow-unauthenticated") for a in map(str, svc.get("command") or [])), name
+    raw_key = env_list_to_dict(server["environment"])["UNDERSTUDY_API_KEY"]
+    assert re.fullmatch(r"\$\{UNDERSTUDY_API_KEY:\?[^}]*\}", raw_key or ""), f"not a required variable: {raw_key!r}"
+    # the admin key: absent unless the user sets it (an empty value would stop the server), and never the API key
+    assert "UNDERSTUDY_ADMIN_KEY" not in container_env(server, {"UNDERSTUDY_API_KEY": "sk-a"})
+    env = container_env(server, {"UNDERSTUDY_API_KEY": "sk-a", "UNDERSTUDY_ADMIN_KEY": "adm-b"})
+    assert settings_from_env(env, settings_cls, monkeypatch, **image_flags()).admin_key == "adm-b"
+    env = container_env(server, {"UNDERSTUDY_API_KEY": "sk-a,sk-b", "UNDERSTUDY_ADMIN_KEY": "sk-b"})
+    with pytest.raises(ValidationError, match="admin_key must differ"):
+        settings_from_env(env, settings_cls, monkeypatch, **image_flags())
+
+
+def test_compose_grafana_and_prometheus_have_no_default_credentials_or_open_admin_apis(compose):
+    grafana, prometheus = compose["services"]["grafana"], compose["services"]["prometheus"]
+    with pytest.raises(ComposeVarMissing, match="GRAFANA_ADMIN_PASSWORD"):  # no admin/admin: compose refuses
+        container_env(grafana, {})
+    with pytest.raises(ComposeVarMissing, match="GRAFANA_ADMIN_PASSWORD"):
+        container_env(grafana, {"GRAFANA_ADMIN_PASSWORD": ""})
+    env = container_env(grafana, {"GRAFANA_ADMIN_PASSWORD": "pw-from-the-user"})
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == "pw-from-the-user"
+    assert env.get("GF_AUTH_ANONYMOUS_ENABLED", "false").lower() == "false", "anonymous access must be opt-in"
+    assert env.get("GF_USERS_ALLOW_SIGN_UP", "").lower() == "false"
+    opted_in = container_env(grafana, {"GRAFANA_ADMIN_PASSWORD": "pw", "GRAFANA_ANONYMOUS": "true"})
+    assert opted_in["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and opted_in["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    flags = [str(a).split("=", 1)[0] for a in prometheus["command"]]
+    assert "--web.enable-lifecycle" not in flags and "--web.enable-admin-api" not in flags
+    for port in prometheus.get("ports", []):  # no authentication of its own: loopback only, whatever BIND_ADDRESS
+        assert compose_interpolate(port, {"BIND_ADDRESS": "0.0.0.0"}).startswith("127.0.0.1:"), port
+    for name in ("server", "grafana"):
+        for port in compose["services"][name].get("ports", []):
+            assert compose_default(port).startswith("127.0.0.1:"), f"{name}: {port} must default to loopback"
 
 
 def test_compose_trainer_publishes_into_the_servers_registry(compose):
@@ -689,6 +813,23 @@ def test_k8s_env_secrets_config_and_resources(k8s, settings_cls, monkeypatch):
         assert {"cpu", "memory"} <= c["resources"][kind].keys()
 
 
+def test_k8s_fails_safe_without_the_api_key_secret(k8s, settings_cls, monkeypatch):
+    from pydantic import ValidationError
+
+    c = _container(k8s)
+    env = {e["name"]: e for e in c.get("env", [])}
+    cm = {k: str(v) for k, v in k8s["ConfigMap"]["data"].items()}
+    assert "UNDERSTUDY_ALLOW_UNAUTHENTICATED" not in cm and "UNDERSTUDY_ALLOW_UNAUTHENTICATED" not in env
+    assert "--allow-unauthenticated" not in [str(a) for a in c.get("args", [])]
+    api, admin = (env[k]["valueFrom"]["secretKeyRef"] for k in ("UNDERSTUDY_API_KEY", "UNDERSTUDY_ADMIN_KEY"))
+    assert api.get("optional") is not True
+    assert (api["name"], api["key"]) != (admin["name"], admin["key"]), "the admin key must be its own Secret entry"
+    with pytest.raises(ValidationError, match="--api-key"):  # what the pod would do without the key
+        settings_from_env(cm, settings_cls, monkeypatch, **image_flags())
+    s = settings_from_env({**cm, "UNDERSTUDY_API_KEY": "sk-a"}, settings_cls, monkeypatch, **image_flags())
+    assert s.api_key == ["sk-a"] and s.admin_key is None  # no admin-key entry: the admin API is off
+
+
 def test_k8s_volumes_and_security(k8s):
     spec = k8s["Deployment"]["spec"]["template"]["spec"]
     c = _container(k8s)
@@ -715,6 +856,14 @@ def test_k8s_selectors_ports_and_servicemonitor(k8s):
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     (ep,) = sm["spec"]["endpoints"]
     assert ep["port"] in svc_ports and ep.get("path", "/metrics") == "/metrics"
+
+
+def test_readme_documents_the_auth_rules():
+    text = (DEPLOY / "README.md").read_text()
+    for must in ("UNDERSTUDY_API_KEY", "--allow-unauthenticated", "GRAFANA_ADMIN_PASSWORD", "must differ",
+                 "SIGHUP"):
+        assert must in text, f"deploy/README.md does not mention {must}"
+    assert "admin/admin" not in text, "Grafana has no default credentials any more"
 
 
 def test_readme_is_honest_about_the_build():

@@ -227,9 +227,9 @@ def test_controller_is_not_charged_for_catch_up_after_an_off_stretch(tiny_llama,
     lm = tiny_llama
     original = dp.DrafterProposer._catch_up_long_rows
 
-    def slow_catch_up(self, batch):  # make a long catch-up unmistakable: +0.2 s whenever a row is far behind
+    def slow_catch_up(self, batch):  # make a long catch-up unmistakable: +2 s whenever a row is far behind
         if any(n - 2 - self.drafter_len[b] > dp.LONG_CATCH_UP for b, n in enumerate(batch.num_tokens)):
-            _time.sleep(0.2)
+            _time.sleep(2.0)
         return original(self, batch)
 
     monkeypatch.setattr(dp.DrafterProposer, "_catch_up_long_rows", slow_catch_up)
@@ -253,4 +253,5 @@ def test_controller_is_not_charged_for_catch_up_after_an_off_stretch(tiny_llama,
                                                                                ignore_eos=True))[0]
     switch = next(i for i, (k, _) in enumerate(ctrl.seen) if k == 3)
     assert switch >= 29 and all(k == 0 for k, _ in ctrl.seen[:switch])
-    assert ctrl.seen[switch][1] < 0.2, ctrl.seen[switch]  # the 0.2 s catch-up is not charged to K=3
+    # the 2 s catch-up is not charged to K=3 (a tiny-model step takes milliseconds, even on a loaded machine)
+    assert ctrl.seen[switch][1] < 2.0, ctrl.seen[switch]

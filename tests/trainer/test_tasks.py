@@ -51,11 +51,11 @@ def test_hostile_and_malformed_outputs_score_zero_quickly(name):
     task, rng = get_task(name), random.Random(1)
     p = task.sample(rng)
     for response in [*HOSTILE, None, 12, b"answer: 1"]:
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # this thread's CPU time: other processes on a busy machine do not count
         score = task.reward(p, response)  # type: ignore[arg-type]
-        took = time.perf_counter() - t0
+        took = time.thread_time() - t0
         assert score == 0.0, (name, str(response)[:60])
-        assert took < 0.2, (name, str(response)[:60], took)
+        assert took < 1.0, (name, str(response)[:60], took)  # catastrophic backtracking would take far longer
 
 
 def test_each_task_lives_in_its_own_module_and_every_module_is_imported():

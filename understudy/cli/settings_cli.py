@@ -48,7 +48,7 @@ def settings_parameters(model: type[BaseModel], env_prefix: str) -> list[inspect
         help_text = field.description or name.replace("_", " ")
         if choices and choices not in help_text:
             help_text += f" ({choices})"
-        help_text += f" [env: {env_prefix}{name.upper()}]"
+        help_text += f" \\[env: {env_prefix}{name.upper()}]"  # Rich markup (typer's help) ate "[env: ...]"
         flag = "--" + name.replace("_", "-")
         decls = (f"{flag}/--no-{flag[2:]}",) if typ is bool else (flag,)
         option = typer.Option(*decls, *ALIASES.get(name, ()), help=help_text, show_default=False)

@@ -26,10 +26,16 @@ from understudy.engine.drafter_proposer import DrafterProposer
 from understudy.engine.model import RotaryTable, Transformer, enable_cpu_packing
 from understudy.engine.ngram import NgramProposer
 from understudy.engine.proposer import BatchState, DraftModel, DraftProposal, Proposer
-from understudy.engine.rejection_sampler import rejection_sample
-from understudy.engine.sampling import MAX_LOGPROBS, SamplingParams, make_generator, probs_from_logits
+from understudy.engine.rejection_sampler import SampleResult, rejection_sample
+from understudy.engine.sampling import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    apply_logit_bias,
+    make_generator,
+    probs_from_logits,
+)
 from understudy.engine.spec_metrics import SpecDecodeStats
-from understudy.engine.verify import verify
+from understudy.engine.verify import VerifyOutput, verify
 from understudy.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -54,13 +60,14 @@ class StepOutput:
     request_id: str
     new_token_ids: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | None
+    finish_reason: str | None = None  # "stop" | "length" | "error" | None
     stop_token_id: int | None = None  # the token that ended the request (when finish_reason == "stop")
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for them
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
     hidden: torch.Tensor | None = None  # [n-1, H] target features of the whole sequence, on finish, when
     #                                     the engine was built with capture_hidden=True (drafter training data)
+    error: str | None = None  # finish_reason "error": why this request failed (its batch-mates went on)
 
 
 @dataclass
@@ -76,6 +83,8 @@ class StepStats:
     verify_s: float = 0.0
     sample_s: float = 0.0
     spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
+    drafter_fault: str | None = None  # the proposer failed and the same step succeeded without it
+    num_failed: int = 0  # requests that failed alone in this step
 
 
 @dataclass
@@ -172,6 +181,8 @@ class Engine:
             raise RequestError("the prompt is empty: give at least one token", param="prompt")
         if any((not isinstance(t, int)) or t < 0 or t >= V for t in prompt_ids):
             raise RequestError(f"prompt token ids must be integers in [0, {V})", param="prompt")
+        if any(t >= V for t, _ in sampling.logit_bias):
+            raise RequestError(f"logit_bias keys must be token ids in [0, {V})", param="logit_bias")
         total = len(prompt_ids) + sampling.max_tokens
         if total > self.config.max_model_len:
             raise RequestError(
@@ -251,7 +262,12 @@ class Engine:
             self.running.append(seq)
             if self.proposer is not None:
                 self.proposer.on_slot_reset(seq.slot)
-            outputs.append(self._prefill(seq))
+            try:
+                outputs.append(self._prefill(seq))
+            except Exception as e:  # this request's prompt or parameters: it fails alone
+                log.exception("prefill of %s failed; failing that request only", seq.request_id)
+                outputs.append(self._fail(seq, f"{type(e).__name__}: {e}"))
+                stats.num_failed += 1
             stats.num_prefill_tokens += seq.prompt_len
         self._free([s for s in self.running if self._is_done(s)])
         return outputs
@@ -264,13 +280,15 @@ class Engine:
         self.hidden_buf[seq.slot, :p] = hidden[0]
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         s = seq.sampling
+        raw = logits.clone() if (s.logprobs is not None and s.logit_bias) else logits
+        apply_logit_bias(logits, s.logit_bias)
         if s.greedy:
             token = int(logits[0].argmax())
         else:
             probs = probs_from_logits(logits.clone(), torch.tensor([s.temperature]), torch.tensor([s.top_k]),
                                       torch.tensor([s.top_p]))
             token = int(torch.multinomial(probs[0], 1, generator=seq.generator))
-        return self._emit(seq, [token], logits if s.logprobs is not None else None)
+        return self._emit(seq, [token], raw if s.logprobs is not None else None)
 
     def _batch_state(self) -> BatchState:
         seqs = self.running
@@ -288,16 +306,37 @@ class Engine:
         k = min(self.controller.choose(B), self.k_max) if self.proposer is not None else 0
         batch = self._batch_state()
         t0 = time.perf_counter()
-        proposal = self.proposer.propose(batch, k) if (k > 0 and self.proposer is not None) else DraftProposal.empty(B)
+        proposal = DraftProposal.empty(B)
+        if k > 0 and self.proposer is not None:
+            try:
+                proposal = self.proposer.propose(batch, k)
+            except Exception as e:  # the step goes on without drafts; the drafter alone is at fault
+                log.exception("the %s proposer failed; this step runs without drafts", self.proposer.name)
+                stats.drafter_fault = f"propose raised {type(e).__name__}: {e}"
         # never draft past a request's token budget: the surplus could not be emitted anyway
         room = torch.tensor([s.sampling.max_tokens - s.num_output - 1 for s in self.running], dtype=torch.long)
         proposal.num_drafts = torch.minimum(proposal.num_drafts, room.clamp_min(0).to(proposal.num_drafts.device))
         t1 = time.perf_counter()
-        out = verify(self.model, self.cache, batch, proposal)
+        try:
+            out, result = self._verify_and_sample(batch, proposal)
+        except Exception as e:
+            if proposal.k == 0:
+                raise  # not the drafter's doing: the scheduler fails this step's requests
+            # Blame the drafter only if the same step succeeds without it (the KV writes are idempotent: the
+            # retry rewrites position n-1 with the same token; draft positions are never attended).
+            proposal = DraftProposal.empty(B)
+            out, result = self._verify_and_sample(batch, proposal)
+            log.exception("verification with drafts failed and succeeded without them: the drafter is at fault")
+            stats.drafter_fault = f"verify with drafts raised {type(e).__name__}: {e}"
+        if result.draft_fault is not None:
+            stats.drafter_fault = result.draft_fault
         t2 = time.perf_counter()
-        result = rejection_sample(out.logits, proposal, batch)
         outputs = []
         for b, seq in enumerate(self.running):
+            if b in result.failed:
+                outputs.append(self._fail(seq, result.failed[b]))
+                stats.num_failed += 1
+                continue
             a = result.num_accepted[b]
             n = batch.num_tokens[b]
             self.hidden_buf[b, n - 1:n + a] = out.hidden[b, :a + 1]
@@ -310,6 +349,7 @@ class Engine:
         stats.spec.record(drafted, result.num_accepted)
         self.stats.merge(stats.spec)
         emitted = sum(len(o.new_token_ids) for o in outputs)
+        k = proposal.k
         stats.batch_size, stats.k, stats.num_emitted_tokens = B, k, emitted
         stats.propose_s, stats.verify_s, stats.sample_s = t1 - t0, t2 - t1, t3 - t2
         # The controller compares arms at steady state: a long catch-up (the drafter re-reading what it missed
@@ -319,6 +359,25 @@ class Engine:
         self.controller.observe(B, k, emitted, t3 - t0 - proposal.catch_up_s)
         self._free([s for s in self.running if self._is_done(s)])
         return outputs
+
+    def _verify_and_sample(self, batch: BatchState, proposal: DraftProposal) -> tuple[VerifyOutput, SampleResult]:
+        """The target's verdict on the proposal; nothing is committed yet (tokens, features, slots)."""
+        out = verify(self.model, self.cache, batch, proposal)
+        raw = out.logits
+        biased = [b for b, s in enumerate(self.running) if s.sampling.logit_bias]
+        if biased:
+            logits = raw.clone()  # logprobs stay the model's own distribution, as OpenAI reports them
+            for b in biased:
+                apply_logit_bias(logits[b], self.running[b].sampling.logit_bias)
+        else:
+            logits = raw
+        return out, rejection_sample(logits, proposal, batch)
+
+    def _fail(self, seq: Sequence, why: str) -> StepOutput:
+        """Finish one request with an error; it is freed at the end of the step like any finished one."""
+        self._done[seq.request_id] = "error"
+        return StepOutput(request_id=seq.request_id, new_token_ids=[], finished=True, finish_reason="error",
+                          num_prompt_tokens=seq.prompt_len, num_output_tokens=seq.num_output, error=why)
 
     # ---- emitting and freeing ---------------------------------------------------------------------------
     def _emit(self, seq: Sequence, tokens: list[int], logits: torch.Tensor | None) -> StepOutput:

@@ -24,6 +24,8 @@ from understudy.engine.sampling import probs_from_logits, sample_row
 class SampleResult:
     tokens: list[list[int]]  # per row: accepted drafts followed by one target-sampled token (1..k+1 tokens)
     num_accepted: list[int]  # per row: how many drafts were accepted (0..num_drafts[b])
+    failed: dict[int, str]  # row -> why its target distribution could not be sampled (that request fails alone)
+    draft_fault: str | None = None  # the proposer sent a non-finite q: its drafts were rejected (q treated as 0)
 
 
 def _draft_probs_of(proposal: DraftProposal, rows: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
@@ -64,6 +66,8 @@ def rejection_sample(target_logits: torch.Tensor, proposal: DraftProposal, batch
     n_drafts = proposal.num_drafts.tolist()
     tokens: list[list[int]] = [[] for _ in range(B)]
     num_acc = [0] * B
+    failed: dict[int, str] = {}
+    draft_fault = None
     greedy = batch.temperature == 0
 
     if bool(greedy.any()):
@@ -83,20 +87,35 @@ def rejection_sample(target_logits: torch.Tensor, proposal: DraftProposal, batch
                               batch.temperature[rows].repeat_interleave(K1),
                               batch.top_k[rows].repeat_interleave(K1),
                               batch.top_p[rows].repeat_interleave(K1)).view(s, K1, V)
+        bad_p = ~torch.isfinite(p).all(dim=2).all(dim=1)  # [s]: a row whose own distribution is broken
         d = drafts[rows]
         p_d = p[:, :k].gather(2, d.unsqueeze(2)).squeeze(2)  # [s, k]
         q_d = _draft_probs_of(proposal, rows, d)  # [s, k]
+        bad_q = ~torch.isfinite(q_d).all(dim=1) | (q_d < 0).any(dim=1)
+        if proposal.probs is not None:
+            bad_q |= ~torch.isfinite(proposal.probs[rows].float()).flatten(1).all(dim=1)
+        if bool(bad_q.any()):
+            # Lossless with q = 0: nothing is accepted and the residual max(p - 0, 0) is p itself.
+            draft_fault = f"the proposer sent a non-finite or negative draft distribution for {int(bad_q.sum())} row(s)"
+            q_d = torch.where(bad_q.unsqueeze(1), torch.zeros_like(q_d), q_d)
         u = torch.stack([torch.rand(k, generator=batch.generators[r], device=p.device) for r in rows.tolist()])
         # accept iff u < p/q, written without a division; q_d = 0 (not draftable) never accepts
         accept = (u * q_d < p_d) & (q_d > 0) & valid[rows]
         acc = accept.int().cumprod(dim=1).sum(dim=1)
         for j, (r, a) in enumerate(zip(rows.tolist(), acc.tolist(), strict=True)):
-            if a < n_drafts[r]:  # rejected at position a: sample the residual max(p - q, 0)
+            if bool(bad_p[j]):
+                failed[r] = "the target distribution of this request is not finite (NaN/inf logits)"
+                continue
+            if a < n_drafts[r] and not bool(bad_q[j]):  # rejected at a: sample the residual max(p - q, 0)
                 dist = (p[j, a] - _full_q(proposal, r, a, V)).clamp_min(0.0)
                 if float(dist.sum()) <= 0.0:  # p == q there, so rejection had probability 0; fall back to p
                     dist = p[j, a]
-            else:  # every draft accepted: the bonus token from p at the next position
+            else:  # every draft accepted (or q was unusable): a token from p at the next position
                 dist = p[j, a]
-            tokens[r] = [*drafts[r, :a].tolist(), sample_row(dist, batch.generators[r])]
+            try:
+                tokens[r] = [*drafts[r, :a].tolist(), sample_row(dist, batch.generators[r])]
+            except RuntimeError as e:  # one row's distribution; its batch-mates are unaffected
+                failed[r] = f"sampling failed for this request ({e})"
+                continue
             num_acc[r] = a
-    return SampleResult(tokens=tokens, num_accepted=num_acc)
+    return SampleResult(tokens=tokens, num_accepted=num_acc, failed=failed, draft_fault=draft_fault)

@@ -1,13 +1,29 @@
-"""Per-request sampling parameters and the one place logits become a sampling distribution."""
+"""Per-request sampling parameters and the one place logits become a sampling distribution.
+
+Float edges are settled here, once, for every caller (server, trainer, CLI): NaN and infinities are refused
+with an error naming the field; a temperature below MIN_TEMPERATURE is greedy (dividing float32 logits by a
+denormal temperature overflows to inf and the softmax to NaN, which once failed a whole batch); a top_p that
+rounds to 0 keeps the most likely token (see probs_from_logits).
+"""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
 import torch
 
+from understudy.errors import InputError
+
 MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (vLLM uses the same epsilon)
+MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit)
+
+
+class SamplingError(InputError, ValueError):
+    """A sampling parameter is out of its domain: 400 naming the field."""
 
 
 @dataclass(frozen=True)
@@ -22,22 +38,52 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the request (EOS always does)
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     logprobs: int | None = None  # None = none; 0 = the sampled token's; n = plus the n most likely
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), as OpenAI's logit_bias
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        t = _finite(self.temperature, "temperature")
+        if not 0.0 <= t <= MAX_TEMPERATURE:
+            raise SamplingError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {t}", "temperature")
+        object.__setattr__(self, "temperature", 0.0 if t < MIN_TEMPERATURE else t)
+        p = _finite(self.top_p, "top_p")
+        if not 0.0 < p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {p}", "top_p")
+        object.__setattr__(self, "top_p", p)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}", "top_k")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+            raise SamplingError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}",
+                                "logit_bias")
+        for tok, bias in self.logit_bias:
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise SamplingError(f"logit_bias keys must be token ids >= 0, got {tok!r}", "logit_bias")
+            if not -100.0 <= _finite(bias, "logit_bias") <= 100.0:
+                raise SamplingError(f"logit_bias values must be in [-100, 100], got {bias}", "logit_bias")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _finite(x: object, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise SamplingError(f"{name} must be a number, got {x!r}", name)
+    if not math.isfinite(x):
+        raise SamplingError(f"{name} must be a finite number, got {x}", name)
+    return float(x)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> None:
+    """Add a request's logit_bias to its logits [..., V] in place (ids outside the vocabulary are refused
+    before a request is admitted)."""
+    if bias:
+        ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=logits.device)
+        vals = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+        logits.index_add_(-1, ids, vals.expand(*logits.shape[:-1], -1).contiguous())
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -54,7 +100,9 @@ def probs_from_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
     the rows that ask for them (sorting 49k logits per row is the expensive part).
     """
     assert logits.dim() == 2 and logits.shape[0] == temperature.shape[0]
-    logits = logits / temperature.unsqueeze(1)
+    # Shift so each row's largest logit is 0 before scaling: any finite logits and any temperature >=
+    # MIN_TEMPERATURE then give values in [-inf, 0], and the softmax never sees inf - inf (NaN).
+    logits = (logits - logits.amax(dim=1, keepdim=True)) / temperature.unsqueeze(1)
     need_k = top_k > 0
     if bool(need_k.any()):
         rows = need_k.nonzero().squeeze(1)

@@ -15,7 +15,15 @@ from typing import Annotated, Any
 
 import typer
 
-from understudy.registry.store import BEST_METRIC, Registry, RegistryError, VersionInfo
+from understudy.registry.store import (
+    BEST_METRIC,
+    HISTORY_WINDOW,
+    KEEP_LAST,
+    TMP_MAX_AGE_S,
+    Registry,
+    RegistryError,
+    VersionInfo,
+)
 
 drafters_app = typer.Typer(no_args_is_help=True,
                            help="The drafter registry: immutable versions, aliases (latest, best, serving), rollback.")
@@ -26,6 +34,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts)"
 ServerOpt = Annotated[str | None, typer.Option(
     "--server", help="Act on a live server's admin API (http://host:port) instead of the local registry")]
 AdminKeyOpt = Annotated[str | None, typer.Option("--admin-key", help="With --server (default: $UNDERSTUDY_ADMIN_KEY)")]
+HistoryWindowOpt = Annotated[int, typer.Option("--history-window",
+                                               help="Also keep what each alias pointed to in its last N moves")]
 
 
 def _remote(ctx: typer.Context) -> Any:
@@ -184,15 +194,22 @@ def publish_cmd(
     policy_version: Annotated[str | None, typer.Option("--policy-version", help="Policy version/step it was trained against")] = None,
     parent: Annotated[int | None, typer.Option("--parent", help="Version it was trained from")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Free-text note stored in the manifest")] = None,
+    keep_last: Annotated[int, typer.Option("--keep-last", help="Then gc: keep the newest N versions besides "
+                                           "aliased ones (0: no gc)")] = KEEP_LAST,
+    history_window: HistoryWindowOpt = HISTORY_WINDOW,
     registry: RegistryOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import an existing drafter folder (validated first) as the next version; moves latest (and best)."""
+    """Import an existing drafter folder (validated first) as the next version; moves latest (and best); then
+    deletes old versions no alias reaches, as `gc` does."""
     metrics = _parse_metrics(metric)
     cfg = _read_json_file(training_config)
     pv: str | int | None = int(policy_version) if policy_version and policy_version.isdigit() else policy_version
+    if keep_last < 0:
+        raise RegistryError(f"--keep-last {keep_last}: pass 0 (no gc) or the number of newest versions to keep")
     reg = Registry.open(registry, create=True)
-    info = reg.publish(src, metrics=metrics, training_config=cfg, policy_version=pv, parent=parent, note=note)
+    info = reg.publish(src, metrics=metrics, training_config=cfg, policy_version=pv, parent=parent, note=note,
+                       keep_last=keep_last or None, history_window=history_window)
     moved = sorted(n for n, v in reg.aliases().items() if v == info.version)
     if as_json:
         _echo_json({"version": info.version, "path": str(info.path), "aliases": moved, "manifest": info.manifest})
@@ -240,14 +257,17 @@ def rollback_cmd(ctx: typer.Context, alias: Annotated[str | None, typer.Argument
 
 
 @drafters_app.command("gc")
-def gc_cmd(keep_last: Annotated[int, typer.Option("--keep-last", help="Newest versions always kept")] = 10,
-           history_window: Annotated[int, typer.Option("--history-window",
-                                                       help="Also keep what each alias pointed to in its last N moves")] = 10,
+def gc_cmd(keep_last: Annotated[int, typer.Option("--keep-last", help="Newest versions always kept")] = KEEP_LAST,
+           history_window: HistoryWindowOpt = HISTORY_WINDOW,
+           tmp_max_age: Annotated[float, typer.Option("--tmp-max-age", help="Seconds after which a .tmp/ entry "
+                                                      "without a lock file is removed (those with one go as soon "
+                                                      "as their process is dead)")] = TMP_MAX_AGE_S,
            dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would be removed")] = False,
            registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
-    """Delete old versions no alias points to (now or recently) and leftovers of killed publishers."""
+    """Delete old versions no alias reaches (its target, rollback target, recent history) and leftovers of
+    killed publishers. `publish` runs this after every publish (see its --keep-last)."""
     reg = _open(registry)
-    removed = reg.gc(keep_last=keep_last, history_window=history_window, dry_run=dry_run)
+    removed = reg.gc(keep_last=keep_last, history_window=history_window, dry_run=dry_run, tmp_max_age_s=tmp_max_age)
     if as_json:
         _echo_json({"registry": str(reg.root), "dry_run": dry_run, "removed": removed})
     else:

@@ -4,23 +4,28 @@ The contract between the trainer (publishes continuously) and the server (watche
 Layout (ROOT = --registry, else $UNDERSTUDY_REGISTRY, else $XDG_DATA_HOME/understudy/registry):
 
     ROOT/registry.json          format marker {"format": "understudy-registry-v1"}
-    ROOT/.lock                  flock: serialises number allocation + the rename, alias moves and gc
+    ROOT/.lock                  lock file: serialises number allocation + the rename, alias moves and gc
     ROOT/counter                highest version number ever allocated (numbers are never reused)
     ROOT/versions/000001/       drafter files (read-only) + manifest.json
     ROOT/aliases/<name>.json    {"version": N, "history": [{"version", "at", "reason", "action"}, ...]}
     ROOT/.tmp/                  in-progress publishes and staged files (same filesystem: renames are atomic)
+    ROOT/.tmp/publish-X.lock    locked by the publisher of .tmp/publish-X/ for as long as it lives
 
 Invariants: a folder in versions/ is complete (files and manifest are written and fsynced inside a temp folder,
 which one rename makes visible), an alias file is always whole (written aside, then os.replace), and a number is
 handed out once (allocated under the lock from max(counter, newest folder)). A publisher killed at any point
-leaves at most an unlocked folder in .tmp/, which readers never look at and `gc` removes.
+leaves at most a folder in .tmp/ whose lock file nobody holds, which readers never look at and `gc` removes.
+
+Locks are exclusive byte-range locks on regular files opened for writing (understudy.fsutil.locked), which NFSv4
+honours across machines; readers take none. Every publish ends with a `gc` (keep_last, history_window), so a
+trainer that publishes for days keeps a bounded number of versions; gc never removes a version an alias points
+to, an alias's rollback target, or the version being published.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,7 +35,8 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +44,7 @@ from typing import Any
 
 from understudy.drafter.format import DrafterConfig, DrafterError, check_family, validate_folder
 from understudy.errors import UnderstudyError
+from understudy.fsutil import fsync_dir, lock_fd, open_lock_file, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,9 @@ REGISTRY_FORMAT = "understudy-registry-v1"
 MANIFEST_FORMAT = "understudy-drafter-manifest-v1"
 BEST_METRIC = "heldout_acceptance_length"  # `best` follows the highest value of this training metric
 MAX_HISTORY = 1000  # alias history entries kept per alias file (oldest dropped)
+KEEP_LAST = 10  # gc (and the gc that ends every publish) keeps the newest this many versions ...
+HISTORY_WINDOW = 10  # ... and what each alias pointed to in its last this many moves
+TMP_MAX_AGE_S = 3600.0  # gc removes a .tmp/ entry without a lock file once it is this old
 _ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 _VERSION_RE = re.compile(r"[vV]?(\d+)")
 _CHUNK = 1 << 20
@@ -100,14 +110,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_file(src: Path, dst: Path) -> tuple[str, int]:
     """Copy src -> dst (new file), fsync it, and return (sha256, size) of the bytes written."""
     h, n = hashlib.sha256(), 0
@@ -138,29 +140,13 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _mkdtemp(parent: Path, prefix: str) -> Path:
-    path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-    os.mkdir(path)
-    return path
+def _owner_lock(entry: Path) -> Path:
+    """The lock file that marks a .tmp/ entry as owned by a live process."""
+    return entry.with_name(entry.name + ".lock")
 
 
 def _json_bytes(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, default=str) + "\n").encode()
-
-
-def _is_stale(path: Path) -> bool:
-    """True when nobody holds a flock on `path` (a publisher locks its temp folder for as long as it lives)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def _remove(path: Path) -> None:
@@ -205,12 +191,13 @@ def _source_files(src: Path) -> list[str]:
     return names
 
 
-def _validate_source(src: Path) -> DrafterConfig:
-    if not src.is_dir():
+def _validate_source(src: Path, real: Path) -> DrafterConfig:
+    """Check the drafter folder `src` (whose files are read from `real`: src with its link resolved)."""
+    if not real.is_dir():
         raise RegistryError(f"cannot publish {src}: no such folder; pass a drafter folder (config.json + "
                             "model.safetensors) written by `understudy drafter train --out DIR`")
     try:
-        return validate_folder(src)
+        return validate_folder(real)
     except DrafterError as e:
         raise RegistryError(f"cannot publish {src}: {e}") from e
 
@@ -300,8 +287,7 @@ class Registry:
         try:
             for d in (self.root, self.versions_dir, self.aliases_dir, self.tmp_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.lock_path, os.O_RDONLY | os.O_CREAT, 0o644))
-            with self._lock():
+            with self._lock():  # (creates .lock)
                 if not self.marker_path.exists():
                     self._replace_json(self.marker_path, {"format": REGISTRY_FORMAT, "created": _now()})
         except OSError as e:
@@ -309,12 +295,40 @@ class Registry:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        fd = os.open(self.lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+        """Hold the registry's writer lock: a byte-range lock on ROOT/.lock, opened for writing (NFS needs it)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = open_lock_file(self.lock_path)
+        except OSError as e:
+            raise self._lock_error(e, "open") from e
+        try:
+            try:
+                lock_fd(fd)
+            except OSError as e:
+                raise self._lock_error(e, "lock") from e
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock (also when the process is killed)
+
+    def _lock_error(self, e: OSError, step: str) -> RegistryError:
+        what = f"cannot {step} the registry's lock file {self.lock_path} ({e.strerror or e})"
+        fix = "; the registry was not changed"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            why = (f"{what}: every process that changes the registry (publish, promote, rollback, gc, a server that "
+                   f"creates it) opens this file for writing, because a lock on shared storage (NFS) needs it; make it "
+                   f"writable by this user (`chmod ug+w {self.lock_path}`, or chown it and {self.root} to the user "
+                   "or group of every writer)")
+        elif e.errno == errno.EROFS:
+            why = (f"{what}: {self.root} is on a read-only filesystem; reading needs no lock, but changing the "
+                   "registry does: mount it read-write here, or pass --registry to a writable folder")
+        elif e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            why = (f"{what}: the filesystem holding {self.root} does not grant byte-range locks; on NFS use v4 (or "
+                   "run rpc.statd/lockd for v3) and do not mount with `nolock` or `local_lock`; Linux >= 3.15 is "
+                   "needed for the locks themselves")
+        elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+            why = f"{what}: the disk is full; free space on it (e.g. `understudy drafters gc --registry {self.root}`)"
+        else:
+            why = f"{what}; check the folder {self.root} and try again"
+        return RegistryError(why + fix)
 
     def _stage(self, data: bytes, suffix: str = ".json") -> Path:
         """Write data (fsynced) into .tmp/, to be os.replace'd into place under the lock."""
@@ -332,7 +346,7 @@ class Registry:
     def _replace_json(self, dest: Path, doc: Any) -> None:
         staged = self._stage_json(doc)
         os.replace(staged, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     # ---- read side ----------------------------------------------------------------------------------------------
     def _vdir(self, v: int) -> Path:
@@ -538,17 +552,23 @@ class Registry:
     # ---- publish ----------------------------------------------------------------------------------------------------
     def publish(self, src_dir: str | Path, *, metrics: dict[str, Any] | None = None,
                 training_config: dict[str, Any] | None = None, policy_version: str | int | None = None,
-                parent: int | None = None, note: str | None = None) -> VersionInfo:
+                parent: int | None = None, note: str | None = None, keep_last: int | None = KEEP_LAST,
+                history_window: int = HISTORY_WINDOW) -> VersionInfo:
         """Copy a drafter folder in as the next version: temp folder, fsync, one atomic rename under the lock.
 
         metrics / training_config default to what the drafter's config.json recorded under `training`.
         Moves `latest`, and `best` when metrics[heldout_acceptance_length] beats the current best's.
+        Then runs gc(keep_last, history_window), which never removes this version (keep_last=None: no gc).
         """
         src = Path(src_dir)
-        cfg = _validate_source(src)
-        files = _source_files(src)
+        if keep_last is not None:
+            _check_retention(keep_last, history_window)
         if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or parent < 1):
             raise RegistryError(f"parent must be a version number >= 1, got {parent!r}")
+        # read one generation of src: a folder written by atomic_folder is a link that a writer may swap meanwhile
+        real = Path(os.path.realpath(src)) if src.is_symlink() else src
+        cfg = _validate_source(src, real)
+        files = _source_files(real)
         training = cfg.training or {}
         if metrics is None:
             metrics = {k: training[k] for k in (BEST_METRIC, "heldout", "ood", "steps") if k in training}
@@ -564,15 +584,42 @@ class Registry:
             "note": note,
             "source": str(src.absolute()),
         }
-        return self._publish_files(src, files, body)
+        info = self._publish_files(real, files, body)
+        if keep_last is not None:
+            self._gc_after_publish(info.version, keep_last, history_window)
+        return info
+
+    def _gc_after_publish(self, v: int, keep_last: int, history_window: int) -> None:
+        """The version is published whatever happens here: a failing gc is logged (the next publish retries)."""
+        try:
+            removed = self.gc(keep_last, history_window, keep=(v,))
+        except RegistryError as e:
+            log.error("version %d is published, but the gc after it failed (the registry keeps growing until this "
+                      "is fixed): %s", v, e)
+            return
+        if removed:
+            log.info("gc after publishing version %d removed version(s) %s", v, ", ".join(map(str, removed)))
 
     def _begin_temp(self) -> tuple[Path, int]:
-        """A temp folder in .tmp/, flock'ed for as long as this publisher lives (gc leaves it alone)."""
-        with self._lock():  # gc holds the lock while it sweeps .tmp: no gap between mkdir and flock
-            tmp = _mkdtemp(self.tmp_dir, "publish-")
-            fd = os.open(tmp, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """A temp folder .tmp/publish-X/ and its lock file .tmp/publish-X.lock, locked for as long as this publisher
+        lives (gc leaves the pair alone until the lock is free). Returns the folder and the lock's descriptor."""
+        tmp = self.tmp_dir / f"publish-{os.getpid()}-{secrets.token_hex(4)}"
+        with self._lock():  # gc sweeps .tmp under this lock: it never sees the pair half-made
+            fd = open_lock_file(_owner_lock(tmp), new=True)  # first the lock, then the folder: killed in between,
+            try:  # we leave a lock file nobody holds, which gc removes
+                if not lock_fd(fd, blocking=False):  # a fresh file: nobody else can hold it
+                    raise RegistryError(f"cannot lock the new file {_owner_lock(tmp)}; check the folder {self.tmp_dir}")
+                os.mkdir(tmp)
+            except BaseException:
+                os.close(fd)
+                _remove(_owner_lock(tmp))
+                raise
         return tmp, fd
+
+    def _end_temp(self, tmp: Path, fd: int) -> None:
+        """Release a publisher's lock and remove its lock file (the folder is gone: renamed or removed)."""
+        os.close(fd)
+        _remove(_owner_lock(tmp))
 
     def _publish_files(self, src: Path, files: list[str], body: dict[str, Any]) -> VersionInfo:
         try:
@@ -592,7 +639,7 @@ class Registry:
                 manifest = {"format": MANIFEST_FORMAT, "version": nv, "created": _now(), "files": entries, **body}
                 _write_durable(tmp / "manifest.json", _json_bytes(manifest))
                 os.chmod(tmp / "manifest.json", stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 self._stage_publish(nv, _metric(manifest), staged)
                 os.rename(tmp, self._vdir(nv))  # the commit point: the version is visible, whole, from here on
                 v = nv
@@ -602,11 +649,11 @@ class Registry:
                 f"publishing {src}"
             raise _os_error(e, action, self.root, unchanged=v is None) from e
         finally:
-            os.close(fd)
             for s, _ in staged:
                 _remove(s)
             if v is None:
                 _remove(tmp)
+            self._end_temp(tmp, fd)
         return VersionInfo(v, self._vdir(v), manifest)
 
     def _next_version(self) -> int:
@@ -632,11 +679,11 @@ class Registry:
             staged.append((self._stage_json(_moved(best, v, why)), self._alias_path("best")))
 
     def _commit_staged(self, staged: list[tuple[Path, Path]]) -> None:
-        _fsync_dir(self.versions_dir)
+        fsync_dir(self.versions_dir)
         for s, dest in staged:
             os.replace(s, dest)
-        _fsync_dir(self.aliases_dir)
-        _fsync_dir(self.root)
+        fsync_dir(self.aliases_dir)
+        fsync_dir(self.root)
 
     # ---- aliases ------------------------------------------------------------------------------------------------
     def promote(self, spec: str | int, alias: str, reason: str | None = None) -> int:
@@ -678,37 +725,44 @@ class Registry:
 
     # ---- retention ----------------------------------------------------------------------------------------------
     def protected(self, history_window: int) -> set[int]:
-        """Versions an alias points to, or pointed to within its last `history_window` moves."""
+        """Versions an alias reaches: the one it points to, the one `rollback` would return it to, and those it
+        pointed to within its last `history_window` moves."""
         keep = set()
         for name in self.alias_names():
             doc = self._read_alias(name)  # a malformed alias file aborts gc: never delete what may be aliased
             if doc is None:
                 continue
             keep.add(doc["version"])
+            back = _rollback_target(doc["history"])
+            if back is not None:
+                keep.add(back)
             if history_window > 0:
                 keep.update(h["version"] for h in doc["history"][-history_window:])
         return keep
 
-    def gc(self, keep_last: int = 10, history_window: int = 10, dry_run: bool = False) -> list[int]:
-        """Delete versions that are neither among the newest `keep_last` nor aliased (now or within the history
-        window), and the temp leftovers of killed publishers. Returns the versions removed (or that would be)."""
-        if keep_last < 1 or history_window < 0:
-            raise RegistryError(f"gc needs keep_last >= 1 and history_window >= 0 (got {keep_last}, {history_window})")
+    def gc(self, keep_last: int = KEEP_LAST, history_window: int = HISTORY_WINDOW, dry_run: bool = False, *,
+           tmp_max_age_s: float = TMP_MAX_AGE_S, keep: Collection[int] = ()) -> list[int]:
+        """Delete versions that are neither among the newest `keep_last`, nor reached by an alias (see protected),
+        nor in `keep`; and what dead processes left in .tmp/ (see _sweep_tmp). Returns the versions removed (or,
+        with dry_run, that would be; dry_run changes nothing)."""
+        _check_retention(keep_last, history_window)
+        if tmp_max_age_s < 0:
+            raise RegistryError(f"gc needs tmp_max_age_s >= 0 (got {tmp_max_age_s})")
         removed: list[int] = []
         dead: list[Path] = []
         try:
             with self._lock():
                 nums = self.version_numbers()
-                keep = set(nums[-keep_last:]) | self.protected(history_window)
-                doomed = [v for v in nums if v not in keep]
+                spared = set(nums[-keep_last:]) | self.protected(history_window) | set(keep)
+                doomed = [v for v in nums if v not in spared]
                 if dry_run:
                     return doomed
-                self._sweep_tmp()
+                self._sweep_tmp(tmp_max_age_s)
                 for v in doomed:  # out of versions/ in one rename each: readers see a version whole or not at all
                     dead.append(self.tmp_dir / f"delete-{v:06d}-{secrets.token_hex(4)}")
                     os.rename(self._vdir(v), dead[-1])
                     removed.append(v)
-                _fsync_dir(self.versions_dir)
+                fsync_dir(self.versions_dir)
         except OSError as e:
             raise _os_error(e, f"gc (removed so far: {removed or 'none'})", self.root, unchanged=not removed) from e
         finally:
@@ -716,13 +770,45 @@ class Registry:
                 shutil.rmtree(d, ignore_errors=True)
         return removed
 
-    def _sweep_tmp(self) -> None:
-        """Called under the lock: remove every .tmp/ entry nobody holds a flock on (killed publishers)."""
+    def _sweep_tmp(self, max_age_s: float) -> list[str]:
+        """Called under the lock: remove what dead processes left in .tmp/. Returns the names removed.
+
+        - an entry with a lock file (a publisher's folder, ENTRY.lock): once nobody holds that lock;
+        - staged files (stage-*) and gc's delete-* folders: at once (they live only while their writer holds the
+          registry lock, which we hold, or are being deleted anyway);
+        - anything else (a lock file we may not open, leftovers of older versions, stray files): once its mtime
+          is max_age_s old;
+        - NFS's silly-renamed .nfs* files: never (the NFS client removes them when their last user closes them).
+        """
         try:
-            entries = list(self.tmp_dir.iterdir())
+            names = set(os.listdir(self.tmp_dir))
         except FileNotFoundError:
-            return
-        for p in entries:
-            if _is_stale(p):
-                log.info("removing stale temp entry %s", p)
-                _remove(p)
+            return []
+        now, gone = time.time(), []
+        for name in sorted(names):
+            if name.startswith(".nfs") or (name.endswith(".lock") and name[:-5] in names):
+                continue  # a lock file is judged with the entry it guards
+            lock = name if name.endswith(".lock") else f"{name}.lock"
+            free = try_lock(self.tmp_dir / lock) if lock in names else None
+            if free is False:
+                continue  # a live owner
+            if free is None and not name.startswith(("stage-", "delete-")) and not self._older(name, now, max_age_s):
+                continue
+            log.info("removing stale temp entry %s", self.tmp_dir / name)
+            _remove(self.tmp_dir / name)
+            if lock != name and lock in names:
+                _remove(self.tmp_dir / lock)
+            gone.append(name)
+        return gone
+
+    def _older(self, name: str, now: float, max_age_s: float) -> bool:
+        try:
+            return now - os.lstat(self.tmp_dir / name).st_mtime >= max_age_s
+        except FileNotFoundError:
+            return False
+
+
+def _check_retention(keep_last: int, history_window: int) -> None:
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1 or \
+            isinstance(history_window, bool) or not isinstance(history_window, int) or history_window < 0:
+        raise RegistryError(f"gc needs keep_last >= 1 and history_window >= 0 (got {keep_last!r}, {history_window!r})")

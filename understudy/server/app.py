@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from understudy.engine.loader import LoadedModel
 from understudy.server.backends import BackendState
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class BodyLimit:
-    """Pure ASGI middleware: 413 for bodies over the limit, by Content-Length or by counting a chunked body."""
+    """Pure ASGI middleware: 413 for bodies over the limit, by Content-Length or by counting a chunked body.
+
+    A chunked body is cut off inside the app (whoever reads the body) with `BodyTooLarge`, an HTTPException:
+    FastAPI re-raises those from body parsing (any other exception there becomes a 400 "error parsing the body"),
+    and the handler `create_app` installs for it answers the same 413 as the Content-Length check."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -34,10 +39,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        too_big = JSONResponse(error_body(f"request body exceeds {self.max_bytes} bytes", "invalid_request_error",
-                                          code="request_too_large"), status_code=413)
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_big(scope, receive, send)
+            return await too_large_response(BodyTooLarge(self.max_bytes))(scope, receive, send)
         seen = 0
 
         async def limited() -> dict:  # type: ignore[type-arg]
@@ -46,17 +49,59 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge()
+                    raise BodyTooLarge(self.max_bytes)
             return msg
 
+        await self.app(scope, limited, send)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
+
+
+def too_large_response(exc: BodyTooLarge) -> JSONResponse:
+    return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code="request_too_large"),
+                        status_code=413)
+
+
+class ErrorCounter:
+    """Pure ASGI middleware, outside every other one of ours: counts each response with status >= 400 in
+    `understudy:request_errors{status}`, whoever answered it (validation 400, auth 401, unknown route or model 404,
+    BodyLimit's 413, 429, 503, ...), before its status line goes out (so a client that saw the error and then
+    reads /metrics sees it counted). An exception that escapes before a response started becomes Starlette's 500
+    (its ServerErrorMiddleware, outside this one, answers it): counted as 500 and re-raised. Not counted: answers
+    given before the backend is up (there is no metrics registry yet) and errors reported inside an SSE stream
+    whose status line (200) was already sent."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:  # type: ignore[type-arg]
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting_send(msg: dict) -> None:  # type: ignore[type-arg]
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                if msg["status"] >= 400:
+                    self._count(scope, msg["status"])
+            await send(msg)
+
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await too_big(scope, receive, send)
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if not started:
+                self._count(scope, 500)
+            raise
 
-
-class _TooLarge(Exception):
-    pass
+    @staticmethod
+    def _count(scope: dict, status: int) -> None:  # type: ignore[type-arg]
+        state = getattr(scope["app"].state, "understudy", None)
+        if state is not None:
+            state.metrics.on_error(status)
 
 
 def _document_served_model(app: FastAPI) -> None:
@@ -113,6 +158,11 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
                   description="OpenAI-compatible server with a co-trained, hot-swappable speculative drafter.")
     app.state.understudy = None
     install_error_handlers(app)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return too_large_response(exc)
+
     app.include_router(openai_router)
     app.include_router(admin_router)
     _document_served_model(app)
@@ -140,4 +190,5 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
         app.add_middleware(CORSMiddleware, allow_origins=s.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
     app.add_middleware(BodyLimit, max_bytes=s.max_body_bytes)
+    app.add_middleware(ErrorCounter)  # added last = outermost: it sees BodyLimit's 413 and CORS's 400 too
     return app

@@ -2,6 +2,8 @@
 
 Invalid input is 400 (never FastAPI's 422), unknown model 404, oversize body 413, overload 429 and draining
 503 (both with Retry-After), auth 401, timeouts 408. Anything unexpected is a 500 whose traceback is logged.
+Every error response is counted in `understudy:request_errors{status}` by app.py's ErrorCounter middleware, which
+also sees the responses these handlers do not make (BodyLimit's 413).
 """
 
 from __future__ import annotations
@@ -73,20 +75,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def install_error_handlers(app: FastAPI, metrics_hook: Any = None) -> None:
-    def count(status: int) -> None:
-        if metrics_hook is not None:
-            metrics_hook(status)
-
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        count(400)
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        count(exc.status_code)
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         return JSONResponse(error_body(detail, kind), status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -96,7 +92,6 @@ def install_error_handlers(app: FastAPI, metrics_hook: Any = None) -> None:
         err = to_api_error(exc)
         if err.status >= 500:
             log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        count(err.status)
         return error_response(err)
 
     for cls in (APIError, UnderstudyError, TimeoutError):

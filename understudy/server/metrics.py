@@ -4,10 +4,21 @@ One CollectorRegistry per app (no process-global state). Spec-decode counters fo
 sequence proposing >= 1 token in a step; mean acceptance length = 1 + accepted / drafts. Inter-token latency
 is observed once per generated token: when a speculative step commits n tokens after dt seconds, each of the n
 tokens is observed at dt / n (so TPOT = mean ITL stays comparable with and without speculation).
+
+Who feeds what (tests/server/test_metrics.py drives a real server until each charted series moves):
+- the engine thread's step hook `on_step`: tokens, latencies, spec-decode counters, and `request_success` once for
+  every engine request it saw, labelled by how it ended: the engine's finish reason (stop, length), `stop` when
+  the route ended it on a stop string (`on_stop_string`), or `abort` when it left the scheduler unfinished
+  (client disconnect, timeout, a failed step). A request the engine failed (finish reason "error") is not a
+  success: its 500 is counted in request_errors;
+- `/metrics` itself (`set_queue`, `set_controller`): the running/waiting gauges and the controller's arms;
+- the hot-swap manager: `drafter_info`, `drafter_swaps`, `drafter_swap_stall_seconds`;
+- app.py's `ErrorCounter` middleware: `request_errors{status}` for every response with status >= 400 (`on_error`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -65,6 +76,11 @@ class ServerMetrics:
             self.success.labels(model_name, reason)
         for result in ("success", "failed", "rolled_back"):
             self.swaps.labels(model_name, result)
+        # Request ends seen by on_step: ids in the scheduler at the last step (engine thread only), and ids the
+        # route already counted (stop strings: the route aborts the engine request, which must not count as abort).
+        self._live: set[str] = set()
+        self._ended_by_route: set[str] = set()
+        self._lock = threading.Lock()
 
     # ---- hooks ---------------------------------------------------------------------------------------------
     def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict[str, RequestStream], t0: float) -> None:
@@ -81,23 +97,55 @@ class ServerMetrics:
             for i, c in enumerate(spec.accepted_per_pos):
                 if c:
                     self.accepted_per_pos.labels(m, str(i)).inc(c)
+        finished = {o.request_id for o in outs if o.finished}
         for o in outs:
             s = streams.get(o.request_id)
             n = len(o.new_token_ids)
             self.generation_tokens.labels(m).inc(n)
-            if s is None or n == 0:
-                continue
-            if s.first_token_at is None:  # this step produced the first token (dispatch sets it after hooks)
-                self.ttft.labels(m).observe(now - s.arrival)
-                self.queue_time.labels(m).observe(max(0.0, t0 - s.arrival))
-                n -= 1
-            if n > 0 and s.last_token_at is not None:
-                per = (now - s.last_token_at) / n
-                for _ in range(n):
-                    self.itl.labels(m).observe(per)
-            if o.finished:
+            if s is not None and n:
+                if s.first_token_at is None:  # this step produced the first token (dispatch sets it after hooks)
+                    self.ttft.labels(m).observe(now - s.arrival)
+                    self.queue_time.labels(m).observe(max(0.0, t0 - s.arrival))
+                    n -= 1
+                if n > 0 and s.last_token_at is not None:
+                    per = (now - s.last_token_at) / n
+                    for _ in range(n):
+                        self.itl.labels(m).observe(per)
+        self._count_ends(outs, finished, streams, now)
+
+    def _count_ends(self, outs: list[StepOutput], finished: set[str], streams: dict[str, RequestStream],
+                    now: float) -> None:
+        """request_success by how each engine request ended; every request the engine saw is counted once."""
+        m = self.model_name
+        live = set(streams)  # one C-level copy: the event loop adds and removes streams meanwhile
+        with self._lock:
+            by_route = self._ended_by_route & (finished | (self._live - live))
+            self._ended_by_route -= by_route
+        for o in outs:
+            if o.finished and o.request_id not in by_route and o.finish_reason != "error":  # an error is a 500
                 self.success.labels(m, o.finish_reason or "stop").inc()
-                self.e2e.labels(m).observe(now - s.arrival)
+                s = streams.get(o.request_id)
+                if s is not None:
+                    self.e2e.labels(m).observe(now - s.arrival)
+        aborted = self._live - live - finished - by_route  # left the scheduler unfinished since the last step
+        if aborted:
+            self.success.labels(m, "abort").inc(len(aborted))
+        self._live = live - finished
+
+    def on_stop_string(self, stream: RequestStream) -> None:
+        """The route ended this request on a stop string (and aborts its engine request): a `stop` finish. If the
+        output that completed the stop string was also the engine's last (stream.done), on_step already counted
+        the request, with the engine's finish reason."""
+        with self._lock:
+            if stream.done or stream.request_id in self._ended_by_route:
+                return
+            self._ended_by_route.add(stream.request_id)
+        self.success.labels(self.model_name, "stop").inc()
+        self.e2e.labels(self.model_name).observe(time.monotonic() - stream.arrival)
+
+    def on_error(self, status: int) -> None:
+        """An HTTP response with status >= 400 (app.py's ErrorCounter middleware calls this)."""
+        self.errors.labels(self.model_name, str(status)).inc()
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from understudy.engine.sampling import SamplingParams
+from understudy.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
 
 MAX_N = 8
 MAX_STOP = 4
@@ -54,7 +54,10 @@ class ChatMessage(BaseModel):
 
 
 class _SamplingFields(_Request):
-    """Fields shared by both endpoints, validated once."""
+    """Fields shared by both endpoints, validated once. Floats refuse NaN and infinities (Python's JSON reader
+    accepts them), so every float edge either is a 400 naming the field or is settled by SamplingParams."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -65,6 +68,7 @@ class _SamplingFields(_Request):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
     # ---- Understudy extensions (not in OpenAI's API) ----
     top_k: int | None = Field(default=None, ge=0, le=1000)
@@ -84,6 +88,18 @@ class _SamplingFields(_Request):
             raise ValueError(f"stop sequences must be at most {MAX_STOP_LEN} characters")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return None
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (decimal strings), got {key[:20]!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"values must be in [-100, 100], got {bias}")
+        return v
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
@@ -95,9 +111,10 @@ class _SamplingFields(_Request):
 
     def sampling(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
         seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
+        bias = tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=seed,
-                              ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=bias)
 
 
 class ChatCompletionRequest(_SamplingFields):

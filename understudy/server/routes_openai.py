@@ -86,6 +86,31 @@ def token_budget(state: ServerState, prompt_len: int, requested: int | None, par
     return requested
 
 
+def check_fanout(state: ServerState, num_choices: int, param: str) -> None:
+    """Bounded work before admission: refuse what one request may not start, before any tokenising, and what
+    the server cannot take now (429), before spending anything on it."""
+    cap = state.settings.max_choices_per_request
+    if num_choices > cap:
+        raise APIError(400, f"this request would start {num_choices} sequences; the limit is {cap} "
+                            f"(--max-choices-per-request); send fewer prompts or a smaller n", param=param,
+                       code="too_many_choices")
+    state.scheduler.check_capacity(num_choices)
+
+
+class PromptBudget:
+    """Counts prompt tokens across a request's prompts (n > 1 shares a prompt: counted once) against the cap."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.cap, self.used = state.settings.max_prompt_tokens_per_request, 0
+
+    def take(self, n: int, param: str) -> None:
+        self.used += n
+        if self.used > self.cap:
+            raise APIError(400, f"the prompts of this request hold more than {self.cap} tokens "
+                                "(--max-prompt-tokens-per-request); send fewer or shorter prompts", param=param,
+                           code="too_many_prompt_tokens")
+
+
 def submit_all(state: ServerState, choices: list[Choice]) -> None:
     """Queue every choice or none (a later failure aborts the earlier ones)."""
     done: list[Choice] = []
@@ -113,6 +138,7 @@ async def choice_deltas(state: ServerState, c: Choice) -> AsyncIterator[Delta]:
             lps = out.logprobs or []
             if detok.stopped:
                 c.finish_reason = "stop"
+                state.metrics.on_stop_string(c.stream)  # request_success{stop}: the abort below is not an abort
                 yield Delta(c.index, text, lps, "stop")
                 return  # aclosing -> the scheduler aborts the engine request
             if out.finished:
@@ -222,6 +248,45 @@ def completion_logprobs(state: ServerState, lps: list[TokenLogprob], offset: int
             "top_logprobs": [{_tok(state, t): v for t, v in x.top} for x in lps], "text_offset": offsets}
 
 
+# ---- request expansion (a worker thread: tokenising and checking a 1 MB body must not hold the event loop) --------
+def expand_chat(state: ServerState, req: ChatCompletionRequest, rid: str) -> list[Choice]:
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = encode_chat(state.tokenizer, messages)
+    except ValueError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from e
+    PromptBudget(state).take(len(ids), "messages")
+    budget = token_budget(state, len(ids), req.token_budget(),
+                          "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
+                          "messages")
+    return [Choice(i, f"{rid}-{i}", ids, req.sampling(budget, req.engine_logprobs(), i), req.stops())
+            for i in range(req.n)]
+
+
+def expand_completion(state: ServerState, req: CompletionRequest, prompts: list[str | list[int]],
+                      rid: str) -> list[Choice]:
+    choices: list[Choice] = []
+    vocab = state.target.config.vocab_size
+    tokens = PromptBudget(state)
+    for p_idx, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            ids = encode_text(state.tokenizer, prompt)
+            if not ids:
+                raise APIError(400, "prompt: the prompt encodes to zero tokens", param="prompt")
+        else:
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
+                raise APIError(400, f"prompt: token ids must be integers in [0, {vocab})", param="prompt")
+            ids = list(prompt)
+        tokens.take(len(ids), "prompt")
+        budget = token_budget(state, len(ids), req.max_tokens, "max_tokens", "prompt")
+        echo = (prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)) if req.echo else ""
+        for i in range(req.n):
+            idx = p_idx * req.n + i
+            choices.append(Choice(idx, f"{rid}-{idx}", ids, req.sampling(budget, req.engine_logprobs(), idx),
+                                  req.stops(), prefix_text=echo))
+    return choices
+
+
 # ---- routes ---------------------------------------------------------------------------------------------------
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(state: NativeState) -> ModelList:
@@ -232,17 +297,9 @@ async def list_models(state: NativeState) -> ModelList:
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: NativeState) -> Any:
     check_model(state, req.model)
     log_unknown(req, state)
-    try:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = encode_chat(state.tokenizer, messages)
-    except ValueError as e:
-        raise APIError(400, f"messages: {e}", param="messages") from e
-    budget = token_budget(state, len(ids), req.token_budget(),
-                          "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
-                          "messages")
+    check_fanout(state, req.n, "n")
     rid = new_id("chatcmpl")
-    choices = [Choice(i, f"{rid}-{i}", ids, req.sampling(budget, req.engine_logprobs(), i), req.stops())
-               for i in range(req.n)]
+    choices = await asyncio.to_thread(expand_chat, state, req, rid)  # tokenising: off the event loop
     submit_all(state, choices)
     created = now()
     if req.stream:
@@ -290,24 +347,10 @@ async def chat_stream(state: ServerState, req: ChatCompletionRequest, choices: l
 async def completions(req: CompletionRequest, request: Request, state: NativeState) -> Any:
     check_model(state, req.model)
     log_unknown(req, state)
+    prompts = req.prompts()
+    check_fanout(state, len(prompts) * req.n, "prompt" if len(prompts) > 1 else "n")
     rid = new_id("cmpl")
-    choices: list[Choice] = []
-    vocab = state.target.config.vocab_size
-    for p_idx, prompt in enumerate(req.prompts()):
-        if isinstance(prompt, str):
-            ids = encode_text(state.tokenizer, prompt)
-            if not ids:
-                raise APIError(400, "prompt: the prompt encodes to zero tokens", param="prompt")
-        else:
-            if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt):
-                raise APIError(400, f"prompt: token ids must be integers in [0, {vocab})", param="prompt")
-            ids = list(prompt)
-        budget = token_budget(state, len(ids), req.max_tokens, "max_tokens", "prompt")
-        echo = (prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)) if req.echo else ""
-        for i in range(req.n):
-            idx = p_idx * req.n + i
-            choices.append(Choice(idx, f"{rid}-{idx}", ids, req.sampling(budget, req.engine_logprobs(), idx),
-                                  req.stops(), prefix_text=echo))
+    choices = await asyncio.to_thread(expand_completion, state, req, prompts, rid)  # tokenising: off the loop
     submit_all(state, choices)
     created = now()
     if req.stream:

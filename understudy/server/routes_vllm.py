@@ -19,13 +19,15 @@ from typing import Annotated, Any
 import anyio
 import httpx
 from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from understudy.server.backends.vllm_backend import VllmState
 from understudy.server.backends.vllm_process import VllmProcess
 from understudy.server.deps import get_state, require_api_key
 from understudy.server.errors import APIError, error_body
-from understudy.server.protocol import new_id
+from understudy.server.protocol import ChatCompletionRequest, CompletionRequest, new_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
@@ -67,7 +69,18 @@ def translate_error(status: int, raw: bytes) -> APIError:
     return APIError(status, message, _TYPES.get(status, "invalid_request_error"), param=param, code=code)
 
 
-async def read_body(request: Request, state: VllmState) -> dict[str, Any]:
+# vLLM extensions forwarded as they are: they change only the response's format, not the work done.
+PASSTHROUGH = frozenset({"return_token_ids"})
+_MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+async def read_body(request: Request, state: VllmState, path: str) -> tuple[dict[str, Any], int]:
+    """Parse and validate with the native backend's own models and limits (n, logprobs, stop, top_k,
+    max_tokens, logit_bias, non-finite numbers), so both backends refuse the same requests with the same 400s.
+    Returns the body to forward (unknown fields dropped and logged, as the native backend ignores them; only
+    PASSTHROUGH's vLLM extensions, which change the response format and nothing else, are kept) and the
+    number of sequences it starts (n x prompts), which admission counts."""
     raw = await request.body()
     try:
         body = json.loads(raw)
@@ -81,9 +94,26 @@ async def read_body(request: Request, state: VllmState) -> dict[str, Any]:
     if model != state.served_model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {state.served_model_name!r}",
                        "not_found_error", param="model", code="model_not_found")
-    if not isinstance(body.get("stream", False), bool):
-        raise APIError(400, "stream: must be a boolean", param="stream")
-    return body
+    try:
+        req = _MODELS[path].model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from e
+    unknown = [f for f in req.unknown_fields() if f not in PASSTHROUGH]
+    if unknown and state.settings.log_unknown_fields:
+        log.info("ignoring unknown request fields: %s", ", ".join(unknown))
+    prompts = len(req.prompts()) if isinstance(req, CompletionRequest) else 1
+    sequences = prompts * req.n
+    cap = state.settings.max_choices_per_request
+    if sequences > cap:
+        raise APIError(400, f"this request would start {sequences} sequences; the limit is {cap} "
+                            "(--max-choices-per-request); send fewer prompts or a smaller n",
+                       param="prompt" if prompts > 1 else "n", code="too_many_choices")
+    budget = req.max_tokens if isinstance(req, CompletionRequest) else req.token_budget()
+    if budget is not None and budget >= state.settings.max_model_len:
+        raise APIError(400, f"this model's maximum context length is {state.settings.max_model_len} tokens; "
+                            f"max_tokens {budget} leaves no room for the prompt", param="max_tokens",
+                       code="context_length_exceeded")
+    return req.model_dump(mode="json", exclude_unset=True, exclude=set(unknown)), sequences
 
 
 class _Relay(StreamingResponse):
@@ -103,12 +133,12 @@ class _Relay(StreamingResponse):
 
 
 async def proxy_post(state: VllmState, request: Request, path: str) -> Response:
-    body = await read_body(request, state)
-    state.scheduler.enter()  # Draining (503) / Overloaded (429)
+    body, sequences = await read_body(request, state, path)
+    state.scheduler.enter(sequences)  # Draining (503) / Overloaded (429)
     try:
         proc = state.backend.lease()
     except BaseException:
-        state.scheduler.exit()
+        state.scheduler.exit(sequences)
         raise
     done = False
     upstream: httpx.Response | None = None
@@ -119,7 +149,7 @@ async def proxy_post(state: VllmState, request: Request, path: str) -> Response:
             return
         done = True
         state.backend.release(proc)
-        state.scheduler.exit()
+        state.scheduler.exit(sequences)
         if upstream is not None:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()

@@ -40,6 +40,12 @@ class Draining(UnderstudyError):
         return "the server is shutting down; retry on another replica"
 
 
+class RequestFailed(UnderstudyError):
+    """The engine could not finish this one request (its batch-mates went on); logged by the engine."""
+
+    http_status, error_type, code, expose = 500, "server_error", "request_failed", True
+
+
 class EngineFailed(UnderstudyError):
     """The engine raised while this request was in flight (a bug; logged with its traceback)."""
 
@@ -92,6 +98,15 @@ class AsyncEngine:
         return len(self.streams)
 
     # ---- requests -------------------------------------------------------------------------------------------
+    def check_capacity(self, n: int) -> None:
+        """Refuse early (Draining, Overloaded) a request that would start n sequences, before any work on it;
+        submit() checks again under the lock."""
+        if self.draining:
+            raise Draining("the server is shutting down")
+        if len(self.streams) + n > self.max_in_flight:
+            raise Overloaded(f"{len(self.streams)} requests in flight, this one adds {n} "
+                             f"(limit {self.max_in_flight})")
+
     def submit(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> RequestStream:
         """Queue a request (raises Draining, Overloaded, or engine.RequestError naming the field)."""
         if self.draining:
@@ -175,8 +190,10 @@ class AsyncEngine:
                 stream.done = True
                 with self._lock:
                     self.streams.pop(o.request_id, None)
+            item: StepOutput | Exception = o if o.error is None else RequestFailed(
+                f"the engine could not finish this request: {o.error}")
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                self._loop.call_soon_threadsafe(stream.queue.put_nowait, o)
+                self._loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _fail_all(self, err: Exception) -> None:
         assert self._loop is not None

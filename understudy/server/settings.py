@@ -96,6 +96,12 @@ class ServerSettings(BaseSettings):
             return [x.strip() for x in v.split(",") if x.strip()]
         return v
 
+    @field_validator("admin_key", "registry", "drafter", "served_model_name", "vllm_python", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        """UNDERSTUDY_ADMIN_KEY="" (compose's `${X:-}`, an empty k8s Secret entry) means unset: admin API off."""
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("controller_arms", mode="before")
     @classmethod
     def _arms(cls, v: object) -> object:
@@ -112,6 +118,4 @@ class ServerSettings(BaseSettings):
         if self.admin_key is not None and self.admin_key in self.api_key:
             raise ValueError("admin_key must differ from every API key: an API client must not be able to swap "
                              "drafters; choose another --admin-key")
-        if self.admin_key is not None and not self.admin_key.strip():
-            raise ValueError("admin_key is empty: leave it unset to turn the admin API off, or give a real key")
         return self

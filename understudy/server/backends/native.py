@@ -106,15 +106,16 @@ class HotSwapManager(SwapManager):
         if callable(reset):
             reset()  # the arms' rewards belong to the old drafter
 
-    def on_step_failure(self, exc: BaseException) -> None:
-        """Engine-thread hook after a step raised. Speculation is lossless, so turning the drafter off is always
+    def on_drafter_fault(self, why: str) -> None:
+        """Engine-thread hook: a step failed with the drafter and succeeded without it (StepStats.drafter_fault),
+        so the drafter, and only the drafter, is at fault. Speculation is lossless, so turning it off is always
         safe: do it at once (the next step runs without it), mark its version rejected, and report it; the
-        server keeps answering, plain. A later alias move, pin or rollback swaps a drafter in again."""
+        server keeps answering, plain. A later alias move, pin or rollback swaps a drafter in again. A step that
+        fails even without drafts is not the drafter's doing and leaves it in service."""
         if self.engine.drafter is None:
             return
         bad = self.served
-        why = (f"engine error while drafter {bad.label} served ({type(exc).__name__}: {exc}); "
-               "speculation off until the next swap")
+        why = f"drafter {bad.label} faulted ({why}); speculation off until the next swap"
         self.engine.set_drafter(None)
         with self._lock:
             if bad.version is not None:
@@ -127,6 +128,8 @@ class HotSwapManager(SwapManager):
 
     # ---- canary feed (the engine thread's step hook) ------------------------------------------------------
     def on_step(self, stats: StepStats, outs: list[StepOutput], streams: dict, t0: float) -> None:  # type: ignore[type-arg]
+        if stats.drafter_fault is not None:
+            self.on_drafter_fault(stats.drafter_fault)
         gen = self.engine.drafter_generation
         if gen != self._gen_seen:  # this step applied a swap: its extra time is the swap's stall (catch-up)
             self._gen_seen = gen
@@ -172,7 +175,6 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     if s.drafter and version is not None:
         hotswap.pinned = version
     scheduler.step_hooks += [metrics.on_step, hotswap.on_step]
-    scheduler.failure_hooks.append(hotswap.on_step_failure)
     return ServerState(settings=s, target=target, engine=engine, scheduler=scheduler, metrics=metrics,
                        hotswap=hotswap, served_model_name=name)
 

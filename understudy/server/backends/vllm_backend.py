@@ -44,6 +44,7 @@ from understudy.engine.loader import (
     resolve_model_path,
     tokenizer_digest,
 )
+from understudy.fsutil import remove_folder
 from understudy.registry.store import Registry
 from understudy.server.backends import open_registry
 from understudy.server.backends.vllm_process import (
@@ -90,15 +91,17 @@ class ProxyAdmission:
         self.draining = False
         self.in_flight = 0  # changed on the event loop only
 
-    def enter(self) -> None:
+    def enter(self, n: int = 1) -> None:
+        """Admit a request that starts n sequences (n choices x prompts), counted as the native scheduler does."""
         if self.draining:
             raise Draining("the server is shutting down")
-        if self.in_flight >= self.max_in_flight:
-            raise Overloaded(f"{self.in_flight} requests in flight (limit {self.max_in_flight})")
-        self.in_flight += 1
+        if self.in_flight + n > self.max_in_flight:
+            raise Overloaded(f"{self.in_flight} sequences in flight, this request adds {n} "
+                             f"(limit {self.max_in_flight})")
+        self.in_flight += n
 
-    def exit(self) -> None:
-        self.in_flight -= 1
+    def exit(self, n: int = 1) -> None:
+        self.in_flight -= n
 
 
 # ---- the processes -----------------------------------------------------------------------------------------------
@@ -112,6 +115,7 @@ class VllmBackend:
         base = root or cache_dir() / "vllm"
         self.run_dir = base / f"run-{os.getpid()}-{int(time.time())}"  # exported drafters (removed at stop)
         self.log_dir = base / "logs"  # vLLM logs (kept)
+        self._exports: list[Path] = []  # exported drafter folders still on disk, oldest first
         self.active: VllmProcess | None = None
         self.retiring: list[VllmProcess] = []
         self._procs: set[VllmProcess] = set()  # every process started and not yet stopped (starting ones too)
@@ -122,15 +126,31 @@ class VllmBackend:
         self._closing = threading.Event()
 
     # ---- processes ------------------------------------------------------------------------------------------
+    KEEP_EXPORTS = 2  # exported drafters kept besides those a process uses (a server may follow a trainer for days)
+
     def export(self, label: str, src: Path) -> Path:
-        """The drafter folder `src` in vLLM's eagle layout, under this run's cache folder."""
+        """The drafter folder `src` in vLLM's eagle layout, under this run's cache folder. Older exports that no
+        process (starting, active or retiring) uses are removed, beyond the newest KEEP_EXPORTS."""
         out = self.run_dir / "drafters" / re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[-80:]
         try:
             export_vllm(src, out)
         except (KeyError, SafetensorError, OSError, ValueError) as e:
             raise DrafterError(f"{src}: cannot export it to vLLM's eagle layout ({type(e).__name__}: {e}); "
                                "re-publish or re-train the drafter") from e
+        self._prune_exports(out)
         return out
+
+    def _prune_exports(self, new: Path) -> None:
+        with self._lock:
+            self._exports = [p for p in self._exports if p != new] + [new]  # oldest first
+            used = {p.drafter_dir for p in self._procs}
+            doomed = [p for p in self._exports[:-self.KEEP_EXPORTS] if p not in used]
+            self._exports = [p for p in self._exports if p not in doomed]
+        for p in doomed:
+            try:
+                remove_folder(p)
+            except OSError as e:  # the new export is fine: only an old one stays behind
+                log.warning("could not remove the old vLLM drafter export %s (%s)", p, e)
 
     def spawn(self, label: str, drafter_dir: Path | None) -> VllmProcess:
         """Start a vLLM process and wait until it is healthy (raises VllmError naming its log file)."""
