@@ -38,7 +38,7 @@ class ServerProcess:
             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             stdout=self._log_fh, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+    def wait_ready(self, timeout: float = 600.0) -> ServerProcess:  # returns at once when ready; a busy CI box is slow to import torch
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -164,7 +164,7 @@ def scrape_until(url: str, pred: Callable[[Snapshot], bool], describe: Callable[
     return snap
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 60.0, every: float = 0.05) -> Any:
+def wait_for(pred: Callable[[], Any], timeout: float = 300.0, every: float = 0.05) -> Any:
     """Poll a condition on the server's state (never a duration the test depends on); the deadline is a guard."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
