@@ -190,6 +190,10 @@ def assert_consistent(reg: Registry) -> None:
 
 def test_sigkilled_publishers_never_leave_a_visible_version_that_fails_verification(tmp_path, drafter_dir):
     root, rng, trials = tmp_path / "reg", random.Random(1234), 60
+    # The registry exists before its publishers (as in any deployment). Otherwise, on a busy machine the first
+    # kill can land before the first publisher has written registry.json, and open(create=False) below fails
+    # for a reason this test is not about (creation resumes on the next open(create=True)).
+    Registry.open(root)
     helper = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISHER, str(root), str(drafter_dir)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env())
     own, mid_publish = [], 0
