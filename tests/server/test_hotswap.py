@@ -31,7 +31,15 @@ def admin_state(url: str) -> dict:
     return httpx.get(f"{url}/admin/drafter", headers=ADMIN, timeout=30).json()
 
 
-def wait_for(pred, timeout: float = 30.0, every: float = 0.1):  # type: ignore[no-untyped-def]
+def drafts_total(url: str) -> float:
+    """understudy:spec_decode_num_drafts_total from /metrics (0 before the first draft)."""
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+        if line.startswith("understudy:spec_decode_num_drafts_total{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for(pred, timeout: float = 300.0, every: float = 0.1):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
@@ -66,7 +74,7 @@ def test_versions_published_and_promoted_under_load_without_errors(swap_server, 
             v = reg.publish(server_assets["good"]).version
             reg.promote(v, "serving")
             promoted.append(v)
-            assert wait_for(lambda v=v: admin_state(srv.url)["version"] == str(v), 30), srv.tail()
+            assert wait_for(lambda v=v: admin_state(srv.url)["version"] == str(v), 300), srv.tail()
             time.sleep(0.3)
     assert load.failed == 0, (load.non_2xx, load.truncated, load.errors)
     assert load.ok >= 20
@@ -109,16 +117,19 @@ def test_garbage_drafter_is_rolled_back_by_the_canary(swap_server, server_assets
     srv, reg, _ = swap_server
     good = reg.publish(server_assets["good"]).version
     reg.promote(good, "serving")
-    assert wait_for(lambda: admin_state(srv.url)["version"] == str(good), 30)
+    assert wait_for(lambda: admin_state(srv.url)["version"] == str(good), 300)
     garbage_dir = tmp_path / "garbage"
     shutil.copytree(server_assets["garbage"], garbage_dir)
     with chat_load(srv.url, users=4) as load:
-        time.sleep(2.0)  # the good version builds its acceptance baseline under load
+        # the good version builds its acceptance baseline under load: a full canary window of its own drafts
+        # (waited for by count, not by time: a busy machine drafts slowly)
+        start = drafts_total(srv.url)
+        assert wait_for(lambda: drafts_total(srv.url) - start >= 2 * 128, 600), drafts_total(srv.url)
         garbage = reg.publish(garbage_dir).version
         reg.promote(garbage, "serving")
         assert wait_for(lambda: any(h["to_version"] == str(garbage) and h["result"] == "success"
-                                    for h in admin_state(srv.url)["history"]), 30), admin_state(srv.url)
-        rolled = wait_for(lambda: admin_state(srv.url)["version"] == str(good), 60)
+                                    for h in admin_state(srv.url)["history"]), 300), admin_state(srv.url)
+        rolled = wait_for(lambda: admin_state(srv.url)["version"] == str(good), 600)
     st = admin_state(srv.url)
     assert rolled, st
     assert str(garbage) in st["rejected"] and "canary" in st["rejected"][str(garbage)]
