@@ -45,6 +45,8 @@ def generate(
     ngram: Annotated[bool, typer.Option("--ngram", help="Speculate with n-gram prompt lookup instead")] = False,
     num_draft_tokens: Annotated[int, typer.Option("--num-draft-tokens", "-k", help="Draft tokens per step (0 = off)")] = 4,
     dtype: DtypeOpt = "auto",
+    quantize: Annotated[str, typer.Option("--quantize", help="none | int8 | int4: weight-only quantised linear layers "
+                                          "(CPU; docs/performance.md)")] = "none",
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k")] = 0,
@@ -66,7 +68,7 @@ def generate(
     if drafter and ngram:
         raise UserError("--drafter and --ngram are exclusive: pick one proposer")
     dt = resolve_dtype(dtype, device)
-    lm = load_model(model, dtype=dt, device=device)
+    lm = load_model(model, dtype=dt, device=device, quantize=quantize)
     d = _load_drafter_arg(drafter, lm, registry) if drafter else None
     proposer = "ngram" if ngram else ("drafter" if d is not None else "none")
     ids = encode_prompt(lm.tokenizer, prompt, chat=not raw)
@@ -87,7 +89,7 @@ def generate(
                   "mean_acceptance_length": round(stats.mean_acceptance_length, 4),
                   "per_position_acceptance": [round(x, 4) for x in stats.per_position_acceptance],
                   "tokens_per_s": round(len(out) / dt_s, 2), "num_tokens": len(out), "seconds": round(dt_s, 3),
-                  "proposer": proposer, "dtype": dt},
+                  "proposer": proposer, "dtype": dt, "quantize": quantize},
     }
     if as_json:
         typer.echo(json.dumps(result))

@@ -40,6 +40,9 @@ class ServerSettings(BaseSettings):
     dtype: str = Field("auto", description="float32 | bfloat16 | float16 | auto (the fastest on this machine)")
     device: str = Field("cpu", description="cpu | cuda")
     threads: int = Field(1, ge=1, description="torch threads on CPU")
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="Weight-only quantised linear layers for the native backend on CPU: none | int8 | int4 "
+        "(~4x / ~6x less weight traffic per token; speculation stays lossless w.r.t. the quantised model)")
 
     # ---- network and auth ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to bind; a non-loopback one needs --api-key "
@@ -108,6 +111,13 @@ class ServerSettings(BaseSettings):
         if isinstance(v, str):
             return [int(x) for x in v.split(",") if x.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _quantize_is_native_cpu(self) -> ServerSettings:
+        if self.quantize != "none" and (self.backend != "native" or self.device != "cpu"):
+            raise ValueError(f"quantize={self.quantize!r} needs --backend native and --device cpu (got "
+                             f"{self.backend}, {self.device}); drop --quantize or serve natively on the CPU")
+        return self
 
     @model_validator(mode="after")
     def _auth_fails_safe(self) -> ServerSettings:

@@ -154,7 +154,7 @@ def build_controller(s: ServerSettings) -> SpeculationController:
 
 def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> ServerState:
     dtype = resolve_dtype(s.dtype, s.device)
-    target = preloaded or load_model(s.model, dtype=dtype, device=s.device)
+    target = preloaded or load_model(s.model, dtype=dtype, device=s.device, quantize=s.quantize)
     registry = open_registry(s)
     follow = s.follow_alias if not s.drafter else None
     first = choose_initial_drafter(s.drafter, target.fingerprint, registry, follow)

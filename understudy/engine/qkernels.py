@@ -1,0 +1,395 @@
+"""Weight-only int8/int4 matmul kernels for AVX2 CPUs, compiled once on first use and loaded with ctypes.
+
+Why our own: on AVX2-only CPUs torch's weight-only kernels take scalar fallback paths with float32 activations
+(`_weight_int8pack_mm` is 2.5-5x *slower* than the float32 matmul at M = 1 and grows linearly with M, the int4 op
+is worse: benchmarks/linear_kernels.py, docs/performance.md), while batch-1 decoding is bound by reading the weights.
+These kernels stream each quantised weight once per call and keep the activations in float32.
+
+Layout: output channels in super-blocks of 32 (N zero-padded to a multiple of 32); a super-block's weights are
+one contiguous stream, row k holding the 32 codes of input k:
+  * int8 per output channel: [NS, K, 32] int8 + a float32 scale per output: y = scale[n] * sum_k x[k] q[n, k];
+  * grouped (int4: codes 0..15, two k per byte, low nibble first -> [NS, K/2, 32] uint8; int8 groups: signed
+    codes -> [NS, K, 32] int8) + a float16 scale and minimum per (group of `group` inputs, output):
+    W = code * scale + minimum, computed as scale * sum_k x[k] code[k] + minimum * sum_k x[k] per group.
+Each output is one AVX2 lane that accumulates over k = 0..K-1 in order with FMAs (per group for the grouped
+formats). That order does not depend on M, on the row's place in the batch or on the tile shape, so a row's result
+is bitwise the same in a width-1 decode step and in a width-(k+1) verification (tested): speculation is exactly
+lossless on top. Tiles of up to 12 accumulators (NV blocks of 8 outputs x MT rows) sweep a super-block with the
+rows innermost, so its weights come from DRAM once per call and from L1/L2 for the other rows.
+
+The shared object is built with the system C++ compiler ($CXX, c++, g++ or clang++; ~20 s once) into
+kernel_dir()/wq-<hash>.so. Without a compiler, on a CPU without AVX2/FMA/F16C, or with UNDERSTUDY_NATIVE_KERNELS=0,
+`load()` returns None and the quantised layers use torch's own ops (same weights, slow on AVX2).
+Single-threaded: the engine runs one intra-op thread on small CPUs (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+// Unrolled early so that GCC keeps the accumulator arrays in registers (otherwise every accumulator is stored
+// to the stack on every k, and the loop is bound by stores).
+#define UNROLL _Pragma("GCC unroll 8")
+
+namespace {
+
+constexpr int SB = 32;  // outputs per super-block: its weights are one contiguous stream, 32 codes per k
+
+// Scale, add the bias and store a tile (NV blocks of 8 outputs from n0, MT rows); the accumulators arrive spilled
+// to memory after the k loop, so that the loop's registers never have their address taken.
+template <int MT, int NV>
+inline void store_tile(const float (&acc)[MT][NV][8], const float* scale, const float* bias, float* y,
+                       int64_t ldy, int64_t n0, int64_t N) {
+  for (int v = 0; v < NV; ++v) {
+    const int64_t n = n0 + 8 * v;
+    if (n >= N) break;  // padding outputs
+    const __m256 s = scale ? _mm256_loadu_ps(scale + n) : _mm256_set1_ps(1.0f);
+    for (int m = 0; m < MT; ++m) {
+      __m256 r = _mm256_mul_ps(_mm256_load_ps(acc[m][v]), s);
+      float* dst = y + m * ldy + n;
+      if (n + 8 <= N) {
+        if (bias) r = _mm256_add_ps(r, _mm256_loadu_ps(bias + n));
+        _mm256_storeu_ps(dst, r);
+      } else {  // the last, partial block of outputs
+        float tmp[8];
+        _mm256_storeu_ps(tmp, r);
+        for (int64_t j = 0; n + j < N; ++j) dst[j] = bias ? tmp[j] + bias[n + j] : tmp[j];
+      }
+    }
+  }
+}
+
+// int8 per output channel: w [NS, K, 32] int8, scale [NS*32] float32;
+// y[m, n] = scale[n] * sum_k x[m, k] q[n, k] (+ bias[n]). The tile covers outputs n0 .. n0 + 8*NV of one super-block.
+template <int MT, int NV>
+void tile_i8(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale, const float* bias,
+             float* y, int64_t ldy, int64_t n0, int64_t N) {
+  __m256 acc[MT][NV];
+  UNROLL
+  for (int m = 0; m < MT; ++m)
+    UNROLL
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  const int8_t* wb = w + (n0 / SB) * K * SB + (n0 % SB);
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 wv[NV];
+    UNROLL
+    for (int v = 0; v < NV; ++v)
+      wv[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(wb + k * SB + v * 8))));
+    UNROLL
+    for (int m = 0; m < MT; ++m) {
+      const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k);
+      UNROLL
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(xb, wv[v], acc[m][v]);
+    }
+  }
+  alignas(32) float out[MT][NV][8];
+  UNROLL
+  for (int m = 0; m < MT; ++m)
+    UNROLL
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(out[m][v], acc[m][v]);
+  store_tile<MT, NV>(out, scale, bias, y, ldy, n0, N);
+}
+
+// Grouped codes (BITS = 4: codes 0..15; BITS = 8: signed codes -127..127): w [NS, K*BITS/8, 32] -- with 4 bits,
+// byte j of row k2 holds the codes of k = 2*k2 (low nibble) and k = 2*k2 + 1 (high nibble) -- and scale/minv
+// [NS, K/group, 32] float16; W = code * scale + minv. The scale is factored out of each group:
+//   sum_k x[k] W[k] = scale * sum_k x[k] code[k] + minv * xsum[g],  xsum[g] = sum of x over the group,
+// so a weight costs a code-to-float conversion and one FMA per row (no dequantising FMA), and the group's two
+// FMAs per output are shared by its `group` weights. xsum is computed once per call, in a fixed order.
+template <int MT, int NV, int BITS>
+void tile_grp(const float* x, int64_t ldx, const float* xsum, const uint8_t* w, int64_t K, const uint16_t* scale,
+              const uint16_t* minv, int64_t group, const float* bias, float* y, int64_t ldy, int64_t n0, int64_t N) {
+  constexpr int CPB = 8 / BITS;  // codes per byte
+  __m256 acc[MT][NV];
+  UNROLL
+  for (int m = 0; m < MT; ++m)
+    UNROLL
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+  const int64_t sb = n0 / SB, j0 = n0 % SB, G = K / group, rows = K / CPB;
+  const uint8_t* wb = w + sb * rows * SB + j0;
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 part_acc[MT][NV];
+    UNROLL
+    for (int m = 0; m < MT; ++m)
+      UNROLL
+      for (int v = 0; v < NV; ++v) part_acc[m][v] = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += CPB) {
+      UNROLL
+      for (int part = 0; part < CPB; ++part) {  // one k at a time (low nibble first)
+        __m256 wv[NV];
+        UNROLL
+        for (int v = 0; v < NV; ++v) {
+          const __m128i bytes = _mm_loadl_epi64((const __m128i*)(wb + (k / CPB) * SB + v * 8));
+          __m256i q;
+          if (BITS == 8) {
+            q = _mm256_cvtepi8_epi32(bytes);
+          } else {
+            const __m256i raw = _mm256_cvtepu8_epi32(bytes);
+            q = part ? _mm256_srli_epi32(raw, 4) : _mm256_and_si256(raw, low4);
+          }
+          wv[v] = _mm256_cvtepi32_ps(q);
+        }
+        UNROLL
+        for (int m = 0; m < MT; ++m) {
+          const __m256 xb = _mm256_broadcast_ss(x + m * ldx + k + part);
+          UNROLL
+          for (int v = 0; v < NV; ++v) part_acc[m][v] = _mm256_fmadd_ps(xb, wv[v], part_acc[m][v]);
+        }
+      }
+    }
+    UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const int64_t off = (sb * G + g) * SB + j0 + v * 8;
+      const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scale + off)));
+      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(minv + off)));
+      UNROLL
+      for (int m = 0; m < MT; ++m) {
+        acc[m][v] = _mm256_fmadd_ps(part_acc[m][v], sc, acc[m][v]);
+        acc[m][v] = _mm256_fmadd_ps(_mm256_broadcast_ss(xsum + m * G + g), mn, acc[m][v]);
+      }
+    }
+  }
+  alignas(32) float out[MT][NV][8];
+  UNROLL
+  for (int m = 0; m < MT; ++m)
+    UNROLL
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(out[m][v], acc[m][v]);
+  store_tile<MT, NV>(out, nullptr, bias, y, ldy, n0, N);
+}
+
+// Tiles: up to 3 rows x a whole super-block (4 blocks of 8 outputs), or up to 6 rows x half a super-block
+// (the other half follows at once, from L1/L2): <= 12 accumulators of the 16 AVX2 registers.
+template <template <int, int> class F, int NV, typename... A>
+void by_rows(int mt, A... a) {
+  switch (mt) {
+    case 1: F<1, NV>::go(a...); break;
+    case 2: F<2, NV>::go(a...); break;
+    case 3: F<3, NV>::go(a...); break;
+    case 4: F<4, NV>::go(a...); break;
+    case 5: F<5, NV>::go(a...); break;
+    default: F<6, NV>::go(a...); break;
+  }
+}
+template <int MT, int NV> struct I8 {
+  template <typename... A> static void go(A... a) { tile_i8<MT, NV>(a...); }
+};
+template <int MT, int NV> struct G4 {
+  template <typename... A> static void go(A... a) { tile_grp<MT, NV, 4>(a...); }
+};
+template <int MT, int NV> struct G8 {
+  template <typename... A> static void go(A... a) { tile_grp<MT, NV, 8>(a...); }
+};
+
+}  // namespace
+
+extern "C" {
+
+int wq_version() { return 4; }
+
+void wq_int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, const float* scale,
+                    const float* bias, float* y, int64_t N) {
+  const int nv = M <= 3 ? 4 : 2, mt_max = M <= 3 ? 3 : 6;
+  const int64_t NS = (N + SB - 1) / SB;
+  for (int64_t n0 = 0; n0 < NS * SB; n0 += 8 * nv)
+    for (int64_t m = 0; m < M; m += mt_max) {
+      const int mt = (int)(M - m < mt_max ? M - m : mt_max);
+      if (nv == 4)
+        by_rows<I8, 4>(mt, x + m * ldx, ldx, w, K, scale, bias, y + m * N, N, n0, N);
+      else
+        by_rows<I8, 2>(mt, x + m * ldx, ldx, w, K, scale, bias, y + m * N, N, n0, N);
+    }
+}
+
+void wq_grouped_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, const uint16_t* scale,
+                       const uint16_t* minv, int64_t group, int64_t bits, const float* bias, float* y, int64_t N) {
+  // Tiles hold a group accumulator besides each output accumulator (<= 12 of the 16 registers in all):
+  const int64_t G = K / group;
+  std::vector<float> xsum(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[m * ldx + k];
+      xsum[m * G + g] = s;
+    }
+  // 1 row x 4 blocks, or up to 3 rows x 2 blocks (measured: 6 rows x 1 block is slower from M = 4 on)
+  const int nv = M == 1 ? 4 : 2, mt_max = M == 1 ? 1 : 3;
+  const int64_t NS = (N + SB - 1) / SB;
+  for (int64_t n0 = 0; n0 < NS * SB; n0 += 8 * nv)
+    for (int64_t m = 0; m < M; m += mt_max) {
+      const int mt = (int)(M - m < mt_max ? M - m : mt_max);
+      const float* xm = x + m * ldx;
+      const float* xs = xsum.data() + m * G;
+      float* ym = y + m * N;
+      if (bits == 4) {
+        if (nv == 4) by_rows<G4, 4>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+        else by_rows<G4, 2>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+      } else {
+        if (nv == 4) by_rows<G8, 4>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+        else by_rows<G8, 2>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+      }
+    }
+}
+
+}  // extern "C"
+"""
+
+FLAGS = ["-O3", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared", "-fno-math-errno"]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not = ""
+
+
+def cpu_supported() -> bool:
+    """AVX2 + FMA + F16C on x86-64 (read from /proc/cpuinfo; torch's capability string does not list FMA/F16C)."""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    have = set(flags.split(":", 1)[-1].split())
+    return {"avx2", "fma", "f16c"} <= have
+
+
+def _compiler() -> str | None:
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if c and shutil.which(c):
+            return c
+    return None
+
+
+def _build(cxx: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, so = Path(tmp) / "wq.cpp", Path(tmp) / "wq.so"
+        src.write_text(SOURCE)
+        proc = subprocess.run([cxx, *FLAGS, str(src), "-o", str(so)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {proc.stderr[-2000:]}")
+        os.replace(so, out)  # atomic: concurrent builders never load a half-written file
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, building them once (cached by source + compiler); None where they cannot run."""
+    global _lib, _tried, _why_not
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("UNDERSTUDY_NATIVE_KERNELS", "1") == "0":
+            _why_not = "disabled by UNDERSTUDY_NATIVE_KERNELS=0"
+            return None
+        if not cpu_supported():
+            _why_not = "this CPU lacks AVX2/FMA/F16C"
+            return None
+        cxx = _compiler()
+        if cxx is None:
+            _why_not = "no C++ compiler (install g++ or set CXX)"
+            return None
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+        key = hashlib.sha256((SOURCE + " ".join(FLAGS) + str(version)).encode()).hexdigest()[:16]
+        path = kernel_dir() / f"wq-{key}.so"
+        try:
+            if not path.exists():
+                log.info("building the int8/int4 CPU kernels with %s (once) into %s", cxx, path)
+                _build(cxx, path)
+            lib = ctypes.CDLL(str(path))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            _why_not = f"could not build or load the kernels: {e}"
+            log.warning("native int8/int4 kernels unavailable (%s); using torch's ops", _why_not)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.wq_int8_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
+        lib.wq_int8_linear.restype = None
+        lib.wq_grouped_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64]
+        lib.wq_grouped_linear.restype = None
+        _lib = lib
+        return lib
+
+
+def kernel_dir() -> Path:
+    """$UNDERSTUDY_CACHE/kernels, else $XDG_CACHE_HOME/understudy/kernels, else ~/.cache/understudy/kernels (the
+    rule of loader.cache_dir, which this module cannot import: the loader imports it)."""
+    if env := os.environ.get("UNDERSTUDY_CACHE"):
+        return Path(env) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "understudy" / "kernels"
+
+
+def unavailable_reason() -> str:
+    return _why_not
+
+
+# ---- packing (pure torch) -----------------------------------------------------------------------------------
+SUPER_BLOCK = 32  # output channels per contiguous weight stream (SB in the kernels)
+
+
+def _rows_padded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, ...] -> [NS*32, ...] in `dtype`, zero rows appended."""
+    n = -(-t.shape[0] // SUPER_BLOCK) * SUPER_BLOCK
+    out = torch.zeros((n, *t.shape[1:]), dtype=dtype)
+    out[:t.shape[0]] = t.to(dtype)
+    return out
+
+
+def _interleave(t: torch.Tensor) -> torch.Tensor:
+    """[NS*32, R] -> [NS, R, 32]: row r of super-block s holds column r of its 32 output channels."""
+    n, r = t.shape
+    return t.view(n // SUPER_BLOCK, SUPER_BLOCK, r).transpose(1, 2).contiguous()
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] int8 -> [NS, K, 32]."""
+    return _interleave(_rows_padded(q, torch.int8))
+
+
+def pack_codes8(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] int8 -> [NS, K, 32] (the grouped 8-bit layout)."""
+    return _interleave(_rows_padded(codes, torch.int8))
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] in 0..15 -> [NS, K/2, 32] uint8: byte j of row k2 = code[32s+j, 2k2] | code[32s+j, 2k2+1] << 4."""
+    c = _rows_padded(codes, torch.uint8)
+    return _interleave(c[:, 0::2] | (c[:, 1::2] << 4))
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_int4 -> codes [n, K]."""
+    rows = unpack(packed, n)  # [n, K/2] bytes
+    return torch.stack([rows & 15, rows >> 4], dim=-1).reshape(n, -1)
+
+
+def unpack(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of _interleave(_rows_padded(...)) -> [n, R]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])[:n]
+
+
+def pack_groups(t: torch.Tensor) -> torch.Tensor:
+    """Per-group values [N, G] -> [NS, G, 32] float16."""
+    return _interleave(_rows_padded(t, torch.float16))
+
+
+def pad_vector(v: torch.Tensor) -> torch.Tensor:
+    """Per-output values [N] -> [NS*32] float32."""
+    return _rows_padded(v, torch.float32)
