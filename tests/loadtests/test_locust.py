@@ -26,7 +26,7 @@ def load_report_module():
     return mod
 
 
-def locust(*args: str, events: Path | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+def locust(*args: str, events: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UNDERSTUDY_", "LOCUST_"))}
     if events is not None:
         env["UNDERSTUDY_EVENTS_FILE"] = str(events)
@@ -86,7 +86,7 @@ def test_swap_under_load(server, server_assets, tmp_path):  # noqa: F811
                         "--registry", str(server.registry), "--drafter", str(server_assets["good"]),
                         "--versions", "10", "--duration", "14", "--interval", "0.9", "--clients", "2",
                         "--max-tokens", "16", "--api-key", "sk-test", "--admin-key", "adm-test", "--json", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=90)
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert len(rep["published"]) == 10 and rep["alias"] == "latest"
