@@ -293,7 +293,9 @@ def test_blue_green_swap_under_load_without_failed_requests(vllm_server, vllm_as
     v1 = int(admin_state(vllm_server)["version"])
     old_pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
     with chat_load(vllm_server.url) as load:
-        time.sleep(2.0)
+        # streams on the old version first, counted rather than timed: on a busy machine the first streams can
+        # take longer than any fixed sleep, and then every stream would lease the new process
+        assert wait_for(lambda: load.ok >= 2, 600), (load.ok, load.failed)
         v2 = reg.publish(vllm_assets["drafter"]).version
         reg.promote(v2, "serving")
         assert wait_for(lambda: admin_state(vllm_server)["version"] == str(v2), 900), vllm_server.tail()
