@@ -1,8 +1,8 @@
 """Weight-only int8/int4 matmul kernels for AVX2 CPUs, compiled once on first use and loaded with ctypes.
 
 Why our own: on AVX2-only CPUs torch's weight-only kernels take scalar fallback paths with float32 activations
-(`_weight_int8pack_mm` is 2.5-5x *slower* than the float32 matmul at M = 1 and grows linearly with M, the int4 op
-is worse: benchmarks/linear_kernels.py, docs/performance.md), while batch-1 decoding is bound by reading the weights.
+(`_weight_int8pack_mm` is 1.6-2.6x *slower* than the float32 matmul at M = 1 and grows linearly with M, the int4
+op is worse: benchmarks/linear_kernels.py, docs/performance.md), while batch-1 decoding is bound by reading the weights.
 These kernels stream each quantised weight once per call and keep the activations in float32.
 
 Layout: output channels in super-blocks of 32 (N zero-padded to a multiple of 32); a super-block's weights are

@@ -20,6 +20,7 @@ refuses it.
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ from torch import nn
 from understudy.engine import qkernels
 from understudy.engine.config import ConfigError
 from understudy.engine.model import Linear, Transformer
+
+log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP_SIZE = 32  # measured: as fast as 64 at these shapes, more accurate, and GGUF Q4_1/Q8_0's own group
@@ -113,11 +116,19 @@ def torch_int4_pack(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Ten
 
 
 # ---- modules -------------------------------------------------------------------------------------------------
+_warned: set[str] = set()
+
+
 def _native(act_dtype: torch.dtype, device: torch.device) -> ctypes.CDLL | None:
     """Our AVX2 kernels when they apply (float32 activations on the CPU and a working build), else None."""
     if act_dtype != torch.float32 or device.type != "cpu":
         return None
-    return qkernels.load()
+    lib = qkernels.load()
+    if lib is None and (why := qkernels.unavailable_reason()) not in _warned:
+        _warned.add(why)  # torch's fallback ops are slower than float32 on AVX2 CPUs: say so once, loudly
+        log.warning("weight-only quantisation without the native kernels (%s): torch's int8/int4 ops are used, "
+                    "which on AVX2-only CPUs are slower than float32 (docs/performance.md)", why)
+    return lib
 
 
 class QuantizedLinear(nn.Module):
