@@ -19,31 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import understudy
+from tests.registry.helpers import snapshot, subprocess_env
 from understudy import fsutil
 from understudy.drafter.model import load_drafter, new_drafter, save_drafter
 from understudy.registry import store as regmod
 from understudy.registry.store import Event, Registry, RegistryError
 from understudy.registry.watch import RegistryWatcher
 
-REPO = Path(understudy.__file__).resolve().parents[1]
 ACC = regmod.BEST_METRIC
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under root with its content hash (folders as 'dir'): equality means 'unchanged'."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-    return out
 
 
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:

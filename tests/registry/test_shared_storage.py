@@ -16,28 +16,16 @@ from pathlib import Path
 
 import pytest
 
-import understudy
+from tests.registry.helpers import snapshot, subprocess_env
 from understudy import fsutil
 from understudy.registry import store as regmod
 from understudy.registry.store import Registry, RegistryError
 
-REPO = Path(understudy.__file__).resolve().parents[1]
 ACC = regmod.BEST_METRIC
 
 
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-    return out
 
 
 # ---- locks ----------------------------------------------------------------------------------------------------------

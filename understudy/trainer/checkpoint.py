@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from understudy.errors import UnderstudyError
+from understudy.fsutil import fsync_dir
 from understudy.trainer import crashpoints
 
 CHECKPOINT_FORMAT = 2  # 2: weights_only-loadable (plain types), with the drafter buffer and the controller state
@@ -56,14 +57,6 @@ def random_state_from_plain(plain: list[Any] | tuple[Any, ...]) -> tuple[Any, ..
     """The inverse of random_state_to_plain, for `random.Random.setstate`."""
     version, internal, gauss = plain
     return int(version), tuple(int(x) for x in internal), gauss
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], step: int = -1) -> None:

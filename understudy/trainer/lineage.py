@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from understudy.errors import UnderstudyError
-from understudy.trainer.checkpoint import fsync_dir
+from understudy.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 
