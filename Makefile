@@ -36,7 +36,7 @@ $(VLLM_STAMP):
 vllm: $(VLLM_STAMP)
 
 serve: install
-	$(BIN)/understudy serve --model smollm2-135m --ensure-drafter
+	$(BIN)/understudy serve --model smollm2-135m --ensure-drafter --fallback-proposer ngram
 
 test: install vllm
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

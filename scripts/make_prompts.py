@@ -1,8 +1,13 @@
-"""Regenerate understudy/data/prompts.jsonl: the drafter's warm-up prompt set (deterministic, seed 0).
+"""Regenerate the drafter's prompt sets (deterministic, seed 0): `python scripts/make_prompts.py`.
 
-Four in-domain categories (instructions, arithmetic, short reasoning, power-grid operations) split into
-`train` and `heldout` (unseen prompts of the same kinds), plus an `ood` split of other kinds (code, stories,
-trivia, translation) that the drafter never trains on. `python scripts/make_prompts.py` rewrites the file.
+understudy/data/prompts.jsonl, the general warm-up set: four in-domain categories (instructions, arithmetic, short
+reasoning, power-grid operations) split into `train` and `heldout` (unseen prompts of the same kinds), plus an
+`ood` split of other kinds (code, stories, trivia, translation) that the drafter never trains on.
+
+understudy/data/prompts-grid-risk.jsonl, the grid-risk domain set (`drafter train --prompts` for an in-domain
+drafter; `drafter eval` reports it beside the general set): N-1 screening problems in the `grid-risk` RL task's
+own format, loading and headroom arithmetic, what-if trips with distribution factors, and operator questions,
+split `train` / `heldout`.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "understudy" / "data" / "prompts.jsonl"
+DATA = Path(__file__).resolve().parents[1] / "understudy" / "data"
+OUT = DATA / "prompts.jsonl"
+OUT_GRID = DATA / "prompts-grid-risk.jsonl"
 
 TOPICS = ["photosynthesis", "the water cycle", "inflation", "compound interest", "vaccines", "black holes",
           "machine learning", "the French Revolution", "plate tectonics", "supply and demand", "sleep",
@@ -113,11 +120,77 @@ def build() -> list[dict]:
     return unique
 
 
-if __name__ == "__main__":
-    rows = build()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("".join(json.dumps(r) + "\n" for r in rows))
+GRID_QUESTIONS = [
+    "What is an N-1 contingency, and why must a transmission grid survive every one?",
+    "Explain what a line outage distribution factor (LODF) tells an operator.",
+    "What is the difference between a PTDF and an LODF?",
+    "Why does a line's thermal rating drop on a hot, windless afternoon?",
+    "What is dynamic line rating and how does it change contingency analysis?",
+    "Explain the difference between a normal rating and an emergency rating of a line.",
+    "What corrective actions can an operator take when a contingency would overload a line?",
+    "Why can tripping one line overload a line far away from it?",
+    "What is a cascading outage, and how does N-1 screening help prevent one?",
+    "How do operators rank contingencies by severity?",
+    "What is the role of a state estimator before contingency analysis runs?",
+    "Explain how redispatching generation relieves an overloaded line.",
+    "Why do loop flows make congestion management harder?",
+    "What is a special protection scheme and when is it used?",
+    "How does a phase-shifting transformer change power flows?",
+    "What information does a security-constrained economic dispatch need?",
+]
+GRID_TEMPLATES_DOMAIN = [
+    "Line {l1} carries {f1} MW and is rated {r1} MW. What is its loading in percent, and is it above the 90% alarm "
+    "level?",
+    "Line {l2} trips while carrying {f2} MW. Its LODF on line {l1} is {d}. Line {l1} carries {f1} MW with a rating "
+    "of {r1} MW. What is the post-contingency flow on {l1}, and is it overloaded? Show the calculation.",
+    "A transformer rated {r1} MVA is loaded at {f1} MVA. How much headroom is left, in MVA and in percent?",
+    "Lines {l1}, {l2} and {l3} are loaded at {p1}%, {p2}% and {p3}% of their ratings. Which line is the most at "
+    "risk if demand rises by 10%? Explain.",
+    "Line {l1} is rated {r1} MW in summer and {r2} MW in winter. It carries {f1} MW. Is it within its rating in "
+    "both seasons?",
+    "If {p}% of the flow of tripped line {l2} ({f2} MW) moves onto line {l1} ({f1} MW, rating {r1} MW), what is "
+    "the new loading of {l1} in percent?",
+    "Forecast flow on line {l1} (limit {r1} MW) is {f1} MW at noon and {f2} MW at 18:00. When is the overload "
+    "risk highest, and by how much is the margin reduced?",
+]
+
+
+def build_grid_risk() -> list[dict]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from understudy.trainer.tasks.grid_risk import GridRiskTask
+
+    rng = random.Random(1)
+    rows: list[dict] = [{"category": "grid-question", "prompt": q} for q in GRID_QUESTIONS]
+    for n in (3, 4, 5, 6):
+        task = GridRiskTask(num_lines=n)
+        rows += [{"category": "grid-n1", "prompt": task.sample(rng).prompt} for _ in range(30)]
+    for _ in range(16):
+        for tpl in GRID_TEMPLATES_DOMAIN:
+            r1, r2 = rng.choice([100, 150, 200, 250, 300, 400]), rng.choice([100, 150, 200, 250, 300])
+            rows.append({"category": "grid-calc", "prompt": tpl.format(
+                l1=f"L{rng.randint(1, 30)}", l2=f"L{rng.randint(31, 60)}", l3=f"L{rng.randint(61, 90)}",
+                r1=r1, r2=r2, f1=rng.randint(r1 // 3, r1), f2=rng.randint(r2 // 3, r2),
+                d=rng.choice(["0.2", "0.3", "0.4", "0.5", "-0.3", "0.6"]), p=rng.choice([20, 30, 40, 50, 60]),
+                p1=rng.randint(50, 99), p2=rng.randint(50, 99), p3=rng.randint(50, 99))})
+    seen: set[str] = set()
+    unique = [r for r in rows if not (r["prompt"] in seen or seen.add(r["prompt"]))]  # type: ignore[func-returns-value]
+    rng.shuffle(unique)
+    for i, r in enumerate(unique):
+        r["split"] = "heldout" if i % 5 == 0 else "train"
+    return unique
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["split"]] = counts.get(r["split"], 0) + 1
-    print(f"wrote {len(rows)} prompts to {OUT}: {counts}")
+    print(f"wrote {len(rows)} prompts to {path}: {counts}")
+
+
+if __name__ == "__main__":
+    write(OUT, build())
+    write(OUT_GRID, build_grid_risk())

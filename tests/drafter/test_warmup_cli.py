@@ -30,7 +30,7 @@ def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_p
                         "--registry", str(tmp_path / "reg")], capture_output=True, text=True, cwd=ROOT, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "held-out: top-1 agreement" in r.stdout and "published as version 1" in r.stdout
+    assert "held-out: top-1 agreement" in r.stdout and "published versions 1 in" in r.stdout
     d = load_drafter(tmp_path / "d", tiny_llama.model, tiny_llama.fingerprint)
     training = d.config.training
     assert training["heldout"]["expected_acceptance_length"] > 1.0
@@ -46,6 +46,39 @@ def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_p
                          "--max-new-tokens", "40", "--draft-vocab-size", "0"], capture_output=True, text=True,
                         cwd=ROOT, env=env, timeout=600)
     assert r2.returncode == 0 and "generating training data" not in r2.stderr
+
+
+def test_publish_every_publishes_only_improving_checkpoints_with_events(tmp_path, tiny_llama_dir):
+    """What `serve --ensure-drafter` runs: checkpoints every few seconds; each one that beats the run's earlier
+    ones becomes a version (latest moves to it) and is announced as one JSON line on stdout."""
+    words = ["grid", "line", "flow", "risk", "load", "sum", "apple", "zeta"]
+    rows = [{"prompt": " ".join(words[(i * 5 + j) % 8] for j in range(1 + i % 6)),
+             "split": "heldout" if i % 6 == 0 else "train"} for i in range(48)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "UNDERSTUDY_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--prompts", str(prompts), "--max-minutes", "1.2",
+                        "--max-new-tokens", "40", "--draft-vocab-size", "0", "--lr", "3e-3", "--publish",
+                        "--publish-every-minutes", "0.05", "--events", "--registry", str(tmp_path / "reg")],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"event"')]
+    assert events, r.stdout
+    lengths = [e["heldout_acceptance_length"] for e in events]
+    assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths), "only strictly better ones publish"
+    reg = Registry.open(tmp_path / "reg", create=False)
+    assert [v.version for v in reg.list_versions()] == [e["version"] for e in events]
+    assert reg.aliases()["latest"] == events[-1]["version"]
+    for e in events:
+        assert reg.info(e["version"]).metrics["heldout_acceptance_length"] == pytest.approx(e["heldout_acceptance_length"])
+
+
+def test_publish_every_needs_publish(tmp_path, tiny_llama_dir):
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--publish-every-minutes", "1"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "--publish-every-minutes needs --publish" in r.stderr
 
 
 def test_bad_prompt_file_is_one_clear_error(tmp_path, tiny_llama_dir):

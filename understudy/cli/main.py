@@ -17,6 +17,8 @@ from understudy.clients import cli_client
 from understudy.errors import UnderstudyError, UserError
 from understudy.registry.cli import drafters_app
 
+log = logging.getLogger("understudy.cli")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"obj": {"remote_admin": cli_client}},  # `drafters list/rollback --server`
                   help="Understudy: an inference server that ships the drafter co-trained with its target model.")
@@ -129,6 +131,12 @@ def drafter_train(
     lr: Annotated[float, typer.Option("--lr")] = 5e-4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     publish: Annotated[bool, typer.Option("--publish", help="Publish the result to the registry")] = False,
+    publish_every_minutes: Annotated[float, typer.Option(
+        "--publish-every-minutes", help="With --publish: every N minutes of training, measure held-out "
+        "acceptance and publish the drafter if it beats every earlier version of this run (0 = at the end only)",
+    )] = 0.0,
+    events: Annotated[bool, typer.Option("--events", help="Print one JSON line per published version on stdout "
+                                         "(read by `understudy serve --ensure-drafter`)")] = False,
     registry: Annotated[str | None, typer.Option("--registry")] = None,
     threads: Annotated[int, typer.Option(help="torch threads")] = 1,
 ) -> None:
@@ -139,13 +147,19 @@ def drafter_train(
     from understudy.drafter.warmup import WarmupConfig, warmup_train
     from understudy.engine.loader import load_model
 
+    if publish_every_minutes < 0:
+        raise UserError(f"--publish-every-minutes must be >= 0, got {publish_every_minutes}")
+    if publish_every_minutes and not publish:
+        raise UserError("--publish-every-minutes needs --publish (it publishes improving checkpoints)")
     torch.set_num_threads(threads)
     cfg = WarmupConfig(prompts=str(prompts) if prompts else None, max_minutes=max_minutes,
                        max_new_tokens=max_new_tokens, sampled_copies=sampled_copies,
                        draft_vocab_size=draft_vocab_size, seed=seed,
                        train=DrafterTrainConfig(lr=lr, unroll_steps=unroll_steps, seed=seed))
     lm = load_model(model, dtype="float32")
-    report = warmup_train(lm, out, cfg)
+    publisher = _Publisher(registry, out, events) if publish else None
+    report = warmup_train(lm, out, cfg, on_checkpoint=publisher,
+                          checkpoint_every_s=publish_every_minutes * 60 or None)
     ho, ood = report.get("heldout") or {}, report.get("ood") or {}
     typer.echo(f"drafter written to {out} ({report['steps']} steps, {report['tokens_seen']} tokens)")
     if ho:
@@ -154,13 +168,109 @@ def drafter_train(
     if ood:
         typer.echo(f"out-of-domain: top-1 agreement {ood['top1_agreement']:.3f}, expected acceptance length "
                    f"{ood['expected_acceptance_length']:.2f}")
-    if publish:
+    if publisher is not None:
+        if publisher.published:
+            typer.echo(f"published versions {', '.join(map(str, publisher.published))} in {publisher.registry.root}")
+        else:
+            typer.echo("nothing published: no checkpoint had a held-out acceptance estimate", err=True)
+
+
+class _Publisher:
+    """`drafter train --publish`: each improving checkpoint (and the final drafter, if better still) becomes a
+    registry version; `latest` moves to it, so servers following the alias swap it in."""
+
+    def __init__(self, registry: str | None, out: Path, events: bool) -> None:
         from understudy.registry.store import Registry
 
-        reg = Registry.open(registry)
-        v = reg.publish(out, metrics={"heldout_acceptance_length": report.get("heldout_acceptance_length")},
-                        training_config=report["config"])
-        typer.echo(f"published as version {v.version} in {reg.root}")
+        self.registry = Registry.open(registry)
+        self.staging_parent = out.parent
+        self.events = events
+        self.published: list[int] = []
+
+    def __call__(self, drafter, report: dict) -> None:  # type: ignore[no-untyped-def, type-arg]
+        import tempfile
+
+        from understudy.drafter.model import save_drafter
+
+        length = report.get("heldout_acceptance_length")
+        ho = report.get("heldout") or {}
+        self.staging_parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".publish-", dir=self.staging_parent) as tmp:
+            staged = Path(tmp) / "drafter"
+            save_drafter(drafter, staged, extra_training=report)
+            info = self.registry.publish(staged, metrics={"heldout_acceptance_length": length,
+                                                          "heldout": ho, "steps": report.get("steps")},
+                                         training_config=report.get("config"),
+                                         note=f"understudy drafter train: step {report.get('steps')}")
+        self.published.append(info.version)
+        log.info("published drafter version %d (held-out acceptance length %s at k=%s)", info.version,
+                 f"{length:.3f}" if length is not None else "n/a", ho.get("k"))
+        if self.events:
+            print(json.dumps({"event": "published", "version": info.version, "heldout_acceptance_length": length,
+                              "per_position_acceptance": ho.get("per_position_acceptance"), "k": ho.get("k"),
+                              "steps": report.get("steps")}), flush=True)
+
+
+@drafter_app.command("eval")
+def drafter_eval(
+    drafter: Annotated[str, typer.Argument(help="Drafter folder, registry version or alias")],
+    model: Annotated[str, typer.Option("--model")] = "smollm2-135m",
+    prompts: Annotated[list[Path] | None, typer.Option(
+        "--prompts", help="Prompt file (JSONL or text; repeatable). Its `heldout` rows if it has any, else all rows. "
+        "Default: the shipped general set and the grid-risk set, side by side")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Length of the target's answers")] = 128,
+    max_k: Annotated[int, typer.Option("--max-k", help="Longest draft length to evaluate")] = 6,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many prompts per file")] = None,
+    dtype: DtypeOpt = "auto",
+    threads: Annotated[int, typer.Option(help="torch threads (costs are timed with these)")] = 1,
+    registry: Annotated[str | None, typer.Option("--registry")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Per-position acceptance and L at K = 1..max-k on each prompt set, this machine's verify cost per width,
+    and the best K with the speed-up it predicts (understudy/drafter/evaluate.py)."""
+    import torch
+
+    from understudy.drafter.evaluate import acceptance, eval_samples, measure_costs, predict
+    from understudy.engine.loader import load_model, resolve_dtype
+    from understudy.engine.text import default_prompts_path, load_prompts
+
+    if not 1 <= max_k <= 8:
+        raise UserError(f"--max-k must be in [1, 8], got {max_k}")
+    torch.set_num_threads(threads)
+    dt = resolve_dtype(dtype, "cpu")
+    lm = load_model(model, dtype=dt)
+    d = _load_drafter_arg(drafter, lm, registry)
+    files = prompts or [default_prompts_path(), default_prompts_path().with_name("prompts-grid-risk.jsonl")]
+    sets = []
+    for f in files:
+        rows = load_prompts(f)
+        splits = ("heldout",) if any(r["split"] == "heldout" for r in rows) else None
+        samples = eval_samples(lm, f, max_new_tokens, splits, limit=limit)
+        sets.append({"prompts": str(f), "split": splits[0] if splits else "all", **acceptance(d, lm, samples, max_k)})
+    costs = measure_costs(lm, d, max_width=max_k + 1)
+    for s in sets:
+        s["predicted"] = predict(s, costs)
+    result = {"drafter": drafter, "model": lm.name, "dtype": dt, "sets": sets, "costs": costs}
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"\ndrafter {drafter} on {lm.name} ({dt}, {threads} thread(s))\n")
+    ks = range(1, max_k + 1)
+    typer.echo("| prompts | seqs | " + " | ".join(f"a{k}" for k in ks) + " | " + " | ".join(f"L({k})" for k in ks) +
+               " | best K | predicted speed-up |")
+    typer.echo("|---|---|" + "---|" * (2 * max_k) + "---|---|")
+    for s in sets:
+        alpha = s["per_position_acceptance"]
+        lk = s["acceptance_length_at_k"]
+        p = s["predicted"]
+        typer.echo(f"| {Path(s['prompts']).name} ({s['split']}) | {s['num_sequences']} | " +
+                   " | ".join(f"{a:.2f}" for a in alpha) + " | " + " | ".join(f"{lk[str(k)]:.2f}" for k in ks) +
+                   f" | {p['best_k']} | {p['best_speedup']:.2f}x |")
+    v = sets[0]["predicted"]["verify_cost_vs_width1"]
+    typer.echo(f"\nverify cost vs width 1 (batch 1, {costs['prefix']}-token prefix, median of 5): " +
+               ", ".join(f"w{w} {x:.2f}" for w, x in v.items()) +
+               f"; one drafter step {sets[0]['predicted']['draft_step_vs_width1']:.2f}; width 1 = "
+               f"{costs['verify_s']['1'] * 1e3:.1f} ms")
 
 
 @drafter_app.command("export-vllm")
@@ -179,9 +289,6 @@ def drafter_export_vllm(
 
 # ---- serve ----------------------------------------------------------------------------------------------------------
 def _serve_options(
-    ensure_drafter: Annotated[bool, typer.Option("--ensure-drafter", help="If the registry has no drafter for "
-                                                 "the model, train and publish one first")] = False,
-    ensure_minutes: Annotated[float, typer.Option("--ensure-minutes", help="Budget of that training")] = 25.0,
     print_settings: Annotated[bool, typer.Option("--print-settings", help="Print the resolved settings "
                                                  "(flags > environment > defaults) as JSON and exit")] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
@@ -208,8 +315,6 @@ def _run_serve(overrides: dict, opts: dict) -> None:  # type: ignore[type-arg]
                 shown[secret] = "***"
         typer.echo(json.dumps(shown, indent=2))
         return
-    if opts["ensure_drafter"] and not settings.drafter:
-        _ensure_drafter(settings.model, settings.registry, opts["ensure_minutes"])
     run_server(settings, log_level=opts["log_level"])
 
 
@@ -221,26 +326,6 @@ def _register_serve() -> None:
 
 
 _register_serve()
-
-
-def _ensure_drafter(model: str, registry: str | None, minutes: float) -> None:
-    """Train + publish a warm-up drafter when the registry holds none for this model family."""
-    from understudy.drafter.warmup import WarmupConfig, warmup_train
-    from understudy.engine.loader import cache_dir, load_model
-    from understudy.registry.store import Registry
-
-    lm = load_model(model, dtype="float32")
-    reg = Registry.open(registry)
-    if any(v.family_fingerprint == lm.fingerprint for v in reg.list_versions()):
-        return
-    typer.echo(f"no drafter for {model} in {reg.root}: training one first (understudy drafter train --publish, "
-               f"~{minutes:.0f} min)", err=True)
-    out = cache_dir() / "drafters" / f"{Path(model).name}-warmup"
-    report = warmup_train(lm, out, WarmupConfig(max_minutes=minutes))
-    info = reg.publish(out, metrics={"heldout_acceptance_length": report.get("heldout_acceptance_length")},
-                       training_config=report["config"])
-    typer.echo(f"published drafter version {info.version} (held-out acceptance length "
-               f"{report.get('heldout_acceptance_length')})", err=True)
 
 
 # ---- RL training ----------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class Sample:
     tokens: torch.Tensor  # [T] int64
     features: torch.Tensor  # [T, H] float32: the target's final normed hidden state at every position
     prompt_len: int  # tokens[prompt_len:] is the response
+    greedy: torch.Tensor | None = None  # [T] the target's argmax at every position (filled once by evaluate)
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
@@ -43,8 +44,8 @@ class DrafterTrainConfig:
     lr: float = 5e-4  # AdamW peak learning rate
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 30  # linear warm-up, then cosine to 10% of lr over `total_steps`
-    total_steps: int = 2000  # schedule length (training may stop earlier on a time limit)
+    warmup_steps: int = 30  # linear warm-up, then cosine to 10% of lr over `total_steps` (or the time horizon)
+    total_steps: int = 2000  # schedule length in steps; a time-boxed run sets a time horizon instead (set_horizon)
     tokens_per_batch: int = 4096  # sequences are packed by length up to this many tokens
     hidden_loss_weight: float = 1.0  # SmoothL1 on the next hidden state
     ce_loss_weight: float = 0.1  # soft cross-entropy against the target's distribution
@@ -191,6 +192,17 @@ def eagle_loss(drafter: Drafter, batch: dict[str, torch.Tensor], cfg: DrafterTra
     outs = unrolled_forward(drafter, tokens, feats, cfg.unroll_steps, cfg.feature_noise, generator)
     head = drafter.head_weight  # [Vd, H], frozen
     anchors = torch.arange(N)
+    rows = torch.arange(B).unsqueeze(1).expand(B, N)
+    # The target's distribution over the draft vocabulary at every position that some step predicts (positions
+    # 1..T-1, each a response position), computed once per batch: step s reads position a+s, so the unrolled
+    # steps share these rows instead of each recomputing the head over them.
+    need = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)) & \
+           (torch.arange(T).unsqueeze(0) + 1 >= prompt.unsqueeze(1))
+    need[:, 0] = False
+    row_of = torch.full((B, T), -1, dtype=torch.long)
+    row_of[need] = torch.arange(int(need.sum()))
+    with torch.no_grad():
+        p_rows = F.softmax(F.linear(feats[need], head).float(), dim=-1)  # [n_need, Vd]
     total, weight_sum = feats.new_zeros(()), 0.0
     metrics: dict[str, float] = {}
     for s, o in enumerate(outs, start=1):
@@ -199,11 +211,11 @@ def eagle_loss(drafter: Drafter, batch: dict[str, torch.Tensor], cfg: DrafterTra
         valid = (tgt_pos.unsqueeze(0) < lengths.unsqueeze(1)) & (tgt_pos.unsqueeze(0) + 1 >= prompt.unsqueeze(1))
         if not bool(valid.any()):
             continue
-        tgt = feats.gather(1, tgt_pos.clamp(max=T - 1).view(1, N, 1).expand(B, N, feats.shape[2]))
-        o_v, t_v = o[valid], tgt[valid]  # [n, H]
+        pos_v = tgt_pos.unsqueeze(0).expand(B, N)[valid]
+        rows_v = rows[valid]
+        o_v, t_v = o[valid], feats[rows_v, pos_v]  # [n, H]
         hid = F.smooth_l1_loss(o_v, t_v, reduction="none").mean(-1).mean()
-        with torch.no_grad():
-            p = F.softmax(F.linear(t_v, head).float(), dim=-1)  # target distribution over the draft vocab
+        p = p_rows[row_of[rows_v, pos_v]]  # target distribution over the draft vocab
         logq = F.log_softmax(F.linear(o_v, head).float(), dim=-1)
         ce = -(p * logq).sum(-1).mean()
         w = cfg.unroll_decay ** (s - 1)
@@ -235,15 +247,33 @@ class DrafterTrainer:
         self.tokens_seen = 0
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
         self.last_metrics: dict[str, float] = {}
+        self.horizon_s: float | None = None  # a time-boxed run's schedule length (seconds of train_step)
+        self.train_seconds = 0.0  # seconds spent in train_step so far, on `clock`
+        # The clock of time budgets and of the time schedule: wall time by default; a benchmark that compares
+        # recipes per CPU-minute on a shared machine sets time.process_time.
+        self.clock: Callable[[], float] = time.monotonic
+
+    def set_horizon(self, seconds: float) -> None:
+        """Schedule by time: the cosine runs over `seconds` of training (on `clock`) instead of `total_steps`.
+        A time-boxed run does not know its step count, and a step-count schedule that outlasts the budget never
+        decays (the old warm-up default: 2000 steps planned, about 20 taken in 15 minutes)."""
+        if seconds <= 0:
+            raise ValueError(f"the schedule horizon must be > 0 seconds, got {seconds}")
+        self.horizon_s = float(seconds)
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        t = min(1.0, (step - c.warmup_steps) / max(1, c.total_steps - c.warmup_steps))
+        warmup = c.warmup_steps
+        if step < warmup:
+            return c.lr * (step + 1) / warmup
+        if self.horizon_s:
+            t = min(1.0, self.train_seconds / self.horizon_s)
+        else:
+            t = min(1.0, (step - warmup) / max(1, c.total_steps - warmup))
         return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     def train_step(self, group: list[Sample]) -> dict[str, float]:
+        t0 = self.clock()
         self.drafter.train()
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
@@ -258,6 +288,7 @@ class DrafterTrainer:
         self.last_metrics = {"loss": float(out.loss.detach()), "grad_norm": float(gnorm), "lr": self.lr_at(self.step - 1),
                              **out.metrics}
         self.drafter.eval()
+        self.train_seconds += self.clock() - t0
         return self.last_metrics
 
     def train(self, samples: list[Sample], seconds: float | None = None, max_steps: int | None = None,
@@ -266,11 +297,11 @@ class DrafterTrainer:
         """Train until the time/step budget is spent or should_stop() is true. Returns steps taken."""
         if not samples:
             return 0
-        deadline = time.monotonic() + seconds if seconds is not None else math.inf
+        deadline = self.clock() + seconds if seconds is not None else math.inf
         taken = 0
         while True:
             for group in batches(samples, self.cfg.tokens_per_batch, self.generator):
-                if time.monotonic() >= deadline or (max_steps is not None and taken >= max_steps) or \
+                if self.clock() >= deadline or (max_steps is not None and taken >= max_steps) or \
                         (should_stop is not None and should_stop()):
                     return taken
                 m = self.train_step(group)
@@ -280,12 +311,15 @@ class DrafterTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"opt": self.opt.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
-                "generator": self.generator.get_state(), "cfg": asdict(self.cfg)}
+                "generator": self.generator.get_state(), "cfg": asdict(self.cfg), "train_seconds": self.train_seconds,
+                "horizon_s": self.horizon_s}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.opt.load_state_dict(sd["opt"])
         self.step, self.tokens_seen = int(sd["step"]), int(sd["tokens_seen"])
         self.generator.set_state(sd["generator"])
+        self.train_seconds = float(sd.get("train_seconds", 0.0))
+        self.horizon_s = sd.get("horizon_s")
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------
@@ -297,10 +331,14 @@ def _greedy_tokens(feats: torch.Tensor, head: torch.Tensor, rows: int = 1024) ->
 
 @torch.inference_mode()
 def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: int = 5,
-             tokens_per_batch: int = 8192) -> dict[str, Any]:
+             tokens_per_batch: int = 8192, cache_greedy: bool = False) -> dict[str, Any]:
     """Held-out greedy acceptance, simulated exactly as the engine drafts (true features up to the anchor, then
     the drafter's own): per-position acceptance alpha_j = P(drafts 1..j all equal the target's argmax), expected
-    acceptance length = 1 + sum_j alpha_j (chain of k), and step-1 top-1 agreement."""
+    acceptance length = 1 + sum_j alpha_j (chain of k), and step-1 top-1 agreement.
+
+    cache_greedy: keep the target's argmax per position on each Sample (`greedy`), for a fixed target evaluated
+    repeatedly (the full-vocabulary head over every position costs more than the drafter's whole unroll); the RL
+    trainer's target changes between evaluations and leaves it off."""
     was_training = drafter.training
     drafter.eval()
     accepted = torch.zeros(k, dtype=torch.float64)
@@ -314,7 +352,16 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
         B, T = tokens.shape
         N = T - 1
         outs = unrolled_forward(drafter, tokens, feats, k)
-        target_all = _greedy_tokens(feats, full_vocab_head)  # [B, T]: the target's greedy token
+        if cache_greedy:  # the target's greedy token at every position: fixed per sample, computed once
+            for smp in group:
+                if smp.greedy is None:
+                    smp.greedy = _greedy_tokens(smp.features, full_vocab_head)
+            target_all = torch.zeros(B, T, dtype=torch.long)
+            for r, smp in enumerate(group):
+                assert smp.greedy is not None
+                target_all[r, :len(smp)] = smp.greedy
+        else:
+            target_all = _greedy_tokens(feats, full_vocab_head)  # [B, T]
         anchors = torch.arange(N)
         chain = torch.ones(B, N, dtype=torch.bool)
         # anchors whose k-chain stays inside the sequence and drafts response tokens

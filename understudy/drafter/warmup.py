@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,48 +155,87 @@ def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], lis
     return split_samples["train"], split_samples["heldout"], split_samples["ood"]
 
 
-def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Drafter | None = None) -> dict[str, Any]:
-    """The whole recipe. Returns a report (also stored in the drafter's config.json under `training`)."""
+Checkpoint = Callable[[Drafter, dict[str, Any]], None]
+
+
+def _initial_drafter(lm: LoadedModel, cfg: WarmupConfig, train: list[Sample]) -> Drafter:
+    V = lm.config.vocab_size
+    vocab = None
+    if 0 < cfg.draft_vocab_size < V:
+        vocab = select_draft_vocab(train, cfg.draft_vocab_size, V, always=lm.eos_token_ids)
+    return new_drafter(lm.model, lm.fingerprint, vocab, seed=cfg.seed)
+
+
+def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Drafter | None = None,
+                 on_checkpoint: Checkpoint | None = None, checkpoint_every_s: float | None = None) -> dict[str, Any]:
+    """The whole recipe. Returns a report (also stored in the drafter's config.json under `training`).
+
+    With `on_checkpoint`, training stops every `checkpoint_every_s` seconds to measure held-out acceptance, and
+    calls on_checkpoint(drafter, report) whenever it beats every earlier checkpoint (`understudy serve
+    --ensure-drafter` publishes those, so a server following the registry swaps each better drafter in)."""
     t_start = time.monotonic()
     deadline = t_start + cfg.max_minutes * 60
     torch.manual_seed(cfg.seed)
     train, heldout, ood = build_dataset(lm, cfg)
     if not train:
         raise ValueError("no training prompts (split 'train') in the prompt file")
-    V = lm.config.vocab_size
-    if drafter is None:
-        vocab = None
-        if 0 < cfg.draft_vocab_size < V:
-            vocab = select_draft_vocab(train, cfg.draft_vocab_size, V, always=lm.eos_token_ids)
-        drafter = new_drafter(lm.model, lm.fingerprint, vocab, seed=cfg.seed)
+    drafter = _initial_drafter(lm, cfg, train) if drafter is None else drafter
     drafter = drafter.float()
     drafter.bind(lm.model)
     trainer = DrafterTrainer(drafter, cfg.train)
-    eval_reserve = 30.0 + 0.002 * sum(len(s) for s in heldout + ood)
+    n_eval_tokens = sum(len(s) for s in heldout + ood)
+    eval_reserve = 30.0 + 0.002 * n_eval_tokens
     budget = max(10.0, deadline - time.monotonic() - eval_reserve)
+    if on_checkpoint is not None and checkpoint_every_s:  # each checkpoint evaluates the held-out set
+        budget = max(10.0, budget - (budget // checkpoint_every_s) * (5.0 + 0.001 * n_eval_tokens))
+    trainer.set_horizon(budget)  # the learning-rate schedule spans this run's time, whatever its step count
+    chunk = checkpoint_every_s if on_checkpoint is not None and checkpoint_every_s else budget
+    best = -math.inf
     interrupted = False
+
+    def checkpoint() -> None:
+        nonlocal best
+        if not heldout or trainer.step == 0:
+            return
+        ev = evaluate(drafter, lm.model, heldout, k=cfg.eval_k, cache_greedy=True)
+        length = ev["expected_acceptance_length"]
+        better = length > best
+        log.info("checkpoint at step %d (%.0f s of training): held-out acceptance length %.3f at k=%d%s",
+                 trainer.step, trainer.train_seconds, length, cfg.eval_k, "" if better else " (no better: kept)")
+        if better:
+            best = length
+            assert on_checkpoint is not None
+            on_checkpoint(drafter, {"steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+                                    "train_seconds": round(trainer.train_seconds, 1), "heldout": ev,
+                                    "heldout_acceptance_length": length, "target": lm.name,
+                                    "config": {**asdict(cfg), "train": asdict(cfg.train)}})
+
     with tqdm(total=int(budget), desc="training drafter", unit="s",
               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s {postfix}") as bar:
-        t0 = time.monotonic()
 
         def on_step(m: dict[str, float]) -> None:
-            bar.n = min(int(time.monotonic() - t0), bar.total)
+            bar.n = min(int(trainer.train_seconds), bar.total)
             bar.set_postfix(step=trainer.step, loss=f"{m['loss']:.3f}", top1=f"{m.get('top1_1', 0):.2f}")
 
         try:
-            trainer.train(train, seconds=budget, max_steps=cfg.train.total_steps, on_step=on_step)
+            while trainer.train_seconds < budget - 1.0:
+                trainer.train(train, seconds=min(chunk, budget - trainer.train_seconds), on_step=on_step)
+                if on_checkpoint is not None and trainer.train_seconds < budget - 1.0:
+                    checkpoint()
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted: evaluating and saving the drafter as trained so far")
     report: dict[str, Any] = {
         "steps": trainer.step, "tokens_seen": trainer.tokens_seen, "interrupted": interrupted,
         "train_seconds": round(time.monotonic() - t_start, 1), "num_train_sequences": len(train),
-        "heldout": evaluate(drafter, lm.model, heldout, k=cfg.eval_k) if heldout else None,
-        "ood": evaluate(drafter, lm.model, ood, k=cfg.eval_k) if ood else None,
+        "heldout": evaluate(drafter, lm.model, heldout, k=cfg.eval_k, cache_greedy=True) if heldout else None,
+        "ood": evaluate(drafter, lm.model, ood, k=cfg.eval_k, cache_greedy=True) if ood else None,
         "config": {**asdict(cfg), "train": asdict(cfg.train)},
         "target": lm.name,
     }
     if report["heldout"]:
         report["heldout_acceptance_length"] = report["heldout"]["expected_acceptance_length"]
     save_drafter(drafter, out_dir, extra_training=report)
+    if on_checkpoint is not None and report.get("heldout_acceptance_length", -math.inf) > best:
+        on_checkpoint(drafter, report)
     return report

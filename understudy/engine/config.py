@@ -143,7 +143,8 @@ class EngineConfig:
     max_batch_size: int = 16  # concurrent sequences (KV-cache slots)
     max_model_len: int = 2048  # prompt + generated tokens per sequence
     num_speculative_tokens: int = 4  # K: upper bound on draft tokens per step (0 disables speculation)
-    proposer: str = "auto"  # "auto" (drafter if given), "drafter", "ngram", "none"
+    proposer: str = "auto"  # "auto" (drafter if given, else fallback_proposer), "drafter", "ngram", "none"
+    fallback_proposer: str = "none"  # what "auto" drafts with while no drafter is set: "none" | "ngram"
     ngram_min: int = 1  # n-gram prompt lookup: shortest suffix to match
     ngram_max: int = 4  # n-gram prompt lookup: longest suffix to match
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
@@ -160,6 +161,8 @@ class EngineConfig:
             raise ConfigError(f"num_speculative_tokens must be in [0, 16], got {self.num_speculative_tokens}")
         if self.proposer not in ("auto", "drafter", "ngram", "none"):
             raise ConfigError(f"proposer must be auto|drafter|ngram|none, got {self.proposer!r}")
+        if self.fallback_proposer not in ("none", "ngram"):
+            raise ConfigError(f"fallback_proposer must be none|ngram, got {self.fallback_proposer!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ConfigError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

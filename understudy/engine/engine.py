@@ -140,7 +140,7 @@ class Engine:
         c = self.config
         kind = c.proposer
         if kind == "auto":
-            kind = "drafter" if drafter is not None else "none"
+            kind = "drafter" if drafter is not None else c.fallback_proposer
         if kind == "drafter" and drafter is None:
             raise ValueError("proposer='drafter' needs a drafter (pass --drafter DIR, or use --ngram)")
         self.drafter = drafter

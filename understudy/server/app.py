@@ -5,6 +5,7 @@ down; with `backend="vllm"` it runs vLLM's OpenAI server as a managed subprocess
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from understudy.engine.loader import LoadedModel
+from understudy.engine.loader import LoadedModel, cache_dir
 from understudy.server.backends import BackendState
 from understudy.server.deps import State
 from understudy.server.errors import error_body, install_error_handlers
@@ -136,15 +137,25 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
             from understudy.server.backends.native import build_state
 
             state = build_state(s, preloaded)
+        job = None
         try:
             await state.start()
             app.state.understudy = state
             state.ready = True
             log.info("serving %s (drafter %s) on the %s backend (%s)", state.served_model_name,
                      state.drafter_label(), s.backend, s.device)
+            if s.ensure_drafter and not s.drafter:
+                from understudy.server.drafter_job import maybe_start
+
+                job = await asyncio.to_thread(maybe_start, s.model, state.hotswap.fingerprint,
+                                              state.hotswap.registry, s.ensure_drafter_minutes,
+                                              cache_dir() / "drafter-jobs")
+                state.hotswap.training = job
             yield
         finally:
             state.ready = False
+            if job is not None:
+                await asyncio.to_thread(job.stop)
             await state.stop()
 
     from understudy.server.routes_admin import router as admin_router

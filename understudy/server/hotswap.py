@@ -82,6 +82,7 @@ class SwapManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.training: Any = None  # a background drafter training job (server/drafter_job.py), shown in state()
 
     # ---- startup --------------------------------------------------------------------------------------------
     def set_initial(self, label: str, version: int | None, drafter: Any) -> None:
@@ -117,6 +118,7 @@ class SwapManager:
                 "canary": dict(self.canary) if self.canary else None,
                 "history": [asdict(h) for h in list(self.history)[-20:]],
                 "registry": str(self.registry.root) if self.registry else None,
+                "training": self.training.status() if self.training is not None else None,
             }
 
     # ---- the manager thread ---------------------------------------------------------------------------------
@@ -235,7 +237,18 @@ class SwapManager:
         self.metrics.set_drafter(new.label, "registry", self.fingerprint)
         self._after_swap(rec)
         self._record(rec)
-        log.info("drafter now %s (%s)", new.label, reason)
+        log.info("drafter %s now serving%s (%s)", f"v{new.label}" if new.version is not None else new.label,
+                 self._describe(new.version), reason)
+
+    def _describe(self, version: int | None) -> str:
+        """", held-out acceptance length 2.61" from the version's manifest, when it recorded one."""
+        if version is None or self.registry is None:
+            return ""
+        try:
+            length = (self.registry.manifest(version).get("metrics") or {}).get("heldout_acceptance_length")
+        except (RegistryError, OSError):
+            return ""
+        return f", held-out acceptance length {length:.2f}" if isinstance(length, (int, float)) else ""
 
     def _record(self, rec: SwapRecord) -> None:
         with self._lock:

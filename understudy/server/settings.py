@@ -77,6 +77,13 @@ class ServerSettings(BaseSettings):
         "adaptive", description="adaptive (a bandit picks K per batch size, 0 included) | fixed (always K)")
     controller_arms: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [0, 2, 4], description="Draft lengths the adaptive controller may pick")
+    fallback_proposer: Literal["none", "ngram"] = Field(
+        "none", description="What drafts while no drafter serves (native backend): none | ngram (prompt lookup; "
+        "the adaptive controller still picks K, 0 included)")
+    ensure_drafter: bool = Field(
+        False, description="If the registry holds no drafter for the model, serve at once and train one in a "
+        "background process that publishes each better version; the server follows the alias and swaps them in")
+    ensure_drafter_minutes: float = Field(25.0, gt=0, description="Wall-clock budget of that background training")
     watch_interval_s: float = Field(1.0, gt=0, description="How often the registry is polled for alias moves")
     canary_window: int = Field(256, ge=1, description="Drafts observed before judging a new drafter")
     canary_margin: float = Field(
@@ -117,6 +124,13 @@ class ServerSettings(BaseSettings):
         if self.quantize != "none" and (self.backend != "native" or self.device != "cpu"):
             raise ValueError(f"quantize={self.quantize!r} needs --backend native and --device cpu (got "
                              f"{self.backend}, {self.device}); drop --quantize or serve natively on the CPU")
+        return self
+
+    @model_validator(mode="after")
+    def _fallback_is_native(self) -> ServerSettings:
+        if self.fallback_proposer != "none" and self.backend != "native":
+            raise ValueError(f"fallback_proposer={self.fallback_proposer!r} is for --backend native; with vLLM, "
+                             "pass its own speculative config through --vllm-args")
         return self
 
     @model_validator(mode="after")

@@ -58,7 +58,8 @@ class BackendState(Protocol):
 def open_registry(s: ServerSettings) -> Registry | None:
     path = s.registry or str(default_registry_path())
     try:
-        return Registry.open(path, create=s.registry is not None)
+        # --ensure-drafter publishes into the registry: create the default one on a fresh machine
+        return Registry.open(path, create=s.registry is not None or s.ensure_drafter)
     except RegistryError as e:
         if s.registry is not None or (s.drafter and not Path(s.drafter).expanduser().is_dir()):
             raise

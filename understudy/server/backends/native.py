@@ -60,6 +60,7 @@ class ServerState:
         return {"status": "draining" if self.scheduler.draining else "ok", "model": self.served_model_name,
                 "drafter_version": self.drafter_label(), "running": e.num_running, "waiting": e.num_waiting,
                 "in_flight": self.scheduler.in_flight, "max_in_flight": self.scheduler.max_in_flight,
+                "proposer": e.proposer.name if e.proposer is not None else "none",
                 "steps": self.scheduler.steps, "spec_decode": e.stats.to_dict(), "controller": e.controller.state()}
 
     async def metrics_text(self) -> bytes:
@@ -163,6 +164,7 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     engine_dtype = str(target.model.dtype).removeprefix("torch.")
     engine = Engine(target.model, EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                                                num_speculative_tokens=s.num_speculative_tokens, device=s.device,
+                                               fallback_proposer=s.fallback_proposer,
                                                dtype=engine_dtype, num_threads=s.threads),
                     target.eos_token_ids, drafter=drafter, controller=build_controller(s))
     name = s.served_model_name or (s.model if "/" not in s.model else Path(s.model).name)

@@ -1,0 +1,76 @@
+"""Serve first, draft in the background: `serve --ensure-drafter` on an empty registry answers at once (n-gram
+fallback), trains a drafter in a child process, and swaps in what it publishes, with no failed request."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+
+def test_ensure_drafter_serves_at_once_then_swaps_in_the_background_drafter(tmp_path, tiny_llama_dir):
+    srv = ServerProcess(["--model", str(tiny_llama_dir), "--registry", str(tmp_path / "reg"), "--ensure-drafter",
+                         "--ensure-drafter-minutes", "0.5", "--fallback-proposer", "ngram",
+                         "--admin-key", "admin-secret", "--watch-interval-s", "0.2"],
+                        env={"UNDERSTUDY_CACHE": str(tmp_path / "cache")}, log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        health = httpx.get(f"{srv.url}/health", timeout=30).json()
+        assert health["drafter_version"] == "none" and health["proposer"] == "ngram"
+        training = httpx.get(f"{srv.url}/admin/drafter", headers=ADMIN, timeout=30).json()["training"]
+        assert training is not None and training["pid"] > 0
+        statuses: list[int] = []
+        state: dict = {}
+        deadline = time.monotonic() + 900  # generous: the child imports torch and trains on a busy CI box
+        while time.monotonic() < deadline:
+            r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120,
+                           json={"model": tiny_llama_dir.name, "max_tokens": 8,
+                                 "messages": [{"role": "user", "content": f"grid line {len(statuses)}"}]})
+            statuses.append(r.status_code)
+            state = httpx.get(f"{srv.url}/admin/drafter", headers=ADMIN, timeout=30).json()
+            if state["version"] != "none":
+                break
+            if state["training"]["state"] == "failed":
+                pytest.fail(f"background training failed: {state['training']} {srv.tail()}")
+        assert state["version"] == "1", srv.tail()
+        assert statuses and set(statuses) == {200}, statuses
+        assert state["training"]["published"][0]["version"] == 1
+        assert state["history"][-1]["result"] == "success"
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120,
+                       json={"model": tiny_llama_dir.name, "max_tokens": 8,
+                             "messages": [{"role": "user", "content": "after the swap"}]})
+        assert r.status_code == 200 and r.headers["x-understudy-drafter-version"] == "1"
+        assert httpx.get(f"{srv.url}/health", timeout=30).json()["proposer"] == "drafter"
+        log = (tmp_path / "server.log").read_text()
+        assert "training one in the background" in log and "published v1" in log and "drafter v1 now serving" in log
+        child = state["training"]["pid"]
+    finally:
+        srv.stop()
+    if state.get("training", {}).get("state") == "running":  # stopped with the server, never orphaned
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+
+
+def test_ensure_drafter_does_nothing_when_the_registry_has_one(tmp_path, tiny_llama, tiny_llama_dir, tiny_prompts):
+    from tests.conftest import train_tiny_drafter
+    from understudy.drafter.model import save_drafter
+    from understudy.registry.store import Registry
+
+    save_drafter(train_tiny_drafter(tiny_llama, tiny_prompts, steps=5), tmp_path / "d")
+    Registry.open(tmp_path / "reg").publish(tmp_path / "d")
+    srv = ServerProcess(["--model", str(tiny_llama_dir), "--registry", str(tmp_path / "reg"), "--ensure-drafter",
+                         "--admin-key", "admin-secret"], env={"UNDERSTUDY_CACHE": str(tmp_path / "cache")},
+                        log=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        state = httpx.get(f"{srv.url}/admin/drafter", headers=ADMIN, timeout=30).json()
+        assert state["version"] == "1" and state["training"] is None
+    finally:
+        srv.stop()
