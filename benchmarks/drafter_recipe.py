@@ -24,6 +24,7 @@ from understudy.drafter.model import new_drafter
 from understudy.drafter.train import DrafterTrainConfig, DrafterTrainer, evaluate, select_draft_vocab
 from understudy.drafter.warmup import WarmupConfig, build_dataset
 from understudy.engine.loader import load_model
+from understudy.engine.text import default_prompts_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,7 +94,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="draft length of the acceptance estimate")
     ap.add_argument("--data-minutes", type=float, default=60.0,
                     help="the warm-up data budget (max_minutes of WarmupConfig; half of it generates): the cache key")
-    ap.add_argument("--prompts", default=None)
+    ap.add_argument("--prompts", default=str(default_prompts_path()), help="comma-separated prompt files")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -103,7 +104,7 @@ def main() -> None:
             ap.error(f"unknown recipe {n!r}; known: {', '.join(RECIPES)}")
     torch.set_num_threads(1)
     lm = load_model(args.model, dtype="float32")
-    wcfg = WarmupConfig(prompts=args.prompts, max_minutes=args.data_minutes)
+    wcfg = WarmupConfig(prompts=tuple(args.prompts.split(",")), max_minutes=args.data_minutes)
     train, heldout, _ = build_dataset(lm, wcfg)
     data = {"train_sequences": len(train), "train_tokens": sum(len(s) for s in train),
             "train_response_tokens": sum(len(s) - s.prompt_len for s in train), "heldout_sequences": len(heldout)}

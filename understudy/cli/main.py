@@ -122,7 +122,9 @@ def _load_drafter_arg(spec: str, lm, registry: str | None):  # type: ignore[no-u
 def drafter_train(
     out: Annotated[Path, typer.Option("--out", help="Drafter folder to write (atomically)")],
     model: Annotated[str, typer.Option("--model")] = "smollm2-135m",
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="JSONL ('prompt', optional 'split') or text file")] = None,
+    prompts: Annotated[list[Path] | None, typer.Option(
+        "--prompts", help="JSONL ('prompt', optional 'split') or text file; repeatable (default: the shipped general "
+        "and grid-risk sets)")] = None,
     max_minutes: Annotated[float, typer.Option("--max-minutes", help="Wall-clock budget for the whole run")] = 20.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Response length for training data")] = 256,
     sampled_copies: Annotated[int, typer.Option("--sampled-copies", help="Extra sampled responses per prompt")] = 1,
@@ -152,7 +154,7 @@ def drafter_train(
     if publish_every_minutes and not publish:
         raise UserError("--publish-every-minutes needs --publish (it publishes improving checkpoints)")
     torch.set_num_threads(threads)
-    cfg = WarmupConfig(prompts=str(prompts) if prompts else None, max_minutes=max_minutes,
+    cfg = WarmupConfig(prompts=tuple(str(p) for p in prompts or ()), max_minutes=max_minutes,
                        max_new_tokens=max_new_tokens, sampled_copies=sampled_copies,
                        draft_vocab_size=draft_vocab_size, seed=seed,
                        train=DrafterTrainConfig(lr=lr, unroll_steps=unroll_steps, seed=seed))
@@ -165,6 +167,9 @@ def drafter_train(
     if ho:
         typer.echo(f"held-out: top-1 agreement {ho['top1_agreement']:.3f}, expected acceptance length "
                    f"{ho['expected_acceptance_length']:.2f} at k={ho['k']} (per position {ho['per_position_acceptance']})")
+    for src, ev in (report.get("heldout_by_prompts") or {}).items():
+        typer.echo(f"  held-out {src}: expected acceptance length {ev['expected_acceptance_length']:.2f} at "
+                   f"k={ev['k']} (per position {ev['per_position_acceptance']})")
     if ood:
         typer.echo(f"out-of-domain: top-1 agreement {ood['top1_agreement']:.3f}, expected acceptance length "
                    f"{ood['expected_acceptance_length']:.2f}")

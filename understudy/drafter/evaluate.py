@@ -46,8 +46,6 @@ def eval_samples(lm: LoadedModel, prompts_file: Path, max_new_tokens: int, split
 
 def acceptance(drafter: Drafter, lm: LoadedModel, samples: list[Sample], max_k: int = 6) -> dict[str, Any]:
     ev = evaluate(drafter, lm.model, samples, k=max_k, cache_greedy=True)
-    alpha = ev["per_position_acceptance"]
-    ev["acceptance_length_at_k"] = {str(k): round(1.0 + sum(alpha[:k]), 4) for k in range(1, max_k + 1)}
     ev["num_sequences"] = len(samples)
     return ev
 

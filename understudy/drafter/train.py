@@ -34,6 +34,7 @@ class Sample:
     features: torch.Tensor  # [T, H] float32: the target's final normed hidden state at every position
     prompt_len: int  # tokens[prompt_len:] is the response
     greedy: torch.Tensor | None = None  # [T] the target's argmax at every position (filled once by evaluate)
+    source: str = ""  # where its prompt came from (a prompt file's name), for per-domain reports
 
     def __len__(self) -> int:
         return int(self.tokens.numel())
@@ -388,6 +389,7 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
         "top1_agreement": top1_hits / max(top1_n, 1),
         "per_position_acceptance": [round(a, 4) for a in alpha],
         "expected_acceptance_length": 1.0 + sum(alpha),
+        "acceptance_length_at_k": {str(j): round(1.0 + sum(alpha[:j]), 4) for j in range(1, k + 1)},
         "num_anchors": n_anchor,
         "k": k,
     }

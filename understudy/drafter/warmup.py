@@ -1,9 +1,12 @@
 """Warm-up drafter training by self-distillation (`understudy drafter train`).
 
     prompts --engine (plain decoding, hidden states captured)--> (tokens, features) --EAGLE loss--> drafter
-The generated data is cached (keyed by model, prompts and generation settings), so an interrupted or repeated
-run skips straight to training. The drafter folder is written atomically, and Ctrl-C during training
-stops at a step boundary and still evaluates and saves what was learned.
+The generated data is cached as shards (keyed by model, prompts and generation settings; drafter/data.py): an
+interrupted run resumes it, a repeated run skips straight to training. The learning-rate schedule spans the
+run's time budget; with a checkpoint callback, training pauses every few minutes to measure held-out acceptance
+and hands over each drafter that beats the earlier ones (`--publish-every-minutes`). The drafter folder is
+written atomically, and Ctrl-C during training stops at a step boundary and still evaluates and saves what was
+learned.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from understudy.drafter.data import DataJob, ShardStore, generate_into
 from understudy.drafter.model import Drafter, new_drafter, save_drafter
 from understudy.drafter.train import (
     DrafterTrainConfig,
@@ -41,26 +44,36 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WarmupConfig:
-    prompts: str | None = None  # JSONL/text prompt file (default: the shipped set)
+    prompts: tuple[str, ...] = ()  # JSONL/text prompt files (default: the shipped general and grid-risk sets)
     max_minutes: float = 20.0  # wall-clock budget for the whole run (generation + training + eval)
     data_fraction: float = 0.5  # share of max_minutes for generating data (the rest trains; cached data is free)
     max_new_tokens: int = 256  # response length cap for generated training data
     sampled_copies: int = 1  # extra sampled responses per train prompt (temperature 0.8) besides the greedy one
     draft_vocab_size: int = 8192  # reduced draft vocabulary (0 = the full vocabulary)
-    gen_batch_size: int = 32  # batch size of the data-generating engine
+    gen_batch_size: int = 32  # batch size of each data-generating engine
+    data_workers: int = 2  # data-generating processes (one thread each)
+    max_data_tokens: int | None = None  # stop generating after this many response tokens (bounds the cache)
     eval_k: int = 5  # chain length for the held-out acceptance estimate
     seed: int = 0
     train: DrafterTrainConfig = field(default_factory=DrafterTrainConfig)
 
 
-def _data_key(lm: LoadedModel, prompts_file: Path, cfg: WarmupConfig) -> str:
+def prompt_files(cfg: WarmupConfig) -> list[Path]:
+    if cfg.prompts:
+        return [Path(p) for p in cfg.prompts]
+    general = default_prompts_path()
+    return [general, general.with_name("prompts-grid-risk.jsonl")]
+
+
+def _data_key(lm: LoadedModel, files: list[Path], cfg: WarmupConfig) -> str:
     h = hashlib.sha256()
     h.update(lm.fingerprint.encode())
     weights = lm.path / "model.safetensors"
     if weights.exists():
         with open(weights, "rb") as fh:
             h.update(fh.read(1 << 20))  # header + first tensors: enough to tell checkpoints apart
-    h.update(prompts_file.read_bytes())
+    for f in files:
+        h.update(f.read_bytes())
     budget = round(cfg.max_minutes * cfg.data_fraction, 1)  # the data depends on its time budget
     h.update(json.dumps([cfg.max_new_tokens, cfg.sampled_copies, cfg.seed, budget]).encode())
     return h.hexdigest()[:16]
@@ -104,54 +117,71 @@ def generate_samples(lm: LoadedModel, prompts: list[list[int]], params: list[Sam
     return [out.get(str(i)) for i in range(len(prompts))]
 
 
-def _pack(samples: list[Sample]) -> list[dict[str, Any]]:
-    return [{"tokens": s.tokens.to(torch.int32), "features": s.features.to(torch.bfloat16), "prompt_len": s.prompt_len}
-            for s in samples]
-
-
 def _unpack(rows: list[dict[str, Any]]) -> list[Sample]:
     return [Sample(tokens=r["tokens"].long(), features=r["features"].float(), prompt_len=int(r["prompt_len"]))
             for r in rows]
 
 
-def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    """(train, heldout, ood) samples with target features, cached on disk (features in bf16)."""
-    prompts_file = Path(cfg.prompts) if cfg.prompts else default_prompts_path()
-    rows = load_prompts(prompts_file)
-    key = _data_key(lm, prompts_file, cfg)
-    cache_file = cache_dir() / "drafter-data" / f"{key}.pt"
-    if cache_file.exists():
-        try:
-            data = torch.load(cache_file, weights_only=True)
-            log.info("reusing generated training data from %s", cache_file)
-            return _unpack(data["train"]), _unpack(data["heldout"]), _unpack(data["ood"])
-        except Exception as e:  # a damaged cache is regenerated, never trusted
-            log.warning("ignoring unreadable cache %s (%s)", cache_file, e)
-    evals: list[tuple[str, list[int], SamplingParams]] = []
-    jobs: list[tuple[str, list[int], SamplingParams]] = []
+def _jobs(lm: LoadedModel, rows: list[dict[str, str]], cfg: WarmupConfig) -> list[DataJob]:
+    """Held-out and out-of-domain prompts first (greedy; the report needs them), then each train prompt's greedy
+    answer and `sampled_copies` sampled ones. With several prompt files the train jobs are interleaved, so a data
+    budget that runs out keeps every file's share."""
+    evals: list[DataJob] = []
+    per_source: dict[str, list[DataJob]] = {}
     for i, r in enumerate(rows):
         ids = encode_prompt(lm.tokenizer, r["prompt"])
         split = r["split"] if r["split"] in ("heldout", "ood") else "train"
         greedy = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)
+        src = r.get("source", "")
         if split != "train":
-            evals.append((split, ids, greedy))  # generated first: the report needs them
+            evals.append(DataJob(split, ids, greedy, src))
             continue
-        jobs.append((split, ids, greedy))
+        jobs = per_source.setdefault(src, [])
+        jobs.append(DataJob(split, ids, greedy, src))
         for c in range(cfg.sampled_copies):
-            jobs.append((split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.8, top_p=0.95,
-                                                    seed=cfg.seed * 1000 + i * 10 + c)))
-    jobs = evals + jobs
-    deadline = time.monotonic() + cfg.max_minutes * 60 * cfg.data_fraction
-    samples = generate_samples(lm, [j[1] for j in jobs], [j[2] for j in jobs], cfg.gen_batch_size,
-                               "generating training data", deadline=deadline)
+            jobs.append(DataJob(split, ids, SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.8, top_p=0.95,
+                                                           seed=cfg.seed * 1000 + i * 10 + c), src))
+    lists = list(per_source.values())
+    # proportional interleave: job j of a list of length m sorts at (j + 0.5) / m
+    order = sorted(((j + 0.5) / len(lst), k, j) for k, lst in enumerate(lists) for j in range(len(lst)))
+    return evals + [lists[k][j] for _, k, j in order]
+
+
+def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """(train, heldout, ood) samples with target features, cached on disk as resumable shards (drafter/data.py)."""
+    files = prompt_files(cfg)
+    rows = [{**r, "source": f.name} for f in files for r in load_prompts(f)]
+    key = _data_key(lm, files, cfg)
+    legacy = cache_dir() / "drafter-data" / f"{key}.pt"  # one file per data set, before the shards
+    if legacy.exists():
+        try:
+            data = torch.load(legacy, weights_only=True)
+            log.info("reusing generated training data from %s", legacy)
+            return _unpack(data["train"]), _unpack(data["heldout"]), _unpack(data["ood"])
+        except Exception as e:  # a damaged cache is regenerated, never trusted
+            log.warning("ignoring unreadable cache %s (%s)", legacy, e)
+    store = ShardStore(cache_dir() / "drafter-data" / key)
+    jobs = _jobs(lm, rows, cfg)
+    done = store.load()
+    if store.is_complete():
+        log.info("reusing generated training data from %s (%d sequences)", store.folder, len(done))
+    else:
+        todo = [i for i in range(len(jobs)) if i not in done]
+        if done:
+            log.info("resuming the training data in %s: %d of %d sequences already there", store.folder, len(done),
+                     len(jobs))
+        if todo:
+            deadline = time.monotonic() + cfg.max_minutes * 60 * cfg.data_fraction
+            generate_into(store, str(lm.path), str(lm.model.dtype).removeprefix("torch."), jobs, todo,
+                          cfg.data_workers, cfg.gen_batch_size, deadline, cfg.max_data_tokens,
+                          "generating training data")
+            done = store.load()
+        store.mark_complete({"sequences": len(done), "jobs": len(jobs), "prompts": [str(f) for f in files]})
     split_samples: dict[str, list[Sample]] = {"train": [], "heldout": [], "ood": []}
-    for (split, _, _), smp in zip(jobs, samples, strict=True):
-        if smp is not None:
-            split_samples[split].append(smp)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    torch.save({k: _pack(v) for k, v in split_samples.items()}, tmp)
-    os.replace(tmp, cache_file)
+    for i, job in enumerate(jobs):
+        if i in done:
+            done[i].source = job.source
+            split_samples[job.split].append(done[i])
     return split_samples["train"], split_samples["heldout"], split_samples["ood"]
 
 
@@ -229,6 +259,8 @@ def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Dra
         "steps": trainer.step, "tokens_seen": trainer.tokens_seen, "interrupted": interrupted,
         "train_seconds": round(time.monotonic() - t_start, 1), "num_train_sequences": len(train),
         "heldout": evaluate(drafter, lm.model, heldout, k=cfg.eval_k, cache_greedy=True) if heldout else None,
+        "heldout_by_prompts": {src: evaluate(drafter, lm.model, [h for h in heldout if h.source == src], k=cfg.eval_k,
+                                             cache_greedy=True) for src in sorted({h.source for h in heldout})},
         "ood": evaluate(drafter, lm.model, ood, k=cfg.eval_k, cache_greedy=True) if ood else None,
         "config": {**asdict(cfg), "train": asdict(cfg.train)},
         "target": lm.name,

@@ -145,7 +145,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4  # K: upper bound on draft tokens per step (0 disables speculation)
     proposer: str = "auto"  # "auto" (drafter if given, else fallback_proposer), "drafter", "ngram", "none"
     fallback_proposer: str = "none"  # what "auto" drafts with while no drafter is set: "none" | "ngram"
-    ngram_min: int = 1  # n-gram prompt lookup: shortest suffix to match
+    ngram_min: int = 2  # n-gram prompt lookup: shortest suffix to match (as vLLM; 1-token matches draft noise)
     ngram_max: int = 4  # n-gram prompt lookup: longest suffix to match
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     dtype: str = "bfloat16"  # "float32" | "bfloat16" | "float16"
