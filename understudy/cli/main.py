@@ -128,9 +128,9 @@ def drafter_train(
     max_minutes: Annotated[float, typer.Option("--max-minutes", help="Wall-clock budget for the whole run")] = 20.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Response length for training data")] = 256,
     sampled_copies: Annotated[int, typer.Option("--sampled-copies", help="Extra sampled responses per prompt")] = 1,
-    draft_vocab_size: Annotated[int, typer.Option("--draft-vocab-size", help="Reduced draft vocabulary (0 = full)")] = 8192,
+    draft_vocab_size: Annotated[int, typer.Option("--draft-vocab-size", help="Reduced draft vocabulary (0 = full)")] = 2048,
     unroll_steps: Annotated[int, typer.Option("--unroll-steps", help="Draft steps trained per position (TTT)")] = 3,
-    lr: Annotated[float, typer.Option("--lr")] = 5e-4,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     publish: Annotated[bool, typer.Option("--publish", help="Publish the result to the registry")] = False,
     publish_every_minutes: Annotated[float, typer.Option(
@@ -143,10 +143,11 @@ def drafter_train(
     threads: Annotated[int, typer.Option(help="torch threads")] = 1,
 ) -> None:
     """Self-distil a drafter for MODEL: the target answers the prompts, the drafter learns its hidden states."""
+    from dataclasses import replace
+
     import torch
 
-    from understudy.drafter.train import DrafterTrainConfig
-    from understudy.drafter.warmup import WarmupConfig, warmup_train
+    from understudy.drafter.warmup import WARMUP_TRAIN, WarmupConfig, warmup_train
     from understudy.engine.loader import load_model
 
     if publish_every_minutes < 0:
@@ -157,7 +158,7 @@ def drafter_train(
     cfg = WarmupConfig(prompts=tuple(str(p) for p in prompts or ()), max_minutes=max_minutes,
                        max_new_tokens=max_new_tokens, sampled_copies=sampled_copies,
                        draft_vocab_size=draft_vocab_size, seed=seed,
-                       train=DrafterTrainConfig(lr=lr, unroll_steps=unroll_steps, seed=seed))
+                       train=replace(WARMUP_TRAIN, lr=lr, unroll_steps=unroll_steps, seed=seed))
     lm = load_model(model, dtype="float32")
     publisher = _Publisher(registry, out, events) if publish else None
     report = warmup_train(lm, out, cfg, on_checkpoint=publisher,
@@ -203,8 +204,9 @@ class _Publisher:
         with tempfile.TemporaryDirectory(prefix=".publish-", dir=self.staging_parent) as tmp:
             staged = Path(tmp) / "drafter"
             save_drafter(drafter, staged, extra_training=report)
-            info = self.registry.publish(staged, metrics={"heldout_acceptance_length": length,
-                                                          "heldout": ho, "steps": report.get("steps")},
+            info = self.registry.publish(staged, metrics={"heldout_acceptance_length": length, "heldout": ho,
+                                                          "heldout_by_prompts": report.get("heldout_by_prompts"),
+                                                          "steps": report.get("steps")},
                                          training_config=report.get("config"),
                                          note=f"understudy drafter train: step {report.get('steps')}")
         self.published.append(info.version)
@@ -213,6 +215,8 @@ class _Publisher:
         if self.events:
             print(json.dumps({"event": "published", "version": info.version, "heldout_acceptance_length": length,
                               "per_position_acceptance": ho.get("per_position_acceptance"), "k": ho.get("k"),
+                              "by_prompts": {src: ev["expected_acceptance_length"]
+                                             for src, ev in (report.get("heldout_by_prompts") or {}).items()},
                               "steps": report.get("steps")}), flush=True)
 
 

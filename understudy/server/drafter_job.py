@@ -109,9 +109,10 @@ class DrafterTrainingJob:
         if ev.get("event") == "published":
             self.published.append(ev)
             length = ev.get("heldout_acceptance_length")
-            log.info("background drafter training published v%s (held-out acceptance length %s at k=%s); the "
+            by = ", ".join(f"{src} {v:.2f}" for src, v in (ev.get("by_prompts") or {}).items())
+            log.info("background drafter training published v%s (held-out acceptance length %s at k=%s%s); the "
                      "server swaps it in when the registry alias moves", ev.get("version"),
-                     f"{length:.2f}" if isinstance(length, float) else length, ev.get("k"))
+                     f"{length:.2f}" if isinstance(length, float) else length, ev.get("k"), f"; {by}" if by else "")
 
     def status(self) -> dict[str, Any]:
         running = self.proc is not None and self.returncode is None
