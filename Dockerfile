@@ -47,6 +47,14 @@ COPY understudy ./understudy
 RUN pip install . \
  && rm -rf /src/build /src/*.egg-info
 
+# 4) The int8/int4 CPU kernels (--quantize), built now with a compiler that is removed in the same layer: the
+#    image ships none, and without this the kernels would fall back to torch's slower ops. The library records
+#    the kernel source it was built from; a mismatch (another package version) is refused at load time.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+ && python -m understudy.engine.qkernels /opt/understudy/wq.so \
+ && apt-get purge -y g++ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
+ENV UNDERSTUDY_KERNEL_LIB=/opt/understudy/wq.so
+
 # Drafter registry (shared with the trainer, which publishes into it; the server follows its `latest` alias and
 # hot-swaps) and the model cache (the preset's GGUF is converted to safetensors once, on first start).
 ENV UNDERSTUDY_REGISTRY=/data/registry \

@@ -230,3 +230,30 @@ def test_casts_leave_the_stored_format_and_moves_are_refused(tiny_llama_dir):
         assert torch.allclose(head(x.bfloat16()).float(), head(x.bfloat16().float()), atol=1e-2, rtol=1e-2)
     with pytest.raises(ConfigError, match="CPU only"):
         lm.model.to("meta")
+
+
+@pytest.mark.skipif(not qkernels.cpu_supported() or qkernels._compiler() is None,
+                    reason="needs an AVX2 CPU and a C++ compiler to build the library ahead of time")
+def test_a_prebuilt_kernel_library_is_used_without_a_compiler(tmp_path):
+    """The Docker image builds the kernels at image build time and ships no compiler: UNDERSTUDY_KERNEL_LIB."""
+    import subprocess
+    import sys
+
+    lib = tmp_path / "wq.so"
+    r = subprocess.run([sys.executable, "-m", "understudy.engine.qkernels", str(lib)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and lib.exists(), r.stderr
+    probe = ("from understudy.engine import qkernels; lib = qkernels.load(); "
+             "print('ok' if lib is not None else 'none:' + qkernels.unavailable_reason())")
+    env = {"PATH": "/nonexistent", "UNDERSTUDY_CACHE": str(tmp_path / "empty-cache"), "UNDERSTUDY_KERNEL_LIB": str(lib)}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]
+    assert not (tmp_path / "empty-cache").exists(), "nothing was built"
+    # a library from another version of the kernels is refused (and, with no compiler, torch's ops are used)
+    other = tmp_path / "other.so"
+    src = tmp_path / "o.cpp"
+    src.write_text('extern "C" const char* wq_source_key() { return "0000"; }\n')
+    subprocess.run([qkernels._compiler(), "-shared", "-fPIC", str(src), "-o", str(other)], check=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       env={**env, "UNDERSTUDY_KERNEL_LIB": str(other)}, timeout=300)
+    assert r.stdout.strip().startswith("none:no C++ compiler") and "another version of the kernels" in r.stderr

@@ -282,15 +282,37 @@ def _build(cxx: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src, so = Path(tmp) / "wq.cpp", Path(tmp) / "wq.so"
-        src.write_text(SOURCE)
+        src.write_text(SOURCE + f'\nextern "C" const char* wq_source_key() {{ return "{SOURCE_KEY}"; }}\n')
         proc = subprocess.run([cxx, *FLAGS, str(src), "-o", str(so)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr[-2000:]}")
         os.replace(so, out)  # atomic: concurrent builders never load a half-written file
 
 
+SOURCE_KEY = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]  # what a prebuilt lib must match
+
+
+def _prebuilt() -> ctypes.CDLL | None:
+    """$UNDERSTUDY_KERNEL_LIB: a library built ahead of time (`python -m understudy.engine.qkernels OUT`, as the
+    Docker image does, which ships no compiler). Used only if it was built from this very source."""
+    path = os.environ.get("UNDERSTUDY_KERNEL_LIB")
+    if not path:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+        lib.wq_source_key.restype = ctypes.c_char_p
+        if lib.wq_source_key().decode() != SOURCE_KEY:
+            raise OSError(f"built from another version of the kernels (key {lib.wq_source_key().decode()}, "
+                          f"this package needs {SOURCE_KEY}); rebuild it")
+        return lib
+    except (OSError, AttributeError) as e:
+        log.warning("UNDERSTUDY_KERNEL_LIB=%s cannot be used (%s); building or falling back instead", path, e)
+        return None
+
+
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels, building them once (cached by source + compiler); None where they cannot run."""
+    """The compiled kernels: a prebuilt library ($UNDERSTUDY_KERNEL_LIB), else built once with the system compiler
+    (cached by source + compiler); None where they cannot run."""
     global _lib, _tried, _why_not
     with _lock:
         if _tried:
@@ -302,22 +324,24 @@ def load() -> ctypes.CDLL | None:
         if not cpu_supported():
             _why_not = "this CPU lacks AVX2/FMA/F16C"
             return None
-        cxx = _compiler()
-        if cxx is None:
-            _why_not = "no C++ compiler (install g++ or set CXX)"
-            return None
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-        key = hashlib.sha256((SOURCE + " ".join(FLAGS) + str(version)).encode()).hexdigest()[:16]
-        path = kernel_dir() / f"wq-{key}.so"
-        try:
-            if not path.exists():
-                log.info("building the int8/int4 CPU kernels with %s (once) into %s", cxx, path)
-                _build(cxx, path)
-            lib = ctypes.CDLL(str(path))
-        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            _why_not = f"could not build or load the kernels: {e}"
-            log.warning("native int8/int4 kernels unavailable (%s); using torch's ops", _why_not)
-            return None
+        lib = _prebuilt()
+        if lib is None:
+            cxx = _compiler()
+            if cxx is None:
+                _why_not = "no C++ compiler (install g++ or set CXX)"
+                return None
+            version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+            key = hashlib.sha256((SOURCE + " ".join(FLAGS) + str(version)).encode()).hexdigest()[:16]
+            path = kernel_dir() / f"wq-{key}.so"
+            try:
+                if not path.exists():
+                    log.info("building the int8/int4 CPU kernels with %s (once) into %s", cxx, path)
+                    _build(cxx, path)
+                lib = ctypes.CDLL(str(path))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                _why_not = f"could not build or load the kernels: {e}"
+                log.warning("native int8/int4 kernels unavailable (%s); using torch's ops", _why_not)
+                return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.wq_int8_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
         lib.wq_int8_linear.restype = None
@@ -393,3 +417,15 @@ def pack_groups(t: torch.Tensor) -> torch.Tensor:
 def pad_vector(v: torch.Tensor) -> torch.Tensor:
     """Per-output values [N] -> [NS*32] float32."""
     return _rows_padded(v, torch.float32)
+
+
+if __name__ == "__main__":  # python -m understudy.engine.qkernels OUT.so: build ahead of time (Docker image)
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m understudy.engine.qkernels OUT.so")
+    cxx = _compiler()
+    if cxx is None:
+        sys.exit("no C++ compiler: install g++ (or set CXX)")
+    _build(cxx, Path(sys.argv[1]).absolute())
+    print(f"built {sys.argv[1]} (kernel source key {SOURCE_KEY}); run with UNDERSTUDY_KERNEL_LIB={sys.argv[1]}")
