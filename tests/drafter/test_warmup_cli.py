@@ -74,6 +74,13 @@ def test_publish_every_publishes_only_improving_checkpoints_with_events(tmp_path
         assert reg.info(e["version"]).metrics["heldout_acceptance_length"] == pytest.approx(e["heldout_acceptance_length"])
 
 
+def test_data_minutes_must_fit_in_the_budget(tmp_path, tiny_llama_dir):
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--max-minutes", "5", "--data-minutes", "5"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "--data-minutes must be > 0 and below --max-minutes (5.0)" in r.stderr
+
+
 def test_publish_every_needs_publish(tmp_path, tiny_llama_dir):
     r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
                         "--out", str(tmp_path / "d"), "--publish-every-minutes", "1"], capture_output=True, text=True,

@@ -126,6 +126,9 @@ def drafter_train(
         "--prompts", help="JSONL ('prompt', optional 'split') or text file; repeatable (default: the shipped general "
         "and grid-risk sets)")] = None,
     max_minutes: Annotated[float, typer.Option("--max-minutes", help="Wall-clock budget for the whole run")] = 20.0,
+    data_minutes: Annotated[float | None, typer.Option(
+        "--data-minutes", help="Budget for generating data (default: half of --max-minutes); data made earlier with "
+        "the same budget, prompts and model is reused from the cache")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Response length for training data")] = 256,
     sampled_copies: Annotated[int, typer.Option("--sampled-copies", help="Extra sampled responses per prompt")] = 1,
     draft_vocab_size: Annotated[int, typer.Option("--draft-vocab-size", help="Reduced draft vocabulary (0 = full)")] = 2048,
@@ -155,7 +158,9 @@ def drafter_train(
     if publish_every_minutes and not publish:
         raise UserError("--publish-every-minutes needs --publish (it publishes improving checkpoints)")
     torch.set_num_threads(threads)
-    cfg = WarmupConfig(prompts=tuple(str(p) for p in prompts or ()), max_minutes=max_minutes,
+    if data_minutes is not None and not 0 < data_minutes < max_minutes:
+        raise UserError(f"--data-minutes must be > 0 and below --max-minutes ({max_minutes}), got {data_minutes}")
+    cfg = WarmupConfig(prompts=tuple(str(p) for p in prompts or ()), max_minutes=max_minutes, data_minutes=data_minutes,
                        max_new_tokens=max_new_tokens, sampled_copies=sampled_copies,
                        draft_vocab_size=draft_vocab_size, seed=seed,
                        train=replace(WARMUP_TRAIN, lr=lr, unroll_steps=unroll_steps, seed=seed))

@@ -54,6 +54,7 @@ class WarmupConfig:
     prompts: tuple[str, ...] = ()  # JSONL/text prompt files (default: the shipped general and grid-risk sets)
     max_minutes: float = 20.0  # wall-clock budget for the whole run (generation + training + eval)
     data_fraction: float = 0.5  # share of max_minutes for generating data (the rest trains; cached data is free)
+    data_minutes: float | None = None  # the data budget itself, overriding max_minutes * data_fraction
     max_new_tokens: int = 256  # response length cap for generated training data
     sampled_copies: int = 1  # extra sampled responses per train prompt (temperature 0.8) besides the greedy one
     draft_vocab_size: int = 2048  # reduced draft vocabulary (0 = the full vocabulary); the head is most of a step
@@ -63,6 +64,10 @@ class WarmupConfig:
     eval_k: int = 5  # chain length for the held-out acceptance estimate
     seed: int = 0
     train: DrafterTrainConfig = field(default_factory=lambda: WARMUP_TRAIN)
+
+
+def data_budget_minutes(cfg: WarmupConfig) -> float:
+    return cfg.data_minutes if cfg.data_minutes is not None else cfg.max_minutes * cfg.data_fraction
 
 
 def prompt_files(cfg: WarmupConfig) -> list[Path]:
@@ -81,7 +86,7 @@ def _data_key(lm: LoadedModel, files: list[Path], cfg: WarmupConfig) -> str:
             h.update(fh.read(1 << 20))  # header + first tensors: enough to tell checkpoints apart
     for f in files:
         h.update(f.read_bytes())
-    budget = round(cfg.max_minutes * cfg.data_fraction, 1)  # the data depends on its time budget
+    budget = round(data_budget_minutes(cfg), 1)  # the data depends on its time budget
     h.update(json.dumps([cfg.max_new_tokens, cfg.sampled_copies, cfg.seed, budget]).encode())
     return h.hexdigest()[:16]
 
@@ -178,7 +183,7 @@ def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], lis
             log.info("resuming the training data in %s: %d of %d sequences already there", store.folder, len(done),
                      len(jobs))
         if todo:
-            deadline = time.monotonic() + cfg.max_minutes * 60 * cfg.data_fraction
+            deadline = time.monotonic() + data_budget_minutes(cfg) * 60
             generate_into(store, str(lm.path), str(lm.model.dtype).removeprefix("torch."), jobs, todo,
                           cfg.data_workers, cfg.gen_batch_size, deadline, cfg.max_data_tokens,
                           "generating training data")
