@@ -69,3 +69,35 @@ def test_train_jobs_of_several_prompt_files_are_interleaved(tiny_llama):
     jobs = _jobs(tiny_llama, rows, WarmupConfig(sampled_copies=0))
     assert jobs[0].split == "heldout"
     assert [j.source for j in jobs[1:]] == ["a", "b", "a", "a", "b", "a"]
+
+
+def test_a_budget_spent_before_the_first_step_stops_at_once(tmp_path, monkeypatch, tiny_llama):
+    """At the deadline the worker stops at once (it keeps running answers of 8+ tokens: none exist yet here)."""
+    monkeypatch.setenv("UNDERSTUDY_CACHE", str(tmp_path / "cache"))
+    cfg = WarmupConfig(prompts=(str(_prompts(tmp_path)),), max_minutes=20, data_minutes=1e-4, max_new_tokens=200,
+                       sampled_copies=0, gen_batch_size=8, data_workers=1)
+    train, heldout, _ = build_dataset(tiny_llama, cfg)  # the budget is spent before the first step
+    assert len(train) + len(heldout) == 0
+
+
+def test_captured_running_returns_partial_sequences_with_their_features(tiny_llama, tiny_prompts):
+    from understudy.engine.config import EngineConfig
+    from understudy.engine.engine import Engine
+    from understudy.engine.sampling import SamplingParams
+
+    eng = Engine(tiny_llama.model, EngineConfig(max_batch_size=4, max_model_len=128, num_speculative_tokens=0,
+                                                dtype="float32"), tiny_llama.eos_token_ids, capture_hidden=True)
+    for i, p in enumerate(tiny_prompts[:3]):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+    for _ in range(6):
+        eng.step()
+    got = eng.captured_running()
+    assert len(got) == 3
+    for rid, toks, hidden, plen in got:
+        assert toks[:plen] == tiny_prompts[int(rid)] and len(toks) - plen >= 6
+        assert hidden.shape == (len(toks) - 1, tiny_llama.config.hidden_size)
+    # the features of a partial answer are those the finished answer will carry
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished and o.request_id == "0":
+                assert torch.allclose(o.hidden[:got[0][2].shape[0]], got[0][2])

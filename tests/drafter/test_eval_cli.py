@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -50,7 +51,7 @@ def test_drafter_eval_reports_each_prompt_set(tmp_path, tiny_llama, tiny_llama_d
     assert (second["split"], second["num_sequences"]) == ("all", 2)
     for s in out["sets"]:
         alpha = s["per_position_acceptance"]
-        assert len(alpha) == 3 and all(x >= y for x, y in zip(alpha, alpha[1:], strict=False))
+        assert len(alpha) == 3 and all(x >= y for x, y in itertools.pairwise(alpha))
         for k in (1, 2, 3):
             assert s["acceptance_length_at_k"][str(k)] == pytest.approx(1 + sum(alpha[:k]), abs=1e-3)
         assert s["predicted"]["speedup_at_k"]["0"] == 1.0 and 0 <= s["predicted"]["best_k"] <= 3

@@ -10,6 +10,7 @@ written as it completes:
     <cache>/drafter-data/<key>/shard-w<worker>-<n>.safetensors   tokens, features (bf16), offsets, prompt_len, job
     <cache>/drafter-data/<key>/complete.json                    written once generation ended (all done, or budget)
 
+When the budget is spent, the running sequences are kept as they stand (partial answers) and the rest skipped.
 Each shard is written atomically (temp file + rename), so an interrupted run loses at most the sequences in
 flight; the next run with the same key loads the shards, skips their jobs and generates only the rest. Once
 `complete.json` exists the data is final and reused as is. `max_tokens` bounds its size.
@@ -88,6 +89,7 @@ class ShardStore:
         os.replace(tmp, self.folder / f"{name}.safetensors")
 
     def mark_complete(self, info: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / ".complete.tmp"
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, self.folder / "complete.json")
@@ -110,7 +112,7 @@ def _worker(model_path: str, dtype: str, jobs: list[DataJob], todo: list[int], f
     pending = list(zip(todo, mine, strict=True))
     tokens: dict[str, list[int]] = {}
     buf: list[tuple[int, Sample]] = []
-    shard, made, cut = 0, 0, False
+    shard, made = 0, 0
 
     def flush() -> None:
         nonlocal shard, buf
@@ -127,10 +129,17 @@ def _worker(model_path: str, dtype: str, jobs: list[DataJob], todo: list[int], f
 
     admit()
     while eng.has_unfinished():
-        if not cut and (time.monotonic() > deadline or (max_tokens is not None and made >= max_tokens)):
-            cut = True
-            progress.put(("skipped", len(pending), 0))
-            pending.clear()
+        if time.monotonic() > deadline or (max_tokens is not None and made >= max_tokens):
+            # Time is up: keep what the running sequences have so far (a partial answer is as good a training
+            # sequence as a short one; decoding 64 of them to 256 tokens on a busy machine can take many minutes)
+            partial = 0
+            for rid, toks, hidden, plen in eng.captured_running():
+                if len(toks) - plen >= 8:
+                    buf.append((int(rid), Sample(tokens=torch.tensor(toks[:hidden.shape[0]]), features=hidden,
+                                                 prompt_len=plen)))
+                    partial += 1
+            progress.put(("skipped", len(pending) + len(eng.running) + len(eng.waiting) - partial, 0))
+            break
         for o in eng.step():
             tokens[o.request_id].extend(o.new_token_ids)
             if o.finished:
@@ -141,15 +150,14 @@ def _worker(model_path: str, dtype: str, jobs: list[DataJob], todo: list[int], f
                 made += n - o.num_prompt_tokens
                 if len(buf) >= SHARD_SEQUENCES:
                     flush()
-        if not cut:
-            admit()
+        admit()
     flush()
 
 
 def generate_into(store: ShardStore, model_path: str, dtype: str, jobs: list[DataJob], todo: list[int],
                   workers: int, batch_size: int, deadline: float, max_tokens: int | None, desc: str) -> None:
     """Generate jobs `todo` on `workers` processes (job i goes to worker i % workers) until done or `deadline`
-    (time.monotonic(); requests running then finish, the rest are skipped)."""
+    (time.monotonic(); the running sequences are kept as they stand, the rest are skipped)."""
     workers = max(1, min(workers, len(todo)))
     ctx = mp.get_context("spawn")
     progress = ctx.Queue()

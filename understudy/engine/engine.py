@@ -173,6 +173,16 @@ class Engine:
                     self.proposer.on_slot_reset(seq.slot)
         self.drafter_generation += 1
 
+    def captured_running(self) -> list[tuple[str, list[int], torch.Tensor, int]]:
+        """The running sequences as they stand, for an engine built with capture_hidden: (request id, tokens so
+        far, features of positions 0..n-2 [n-1, H] float32 on CPU, prompt length). A data maker whose time is up
+        keeps these partial answers instead of decoding them to the end."""
+        if not self.capture_hidden:
+            raise RuntimeError("captured_running() needs an engine built with capture_hidden=True")
+        return [(seq.request_id, list(seq.token_ids),
+                 self.hidden_buf[seq.slot, :len(seq.token_ids) - 1].float().cpu().clone(), seq.prompt_len)
+                for seq in self.running if seq.slot >= 0 and len(seq.token_ids) > seq.prompt_len]
+
     # ---- requests ----------------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
         """Validate now (raising RequestError naming the field), then queue for the next step."""
