@@ -49,17 +49,33 @@ def wait_for(pred, timeout: float = 300.0, every: float = 0.1):  # type: ignore[
     return pred()
 
 
-@pytest.fixture(scope="module")
-def swap_server(server_assets, tmp_path_factory):
+def _start(server_assets, tmp_path_factory, canary_margin: str):  # type: ignore[no-untyped-def]
     reg_dir = tmp_path_factory.mktemp("swapreg")
     reg = Registry.open(reg_dir)
     first = reg.publish(server_assets["good"]).version
     reg.promote(first, "serving")
     srv = ServerProcess(["--model", str(server_assets["model"]), "--registry", str(reg_dir), "--follow", "serving",
                          "--admin-key", "adm", "--served-model-name", "tiny", "--controller", "fixed", "-k", "3",
-                         "--max-batch-size", "8", "--canary-window", "128", "--canary-margin", "0.5"],
+                         "--max-batch-size", "8", "--canary-window", "128", "--canary-margin", canary_margin],
                         env={"UNDERSTUDY_WATCH_INTERVAL_S": "0.2"},
                         log=tmp_path_factory.mktemp("swaplog") / "server.log").wait_ready()
+    return srv, reg, first
+
+
+@pytest.fixture(scope="module")
+def swap_server(server_assets, tmp_path_factory):
+    """Swap mechanics under load, with the canary out of the way (a margin no acceptance drop reaches): these tests
+    republish the same good drafter, and over 128-draft windows of a 4-stream load its live acceptance varies
+    with the prompt mix by more than 0.5 (loaded CI run: 1.29 against 1.94 for identical weights), which the
+    canary's fixed margin reads as a regression. The canary has its own server below."""
+    srv, reg, first = _start(server_assets, tmp_path_factory, canary_margin="100")
+    yield srv, reg, first
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def canary_server(server_assets, tmp_path_factory):
+    srv, reg, first = _start(server_assets, tmp_path_factory, canary_margin="0.5")
     yield srv, reg, first
     srv.stop()
 
@@ -113,8 +129,8 @@ def test_corrupt_and_foreign_versions_are_refused_while_old_keeps_serving(swap_s
     assert ok.status_code == 200 and ok.headers["x-understudy-drafter-version"] == before
 
 
-def test_garbage_drafter_is_rolled_back_by_the_canary(swap_server, server_assets, tmp_path):
-    srv, reg, _ = swap_server
+def test_garbage_drafter_is_rolled_back_by_the_canary(canary_server, server_assets, tmp_path):
+    srv, reg, _ = canary_server
     good = reg.publish(server_assets["good"]).version
     reg.promote(good, "serving")
     assert wait_for(lambda: admin_state(srv.url)["version"] == str(good), 300)
