@@ -54,7 +54,8 @@ def exact_joint(model, temperature, top_k, top_p):
 def sample_engine(model, proposer, temperature, top_k, top_p, n, fp="fam-test"):
     drafter = new_drafter(model, fp, seed=3) if proposer == "drafter" else None
     eng = Engine(model, EngineConfig(max_batch_size=64, max_model_len=16, num_speculative_tokens=3,
-                                     proposer=proposer, dtype="float32"), eos_token_ids=(), drafter=drafter)
+                                     proposer=proposer, dtype="float32", ngram_min=1),  # 1: enough n-gram drafts
+                 eos_token_ids=(), drafter=drafter)
     counts: dict[tuple[int, ...], int] = {}
     outs: dict[str, list[int]] = {}
     for i in range(n):
