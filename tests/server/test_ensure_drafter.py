@@ -17,7 +17,7 @@ ADMIN = {"authorization": "Bearer admin-secret"}
 
 def test_ensure_drafter_serves_at_once_then_swaps_in_the_background_drafter(tmp_path, tiny_llama_dir):
     srv = ServerProcess(["--model", str(tiny_llama_dir), "--registry", str(tmp_path / "reg"), "--ensure-drafter",
-                         "--ensure-drafter-minutes", "0.5", "--fallback-proposer", "ngram",
+                         "--ensure-drafter-minutes", "1", "--fallback-proposer", "ngram",
                          "--admin-key", "admin-secret", "--watch-interval-s", "0.2"],
                         env={"UNDERSTUDY_CACHE": str(tmp_path / "cache")}, log=tmp_path / "server.log")
     try:

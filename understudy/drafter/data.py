@@ -96,7 +96,7 @@ class ShardStore:
 
 
 def _worker(model_path: str, dtype: str, jobs: list[DataJob], todo: list[int], folder: str, worker: int,
-            batch_size: int, deadline: float, max_tokens: int | None, progress: Any) -> None:
+            batch_size: int, budget_s: float, max_tokens: int | None, progress: Any) -> None:
     """One generating process: its share of the jobs, continuous-batched, shards written as sequences finish."""
     torch.set_num_threads(1)
     from understudy.engine.config import EngineConfig
@@ -109,6 +109,9 @@ def _worker(model_path: str, dtype: str, jobs: list[DataJob], todo: list[int], f
     eng = Engine(lm.model, EngineConfig(max_batch_size=batch_size, num_speculative_tokens=0, dtype=dtype,
                                         max_model_len=max(len(j.prompt_ids) + j.sampling.max_tokens for j in mine) + 1,
                                         num_threads=1), lm.eos_token_ids, capture_hidden=True)
+    # the budget counts from here, once the model is loaded: on a busy machine start-up alone can take a
+    # short budget's whole length, and a worker must get to generate
+    deadline = time.monotonic() + budget_s
     pending = list(zip(todo, mine, strict=True))
     tokens: dict[str, list[int]] = {}
     buf: list[tuple[int, Sample]] = []
@@ -155,16 +158,15 @@ def _worker(model_path: str, dtype: str, jobs: list[DataJob], todo: list[int], f
 
 
 def generate_into(store: ShardStore, model_path: str, dtype: str, jobs: list[DataJob], todo: list[int],
-                  workers: int, batch_size: int, deadline: float, max_tokens: int | None, desc: str) -> None:
-    """Generate jobs `todo` on `workers` processes (job i goes to worker i % workers) until done or `deadline`
-    (time.monotonic(); the running sequences are kept as they stand, the rest are skipped)."""
+                  workers: int, batch_size: int, budget_s: float, max_tokens: int | None, desc: str) -> None:
+    """Generate jobs `todo` on `workers` processes (job i goes to worker i % workers) until done or each worker
+    has generated for `budget_s` seconds (the running sequences are kept as they stand, the rest are skipped)."""
     workers = max(1, min(workers, len(todo)))
     ctx = mp.get_context("spawn")
     progress = ctx.Queue()
     per_worker_tokens = None if max_tokens is None else max_tokens // workers + 1
-    # monotonic clocks are per-boot, shared by the children on the same machine
     procs = [ctx.Process(target=_worker, args=(model_path, dtype, jobs, todo[w::workers], str(store.folder), w,
-                                               batch_size, deadline, per_worker_tokens, progress), daemon=True)
+                                               batch_size, budget_s, per_worker_tokens, progress), daemon=True)
              for w in range(workers)]
     for p in procs:
         p.start()

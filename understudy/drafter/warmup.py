@@ -183,9 +183,8 @@ def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], lis
             log.info("resuming the training data in %s: %d of %d sequences already there", store.folder, len(done),
                      len(jobs))
         if todo:
-            deadline = time.monotonic() + data_budget_minutes(cfg) * 60
             generate_into(store, str(lm.path), str(lm.model.dtype).removeprefix("torch."), jobs, todo,
-                          cfg.data_workers, cfg.gen_batch_size, deadline, cfg.max_data_tokens,
+                          cfg.data_workers, cfg.gen_batch_size, data_budget_minutes(cfg) * 60, cfg.max_data_tokens,
                           "generating training data")
             done = store.load()
         store.mark_complete({"sequences": len(done), "jobs": len(jobs), "prompts": [str(f) for f in files]})
