@@ -38,33 +38,46 @@ RESULTS = Path(__file__).resolve().parent / "results"
 Rule = Callable[[np.ndarray, int], list[int]]
 
 
+def _match_start(tokens: np.ndarray, n_min: int, n_max: int, recent: bool) -> int | None:
+    """Where the tokens after the longest suffix match (n in [n_min, n_max]) start: at its earliest occurrence
+    (the engine's `longest_match`, as vLLM breaks ties) or at its most recent one. None: no match."""
+    if not recent:
+        end, _ = longest_match(tokens, n_min, n_max)
+        return end + 1 if end >= 0 else None
+    L = len(tokens)
+    for n in range(min(n_max, L - 1), n_min - 1, -1):
+        windows = sliding_window_view(tokens[:L - 1], n)
+        hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
+        if hits.size:
+            return int(hits[-1]) + n
+    return None
+
+
+def _rule(n_min: int, n_max: int, recent: bool, extend: bool) -> Rule:
+    """Copy the k tokens after the match; with `extend`, keep copying through the proposal when the match is so
+    recent that fewer than k tokens follow it."""
+    def rule(tokens: np.ndarray, k: int) -> list[int]:
+        start = _match_start(tokens, n_min, n_max, recent)
+        if start is None:
+            return []
+        if not extend:
+            return tokens[start:start + k].tolist()
+        seq, L = tokens.tolist(), len(tokens)
+        for j in range(k):
+            seq.append(seq[start + j])
+        return seq[L:L + k]
+    return rule
+
+
 def previous_rule(n_min: int, n_max: int) -> Rule:
     """The rule before this change: suffix lengths n_max..n_min, the most recent match, no extension (with the
     engine's default n_min = 1)."""
-    def rule(tokens: np.ndarray, k: int) -> list[int]:
-        L = len(tokens)
-        for n in range(min(n_max, L - 1), n_min - 1, -1):
-            windows = sliding_window_view(tokens[:L - 1], n)
-            hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                return tokens[start:start + k].tolist()
-        return []
-    return rule
+    return _rule(n_min, n_max, recent=True, extend=False)
 
 
 def earliest_rule(n_min: int, n_max: int) -> Rule:
     """vLLM's tie-break: the longest match in [n_min, n_max], the earliest occurrence, no extension."""
-    def rule(tokens: np.ndarray, k: int) -> list[int]:
-        L = len(tokens)
-        for n in range(min(n_max, L - 1), n_min - 1, -1):
-            windows = sliding_window_view(tokens[:L - 1], n)
-            hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[0]) + n
-                return tokens[start:start + k].tolist()
-        return []
-    return rule
+    return _rule(n_min, n_max, recent=False, extend=False)
 
 
 def shipped_rule(n_min: int, n_max: int) -> Rule:
@@ -72,26 +85,12 @@ def shipped_rule(n_min: int, n_max: int) -> Rule:
 
 
 def no_extension_rule(n_min: int, n_max: int) -> Rule:
-    def rule(tokens: np.ndarray, k: int) -> list[int]:
-        end, _ = longest_match(tokens, n_min, n_max)
-        return tokens[end + 1:end + 1 + k].tolist() if end >= 0 else []
-    return rule
+    return _rule(n_min, n_max, recent=False, extend=False)
 
 
 def recent_rule(n_min: int, n_max: int) -> Rule:
     """The shipped rule with the most recent of the equally long matches (extension kept)."""
-    def rule(tokens: np.ndarray, k: int) -> list[int]:
-        L = len(tokens)
-        for n in range(min(n_max, L - 1), n_min - 1, -1):
-            windows = sliding_window_view(tokens[:L - 1], n)
-            hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
-            if hits.size:
-                seq, start = tokens.tolist(), int(hits[-1]) + n
-                for j in range(k):
-                    seq.append(seq[start + j])
-                return seq[L:L + k]
-        return []
-    return rule
+    return _rule(n_min, n_max, recent=True, extend=True)
 
 
 def replay(rule: Rule, prompt: list[int], output: list[int], k: int) -> dict[str, int | list[int]]:

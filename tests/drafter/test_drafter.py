@@ -141,6 +141,13 @@ def test_training_reduces_loss_and_raises_acceptance(tiny_llama, tiny_prompts):
     assert last < 0.85 * first
     assert after["expected_acceptance_length"] > before["expected_acceptance_length"] + 0.5
     assert after["top1_agreement"] > before["top1_agreement"]
+    # per-source figures from one pass equal each source evaluated alone; the overall figures are unchanged
+    for i, smp in enumerate(samples):
+        smp.source = "a" if i % 3 else "b"
+    both = evaluate(d, lm.model, samples, k=3, by_source=True)
+    assert {k: v for k, v in both.items() if k != "by_source"} == evaluate(d, lm.model, samples, k=3)
+    for src in ("a", "b"):
+        assert both["by_source"][src] == evaluate(d, lm.model, [x for x in samples if x.source == src], k=3)
 
 
 def test_draft_vocab_selection_counts_responses():

@@ -246,7 +246,7 @@ def drafter_eval(
 
     from understudy.drafter.evaluate import acceptance, eval_samples, measure_costs, predict
     from understudy.engine.loader import load_model, resolve_dtype
-    from understudy.engine.text import default_prompts_path, load_prompts
+    from understudy.engine.text import default_prompt_files
 
     if not 1 <= max_k <= 8:
         raise UserError(f"--max-k must be in [1, 8], got {max_k}")
@@ -254,13 +254,10 @@ def drafter_eval(
     dt = resolve_dtype(dtype, "cpu")
     lm = load_model(model, dtype=dt)
     d = _load_drafter_arg(drafter, lm, registry)
-    files = prompts or [default_prompts_path(), default_prompts_path().with_name("prompts-grid-risk.jsonl")]
     sets = []
-    for f in files:
-        rows = load_prompts(f)
-        splits = ("heldout",) if any(r["split"] == "heldout" for r in rows) else None
-        samples = eval_samples(lm, f, max_new_tokens, splits, limit=limit)
-        sets.append({"prompts": str(f), "split": splits[0] if splits else "all", **acceptance(d, lm, samples, max_k)})
+    for f in prompts or default_prompt_files():
+        samples, split = eval_samples(lm, f, max_new_tokens, limit=limit)
+        sets.append({"prompts": str(f), "split": split, **acceptance(d, lm, samples, max_k)})
     costs = measure_costs(lm, d, max_width=max_k + 1)
     for s in sets:
         s["predicted"] = predict(s, costs)

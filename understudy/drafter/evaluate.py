@@ -30,18 +30,19 @@ from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt, load_prompts
 
 
-def eval_samples(lm: LoadedModel, prompts_file: Path, max_new_tokens: int, splits: tuple[str, ...] | None,
-                 batch_size: int = 16, limit: int | None = None) -> list[Sample]:
-    """The target's greedy answers to the prompts of `splits` (None: every row), with its features."""
-    rows = load_prompts(prompts_file, splits=splits)
-    if limit is not None:
-        rows = rows[:limit]
+def eval_samples(lm: LoadedModel, prompts_file: Path, max_new_tokens: int, batch_size: int = 16,
+                 limit: int | None = None) -> tuple[list[Sample], str]:
+    """The target's greedy answers, with its features, to the file's `heldout` prompts if it has any (else to
+    all of them); returns them and the split used ("heldout" or "all")."""
+    rows = load_prompts(prompts_file)
+    split = "heldout" if any(r["split"] == "heldout" for r in rows) else "all"
+    rows = [r for r in rows if split == "all" or r["split"] == "heldout"][:limit]
     if not rows:
-        raise ValueError(f"{prompts_file}: no prompts in split(s) {', '.join(splits or ())}")
+        raise ValueError(f"{prompts_file}: no prompts to evaluate (--limit {limit})")
     ids = [encode_prompt(lm.tokenizer, r["prompt"]) for r in rows]
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=0.0)] * len(ids)
     out = generate_samples(lm, ids, params, batch_size, f"target answers ({prompts_file.name})")
-    return [s for s in out if s is not None]
+    return [s for s in out if s is not None], split
 
 
 def acceptance(drafter: Drafter, lm: LoadedModel, samples: list[Sample], max_k: int = 6) -> dict[str, Any]:

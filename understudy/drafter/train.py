@@ -330,21 +330,34 @@ def _greedy_tokens(feats: torch.Tensor, head: torch.Tensor, rows: int = 1024) ->
     out = torch.cat([F.linear(flat[i:i + rows], head).argmax(-1) for i in range(0, flat.shape[0], rows)])
     return out.view(feats.shape[:-1])
 
+def _acceptance_summary(tally: torch.Tensor, k: int) -> dict[str, Any]:
+    """tally = [accepted at positions 1..k, anchors, step-1 hits, step-1 positions] -> the reported figures."""
+    n_anchor, top1_hits, top1_n = (int(x) for x in tally[k:].tolist())
+    alpha = (tally[:k] / max(n_anchor, 1)).tolist()
+    return {
+        "top1_agreement": top1_hits / max(top1_n, 1),
+        "per_position_acceptance": [round(a, 4) for a in alpha],
+        "expected_acceptance_length": 1.0 + sum(alpha),
+        "acceptance_length_at_k": {str(j): round(1.0 + sum(alpha[:j]), 4) for j in range(1, k + 1)},
+        "num_anchors": n_anchor,
+        "k": k,
+    }
+
+
 @torch.inference_mode()
 def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: int = 5,
-             tokens_per_batch: int = 8192, cache_greedy: bool = False) -> dict[str, Any]:
+             tokens_per_batch: int = 8192, cache_greedy: bool = False, by_source: bool = False) -> dict[str, Any]:
     """Held-out greedy acceptance, simulated exactly as the engine drafts (true features up to the anchor, then
     the drafter's own): per-position acceptance alpha_j = P(drafts 1..j all equal the target's argmax), expected
     acceptance length = 1 + sum_j alpha_j (chain of k), and step-1 top-1 agreement.
 
     cache_greedy: keep the target's argmax per position on each Sample (`greedy`), for a fixed target evaluated
     repeatedly (the full-vocabulary head over every position costs more than the drafter's whole unroll); the RL
-    trainer's target changes between evaluations and leaves it off."""
+    trainer's target changes between evaluations and leaves it off.
+    by_source: also report the same figures per `Sample.source` (under "by_source"), from the same pass."""
     was_training = drafter.training
     drafter.eval()
-    accepted = torch.zeros(k, dtype=torch.float64)
-    n_anchor = 0
-    top1_hits, top1_n = 0, 0
+    tallies: dict[str, torch.Tensor] = {}  # source -> [accepted 1..k, anchors, step-1 hits, step-1 positions]
     gen = torch.Generator().manual_seed(0)
     full_vocab_head = target.lm_head.weight.detach().float()
     for group in batches(samples, tokens_per_batch, gen):
@@ -365,6 +378,7 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
             target_all = _greedy_tokens(feats, full_vocab_head)  # [B, T]
         anchors = torch.arange(N)
         chain = torch.ones(B, N, dtype=torch.bool)
+        rows = torch.zeros(B, k + 3, dtype=torch.float64)  # this batch's tallies, per sequence
         # anchors whose k-chain stays inside the sequence and drafts response tokens
         ok = (anchors.unsqueeze(0) + k < b["lengths"].unsqueeze(1)) & \
              (anchors.unsqueeze(0) + 2 >= b["prompt_lens"].unsqueeze(1))
@@ -378,18 +392,16 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
             if s == 1:
                 valid1 = (anchors.unsqueeze(0) + 1 < b["lengths"].unsqueeze(1)) & \
                          (anchors.unsqueeze(0) + 2 >= b["prompt_lens"].unsqueeze(1))
-                top1_hits += int((hit & valid1).sum())
-                top1_n += int(valid1.sum())
+                rows[:, k + 1] = (hit & valid1).sum(1)
+                rows[:, k + 2] = valid1.sum(1)
             chain &= hit
-            accepted[s - 1] += float((chain & ok).sum())
-        n_anchor += int(ok.sum())
+            rows[:, s - 1] = (chain & ok).sum(1)
+        rows[:, k] = ok.sum(1)
+        for r, smp in enumerate(group):
+            src = smp.source if by_source else ""
+            tallies[src] = tallies.get(src, torch.zeros(k + 3, dtype=torch.float64)) + rows[r]
     drafter.train(was_training)
-    alpha = (accepted / max(n_anchor, 1)).tolist()
-    return {
-        "top1_agreement": top1_hits / max(top1_n, 1),
-        "per_position_acceptance": [round(a, 4) for a in alpha],
-        "expected_acceptance_length": 1.0 + sum(alpha),
-        "acceptance_length_at_k": {str(j): round(1.0 + sum(alpha[:j]), 4) for j in range(1, k + 1)},
-        "num_anchors": n_anchor,
-        "k": k,
-    }
+    result = _acceptance_summary(sum(tallies.values(), torch.zeros(k + 3, dtype=torch.float64)), k)
+    if by_source:
+        result["by_source"] = {src: _acceptance_summary(t, k) for src, t in sorted(tallies.items())}
+    return result

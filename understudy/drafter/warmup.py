@@ -37,7 +37,7 @@ from understudy.engine.config import EngineConfig
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, cache_dir
 from understudy.engine.sampling import SamplingParams
-from understudy.engine.text import default_prompts_path, encode_prompt, load_prompts
+from understudy.engine.text import default_prompt_files, encode_prompt, load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,7 @@ def data_budget_minutes(cfg: WarmupConfig) -> float:
 
 
 def prompt_files(cfg: WarmupConfig) -> list[Path]:
-    if cfg.prompts:
-        return [Path(p) for p in cfg.prompts]
-    general = default_prompts_path()
-    return [general, general.with_name("prompts-grid-risk.jsonl")]
+    return [Path(p) for p in cfg.prompts] if cfg.prompts else default_prompt_files()
 
 
 def _data_key(lm: LoadedModel, files: list[Path], cfg: WarmupConfig) -> str:
@@ -204,10 +201,9 @@ def _heldout_report(drafter: Drafter, lm: LoadedModel, heldout: list[Sample],
     """Held-out acceptance over every prompt file together, and per file (general vs in-domain, side by side)."""
     if not heldout:
         return None, {}
-    sources = sorted({h.source for h in heldout})
-    by = {src: evaluate(drafter, lm.model, [h for h in heldout if h.source == src], k=k, cache_greedy=True)
-          for src in sources} if len(sources) > 1 else {}
-    return evaluate(drafter, lm.model, heldout, k=k, cache_greedy=True), by
+    ev = evaluate(drafter, lm.model, heldout, k=k, cache_greedy=True, by_source=True)  # one pass for both
+    by = ev.pop("by_source")
+    return ev, by if len(by) > 1 else {}
 
 
 def _initial_drafter(lm: LoadedModel, cfg: WarmupConfig, train: list[Sample]) -> Drafter:

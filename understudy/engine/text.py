@@ -37,6 +37,12 @@ def default_prompts_path() -> Path:
     return Path(str(resources.files("understudy") / "data" / "prompts.jsonl"))
 
 
+def default_prompt_files() -> list[Path]:
+    """The shipped prompt sets a drafter trains and is evaluated on: the general one and the grid-risk domain."""
+    general = default_prompts_path()
+    return [general, general.with_name("prompts-grid-risk.jsonl")]
+
+
 def load_prompts(path: Path | None = None, splits: tuple[str, ...] | None = None) -> list[dict[str, str]]:
     """Rows {"prompt", "category", "split"} from a JSONL (or plain text: one prompt per line, split "train")."""
     path = Path(path) if path is not None else default_prompts_path()

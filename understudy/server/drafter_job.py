@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from understudy.registry.store import Registry
+from understudy.server.settings import keyless_env
 
 log = logging.getLogger(__name__)
-
-SECRET_ENV = ("UNDERSTUDY_API_KEY", "UNDERSTUDY_ADMIN_KEY", "VLLM_API_KEY", "OPENAI_API_KEY")
-
 
 def has_drafter_for(registry: Registry, fingerprint: str) -> bool:
     return any(v.family_fingerprint == fingerprint for v in registry.list_versions())
@@ -61,7 +59,7 @@ class DrafterTrainingJob:
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+        env = keyless_env(os.environ)
         nice = self.nice
 
         def lower_priority() -> None:  # in the child, before exec

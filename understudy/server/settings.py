@@ -7,12 +7,20 @@ and an environment variable (`UNDERSTUDY_FIELD_NAME`); its `description` is the 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost", "ip6-loopback")
+# The environment variables that carry keys: the server's child processes (vLLM, background drafter training)
+# need none of them, so they never inherit them (keyless_env).
+SECRET_ENV = ("UNDERSTUDY_API_KEY", "UNDERSTUDY_ADMIN_KEY", "VLLM_API_KEY", "OPENAI_API_KEY")
+
+
+def keyless_env(base: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in base.items() if k not in SECRET_ENV}
 
 
 def is_loopback(host: str) -> bool:

