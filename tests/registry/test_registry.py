@@ -579,9 +579,10 @@ def test_cli_publish_list_show_promote_rollback_verify_gc(tmp_path, drafter_dir,
     shown = json.loads(cli("show", "latest", "--json"))
     assert shown["version"] == 3 and [h["version"] for h in shown["alias_history"]] == [1, 2, 3]
     assert "sha256" in cli("show", "2") and "parent: 1" in cli("show", "2")
-    assert "serving -> 1 (new alias)" in cli("promote", "1", "serving")
-    assert "serving -> 2 (was 1)" in cli("promote", "v2", "serving", "--reason", "canary ok")
-    assert json.loads(cli("rollback", "serving", "--json")) == {"alias": "serving", "version": 1, "previous": 2}
+    assert "serving -> 1 + base (new alias)" in cli("promote", "1", "serving")  # + the pair's policy (base model)
+    assert "serving -> 2 + base (was 1)" in cli("promote", "v2", "serving", "--reason", "canary ok")
+    assert json.loads(cli("rollback", "serving", "--json")) == {"alias": "serving", "version": 1, "policy": None,
+                                                                 "previous": 2}
     assert cli("verify").count(": ok") == 3
     assert "published version 4" in cli("publish", str(drafter_dir), "--keep-last", "0")  # 0: no gc
     assert json.loads(cli("gc", "--keep-last", "1", "--history-window", "0", "--dry-run", "--json"))["removed"] == [2]

@@ -339,6 +339,28 @@ def _register_serve() -> None:
 _register_serve()
 
 
+@drafters_app.command("publish-policy")
+def drafters_publish_policy(
+    src: Annotated[Path, typer.Argument(help="A policy folder (config.json, model.safetensors, tokenizer files), "
+                                        "e.g. OUT_DIR/policy written by `understudy train`")],
+    note: Annotated[str | None, typer.Option("--note", help="Free-text note stored in the manifest")] = None,
+    registry: Annotated[str | None, typer.Option("--registry", help="Registry folder")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts)")] = False,
+) -> None:
+    """Import a policy (the target's own weights) as the next version; it moves no alias. Then publish a drafter
+    trained against it with `understudy drafters publish DIR --policy N`: `latest` names that pair."""
+    from understudy.engine.loader import folder_family
+    from understudy.registry.store import Registry
+
+    fingerprint, shape = folder_family(str(src))
+    info = Registry.open(registry, create=True).publish_policy(src, family_fingerprint=fingerprint, target=shape,
+                                                                note=note)
+    if as_json:
+        typer.echo(json.dumps({"version": info.version, "path": str(info.path), "manifest": info.manifest}, indent=2))
+    else:
+        typer.echo(f"published policy version {info.version} ({fingerprint}) to {info.path}")
+
+
 # ---- RL training ----------------------------------------------------------------------------------------------------
 @app.command()
 def train(

@@ -257,6 +257,16 @@ def load_model(spec: str, dtype: str = "bfloat16", device: str = "cpu", max_posi
                        eos_token_ids=eos_ids(raw_cfg, folder, tok), name=spec, quantize=quantize)
 
 
+def folder_family(spec: str) -> tuple[str, dict[str, Any]]:
+    """(family fingerprint, family shape) of a model folder from its config and tokenizer, without its weights."""
+    folder = resolve_model_path(spec)
+    try:
+        cfg = ModelConfig.from_hf(read_hf_config(folder))
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: {e}; it is not a Llama-family config") from e
+    return family_fingerprint(cfg, tokenizer_digest(load_tokenizer(folder))), cfg.family_shape()
+
+
 def save_model(model: Transformer, tokenizer: Any, out: Path, extra_config: dict[str, Any] | None = None) -> None:
     """Write an HF-compatible folder (config.json + model.safetensors + tokenizer), atomically."""
     hf_cfg = model.config.to_hf(str(model.dtype).removeprefix("torch."))

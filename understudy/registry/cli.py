@@ -1,4 +1,5 @@
-"""`understudy drafters ...`: list, show, verify, publish, promote, rollback and gc over the drafter registry.
+"""`understudy drafters ...`: list, show, verify, publish, promote, rollback and gc over the registry of drafters
+and policies (target + drafter pairs; see understudy.registry.store).
 
 With --server URL, `list` and `rollback` act on a live server's admin API instead (as do `current`, `pin` and
 `follow`, added by understudy.clients.cli_client); the composing CLI (understudy.cli.main) hands this module the
@@ -26,7 +27,8 @@ from understudy.registry.store import (
 )
 
 drafters_app = typer.Typer(no_args_is_help=True,
-                           help="The drafter registry: immutable versions, aliases (latest, best, serving), rollback.")
+                           help="The registry of drafters and policies: immutable versions, aliases naming "
+                                "target + drafter pairs (latest, best, serving), rollback.")
 
 RegistryOpt = Annotated[str | None, typer.Option(
     "--registry", help="Registry folder (default: $UNDERSTUDY_REGISTRY, else ~/.local/share/understudy/registry)")]
@@ -88,16 +90,30 @@ def list_cmd(ctx: typer.Context, registry: RegistryOpt = None, as_json: JsonOpt 
         return _remote(ctx).server_list(server, admin_key, as_json)
     reg = _open(registry)
     versions, aliases = reg.list_versions(), reg.aliases()
+    pairs = {name: reg.resolve_pair(name) for name in aliases}
     if as_json:
         _echo_json({"registry": str(reg.root), "aliases": aliases,
+                    "pairs": {n: {"drafter": d, "policy": p} for n, (d, p) in pairs.items()},
                     "versions": [{"version": i.version, "path": str(i.path), **i.manifest} for i in versions]})
         return
     typer.echo(f"registry {reg.root}: {len(versions)} version(s)")
     names = _by_version(aliases)
-    rows = [[str(i.version), str(i.manifest.get("created", "-"))[:19].replace("T", " "), i.family_fingerprint,
-             _fmt_metric(i.metrics), str(i.manifest.get("policy_version") or "-"), str(i.manifest.get("parent") or "-"),
+    rows = [[str(i.version), i.kind, str(i.manifest.get("created", "-"))[:19].replace("T", " "), i.family_fingerprint,
+             _fmt_metric(i.metrics), _fmt_policy(i), str(i.manifest.get("parent") or "-"),
              _fmt_size(i.size_bytes), ",".join(names.get(i.version, []))] for i in versions]
-    _table(rows, ["VERSION", "CREATED (UTC)", "FAMILY", "ACCEPT_LEN", "POLICY", "PARENT", "SIZE", "ALIASES"])
+    _table(rows, ["VERSION", "KIND", "CREATED (UTC)", "FAMILY", "ACCEPT_LEN", "POLICY", "PARENT", "SIZE", "ALIASES"])
+    drift = [f"{n} -> drafter {d} + {_pname(p)}" for n, (d, p) in pairs.items() if p != reg.info(d).policy]
+    if drift:
+        typer.echo("aliases pairing a drafter with another policy (drift): " + "; ".join(drift))
+
+
+def _pname(p: int | None) -> str:
+    return "base" if p is None else f"v{p}"
+
+
+def _fmt_policy(i: VersionInfo) -> str:
+    """A drafter's policy (base = the model the server starts with); a policy's own lineage note."""
+    return _pname(i.policy) if i.kind == "drafter" else str(i.manifest.get("policy_version") or "-")
 
 
 def _alias_or_none(reg: Registry, spec: str) -> str | None:
@@ -121,12 +137,16 @@ def show_cmd(spec: Annotated[str, typer.Argument(help="Version number (7, v7) or
     if alias and history:
         typer.echo(f"alias {alias} history (oldest first):")
         for h in history:
-            typer.echo(f"  {h.get('at', '-')}  -> {h['version']}  ({h.get('action', 'set')}: {h.get('reason', '')})")
+            pol = f" + {_pname(h['policy'])}" if "policy" in h else ""
+            typer.echo(f"  {h.get('at', '-')}  -> {h['version']}{pol}  ({h.get('action', 'set')}: "
+                       f"{h.get('reason', '')})")
 
 
 def _show_human(info: VersionInfo, pointing: list[str]) -> None:
     m = info.manifest
-    typer.echo(f"version {info.version}  {info.path}")
+    typer.echo(f"version {info.version} ({info.kind})  {info.path}")
+    if info.kind == "drafter":
+        typer.echo(f"  policy: {_pname(info.policy)}")
     for key in ("created", "family_fingerprint", "policy_version", "parent", "note", "source"):
         typer.echo(f"  {key}: {m.get(key)}")
     t = m.get("target") or {}
@@ -191,7 +211,10 @@ def publish_cmd(
     metric: Annotated[list[str] | None, typer.Option("--metric", help=f"KEY=VALUE, repeatable (e.g. {BEST_METRIC}=2.4); "
                                                      "default: the metrics recorded in the drafter's config.json")] = None,
     training_config: Annotated[Path | None, typer.Option("--training-config", help="JSON file with the resolved config")] = None,
-    policy_version: Annotated[str | None, typer.Option("--policy-version", help="Policy version/step it was trained against")] = None,
+    policy_version: Annotated[str | None, typer.Option("--policy-version", help="Free-form lineage: the policy "
+                                                       "step it was trained against")] = None,
+    policy: Annotated[int | None, typer.Option("--policy", help="The registry's policy version it was trained "
+                                               "against (default: the base model); latest then names that pair")] = None,
     parent: Annotated[int | None, typer.Option("--parent", help="Version it was trained from")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Free-text note stored in the manifest")] = None,
     keep_last: Annotated[int, typer.Option("--keep-last", help="Then gc: keep the newest N versions besides "
@@ -208,8 +231,8 @@ def publish_cmd(
     if keep_last < 0:
         raise RegistryError(f"--keep-last {keep_last}: pass 0 (no gc) or the number of newest versions to keep")
     reg = Registry.open(registry, create=True)
-    info = reg.publish(src, metrics=metrics, training_config=cfg, policy_version=pv, parent=parent, note=note,
-                       keep_last=keep_last or None, history_window=history_window)
+    info = reg.publish(src, metrics=metrics, training_config=cfg, policy_version=pv, policy=policy, parent=parent,
+                       note=note, keep_last=keep_last or None, history_window=history_window)
     moved = sorted(n for n, v in reg.aliases().items() if v == info.version)
     if as_json:
         _echo_json({"version": info.version, "path": str(info.path), "aliases": moved, "manifest": info.manifest})
@@ -222,15 +245,27 @@ def publish_cmd(
 def promote_cmd(spec: Annotated[str, typer.Argument(help="Version number or alias to promote")],
                 alias: Annotated[str, typer.Argument(help="Alias to point at it (e.g. serving)")],
                 reason: Annotated[str | None, typer.Option("--reason", help="Recorded in the alias history")] = None,
+                policy: Annotated[str | None, typer.Option(
+                    "--policy", help="Pair the drafter with this policy version ('base': the base model); default: "
+                    "the policy it was trained against")] = None,
+                allow_drift: Annotated[bool, typer.Option(
+                    "--allow-drift", help="Allow --policy to differ from the drafter's own")] = False,
                 registry: RegistryOpt = None, as_json: JsonOpt = False) -> None:
-    """Point ALIAS at a version (after re-verifying its checksums)."""
+    """Point ALIAS at a pair: a drafter version and its policy (after re-verifying both)."""
     reg = _open(registry)
     before = reg.aliases().get(alias)
-    v = reg.promote(spec, alias, reason=reason)
+    kw: dict[str, Any] = {}
+    if policy is not None:
+        p = policy.strip().lower().removeprefix("v")
+        if p != "base" and not p.isdigit():
+            raise RegistryError(f"--policy {policy!r}: pass a policy version number (e.g. 4) or 'base'")
+        kw["policy"] = None if p == "base" else int(p)
+    v = reg.promote(spec, alias, reason=reason, allow_drift=allow_drift, **kw)
+    _, pol = reg.resolve_pair(alias)
     if as_json:
-        _echo_json({"alias": alias, "version": v, "previous": before})
+        _echo_json({"alias": alias, "version": v, "policy": pol, "previous": before})
     else:
-        typer.echo(f"{alias} -> {v}" + (f" (was {before})" if before is not None else " (new alias)"))
+        typer.echo(f"{alias} -> {v} + {_pname(pol)}" + (f" (was {before})" if before is not None else " (new alias)"))
 
 
 @drafters_app.command("rollback")
@@ -250,10 +285,11 @@ def rollback_cmd(ctx: typer.Context, alias: Annotated[str | None, typer.Argument
     reg = _open(registry)
     before = reg.aliases().get(alias)
     v = reg.rollback(alias)
+    _, pol = reg.resolve_pair(alias)
     if as_json:
-        _echo_json({"alias": alias, "version": v, "previous": before})
+        _echo_json({"alias": alias, "version": v, "policy": pol, "previous": before})
     else:
-        typer.echo(f"{alias} -> {v} (was {before})")
+        typer.echo(f"{alias} -> {v} + {_pname(pol)} (was {before})")
 
 
 @drafters_app.command("gc")

@@ -1,13 +1,25 @@
-"""The drafter registry: immutable numbered versions, atomic publish, aliases with history, rollback, gc.
+"""The registry of target + drafter pairs: immutable numbered versions, atomic publish, aliases with history,
+rollback, gc.
 
 The contract between the trainer (publishes continuously) and the server (watches, validates, hot-swaps).
+
+Two kinds of version share one number space: a **drafter** (config.json + model.safetensors, manifest `kind`
+"drafter", the default for manifests written before kinds existed) and a **policy** (the target's own weights: an
+HF folder of config.json, *.safetensors and tokenizer files; `kind` "policy"). A drafter's manifest names the
+policy version it was trained against (`policy`: a policy version number, or null for the base model the server
+was started with). A **pair** is a drafter version plus the policy it runs with; an alias names both
+(`{"version": D, "policy": P}`): by default P is the drafter's own `policy`, and pairing a drafter with another
+policy ("drift") needs an explicit `allow_drift`. Aliases, rollback and gc work on pairs: rolling an alias back
+restores both halves, and gc never removes a policy that a kept drafter or an alias needs. Publishing a policy
+moves no alias; publishing its drafter moves `latest` (and `best`) to the pair.
 Layout (ROOT = --registry, else $UNDERSTUDY_REGISTRY, else $XDG_DATA_HOME/understudy/registry):
 
     ROOT/registry.json          format marker {"format": "understudy-registry-v1"}
     ROOT/.lock                  lock file: serialises number allocation + the rename, alias moves and gc
     ROOT/counter                highest version number ever allocated (numbers are never reused)
-    ROOT/versions/000001/       drafter files (read-only) + manifest.json
-    ROOT/aliases/<name>.json    {"version": N, "history": [{"version", "at", "reason", "action"}, ...]}
+    ROOT/versions/000001/       drafter or policy files (read-only) + manifest.json
+    ROOT/aliases/<name>.json    {"version": N, "policy": P, "history": [{"version", "policy", "at", "reason",
+                                "action"}, ...]} (N a drafter version, P a policy version or null = base model)
     ROOT/.tmp/                  in-progress publishes and staged files (same filesystem: renames are atomic)
     ROOT/.tmp/publish-X.lock    locked by the publisher of .tmp/publish-X/ for as long as it lives
 
@@ -50,6 +62,7 @@ log = logging.getLogger(__name__)
 
 REGISTRY_FORMAT = "understudy-registry-v1"
 MANIFEST_FORMAT = "understudy-drafter-manifest-v1"
+DRAFTER, POLICY = "drafter", "policy"  # the two kinds of version (manifest "kind"; absent = drafter)
 BEST_METRIC = "heldout_acceptance_length"  # `best` follows the highest value of this training metric
 MAX_HISTORY = 1000  # alias history entries kept per alias file (oldest dropped)
 KEEP_LAST = 10  # gc (and the gc that ends every publish) keeps the newest this many versions ...
@@ -90,6 +103,15 @@ class VersionInfo:
         return str(self.manifest.get("family_fingerprint"))
 
     @property
+    def kind(self) -> str:
+        return manifest_kind(self.manifest)
+
+    @property
+    def policy(self) -> int | None:
+        """A drafter's policy version (None: the base model); None for a policy version."""
+        return manifest_policy(self.manifest)
+
+    @property
     def size_bytes(self) -> int:
         return sum(int(f["size"]) for f in self.manifest["files"].values())
 
@@ -97,12 +119,22 @@ class VersionInfo:
         return {"version": self.version, "path": str(self.path), "manifest": self.manifest}
 
 
+def manifest_kind(manifest: dict[str, Any]) -> str:
+    return str(manifest.get("kind") or DRAFTER)
+
+
+def manifest_policy(manifest: dict[str, Any]) -> int | None:
+    p = manifest.get("policy") if manifest_kind(manifest) == DRAFTER else None
+    return p if isinstance(p, int) and not isinstance(p, bool) else None
+
+
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "version" (a new version became visible) | "alias" (an alias now points elsewhere)
-    version: int  # the new version, or the alias's new target
+    kind: str  # "version" (a new version became visible) | "alias" (an alias now names another pair)
+    version: int  # the new version, or the alias's new drafter version
     alias: str | None = None  # the alias name (kind == "alias")
-    previous: int | None = None  # the alias's previous target, None if the alias is new
+    previous: int | None = None  # the alias's previous drafter version, None if the alias is new
+    policy: int | None = None  # kind == "alias": the pair's policy version (None: the base model)
 
 
 # ---- small durable-file helpers -------------------------------------------------------------------------------
@@ -210,24 +242,38 @@ def _metric(manifest: dict[str, Any] | None) -> float | None:
 
 
 # ---- alias history --------------------------------------------------------------------------------------------
-def _moved(doc: dict[str, Any] | None, version: int, reason: str, action: str = "set") -> dict[str, Any]:
+_UNSET: Any = object()  # "the pair's policy is the drafter's own" (promote's default)
+
+
+def _moved(doc: dict[str, Any] | None, version: int, reason: str, action: str = "set",
+           policy: int | None = None) -> dict[str, Any]:
     history = list(doc["history"]) if doc else []
-    history.append({"version": version, "at": _now(), "reason": reason, "action": action})
-    return {"version": version, "history": history[-MAX_HISTORY:]}
+    history.append({"version": version, "policy": policy, "at": _now(), "reason": reason, "action": action})
+    return {"version": version, "policy": policy, "history": history[-MAX_HISTORY:]}
 
 
-def _rollback_target(history: list[dict[str, Any]]) -> int | None:
-    """Replay the history as a stack ("set" pushes, "rollback" pops); the target is the entry under the top."""
-    stack: list[int] = []
+def _pair_of(entry: dict[str, Any]) -> tuple[int, Any]:
+    """(drafter, policy) of an alias doc or history entry; policy is _UNSET when an older registry wrote none."""
+    return entry["version"], entry.get("policy", _UNSET)
+
+
+def _rollback_target(history: list[dict[str, Any]]) -> tuple[int, Any] | None:
+    """Replay the history as a stack ("set" pushes, "rollback" pops); the target is the pair under the top."""
+    stack: list[tuple[int, Any]] = []
     for e in history:
         if e.get("action") == "rollback":
             if stack:
                 stack.pop()
-            if not stack or stack[-1] != e["version"]:  # history trimmed: re-anchor on what it says
-                stack.append(e["version"])
+            if not stack or stack[-1] != _pair_of(e):  # history trimmed: re-anchor on what it says
+                stack.append(_pair_of(e))
         else:
-            stack.append(e["version"])
+            stack.append(_pair_of(e))
     return stack[-2] if len(stack) >= 2 else None
+
+
+def _policy_ok(entry: dict[str, Any]) -> bool:
+    p = entry.get("policy")
+    return p is None or (isinstance(p, int) and not isinstance(p, bool))
 
 
 def _check_alias_name(name: str) -> None:
@@ -429,7 +475,8 @@ class Registry:
         except (OSError, ValueError) as e:
             doc = e
         ok = (isinstance(doc, dict) and isinstance(doc.get("version"), int) and isinstance(doc.get("history"), list)
-              and all(isinstance(h, dict) and isinstance(h.get("version"), int) for h in doc["history"]))
+              and all(isinstance(h, dict) and isinstance(h.get("version"), int) and _policy_ok(h)
+                      for h in doc["history"]) and _policy_ok(doc))
         if not ok:
             raise RegistryError(f"alias file {path} is malformed ({doc if isinstance(doc, Exception) else 'bad fields'});"
                                 f" restore it, or delete it and re-create the alias with "
@@ -477,6 +524,23 @@ class Registry:
         if not self._exists(v):
             raise self._unknown_version(v)
         return v
+
+    def pair_policy(self, drafter: int, named: Any = _UNSET) -> int | None:
+        """The policy of the pair (drafter, named): `named` when an alias recorded one, else the drafter's own."""
+        if named is not _UNSET:
+            return named
+        return manifest_policy(self.manifest(drafter))
+
+    def resolve_pair(self, spec: str | int) -> tuple[int, int | None]:
+        """A drafter version or an alias -> (drafter version, policy version or None for the base model)."""
+        s = str(spec).strip()
+        if not isinstance(spec, int) and not _VERSION_RE.fullmatch(s) and _ALIAS_RE.fullmatch(s):
+            doc = self._read_alias(s)
+            if doc is not None:
+                v = self.resolve(s)
+                return v, self.pair_policy(v, _pair_of(doc)[1])
+        v = self.resolve(spec)
+        return v, self.pair_policy(v)
 
     def _summary(self) -> str:
         nums = self.version_numbers()
@@ -534,6 +598,12 @@ class Registry:
         """Refuse (RegistryError) a version trained for another model family. Cheap: reads the manifest only."""
         v = self.resolve(spec)
         m = self.manifest(v)
+        if manifest_kind(m) != DRAFTER:
+            raise RegistryError(f"version {v} is a {manifest_kind(m)}, not a drafter; name a drafter version (or an "
+                                f"alias to one): see `understudy drafters list --registry {self.root}`")
+        return self._check_family(v, m, target_fingerprint)
+
+    def _check_family(self, v: int, m: dict[str, Any], target_fingerprint: str) -> int:
         t = m.get("target") or {}
         try:
             check_family(m["family_fingerprint"], target_fingerprint, f"version {v} ({self._vdir(v)})",
@@ -549,16 +619,43 @@ class Registry:
         self.verify_or_raise(v)
         return v, self._vdir(v)
 
+    def checkout_policy(self, v: int, target_fingerprint: str) -> Path:
+        """A policy version's folder, checked (kind, family from the manifest) and re-verified (checksums), ready
+        for `understudy.engine.loader.load_model`. Reads files only (no torch)."""
+        m = self.manifest(self.resolve(v))
+        if manifest_kind(m) != POLICY:
+            raise RegistryError(f"version {v} is a {manifest_kind(m)}, not a policy; a pair's policy must be a "
+                                f"version published with `understudy drafters publish-policy`")
+        self._check_family(v, m, target_fingerprint)
+        self.verify_or_raise(v)
+        return self._vdir(v)
+
+    def _check_policy_for(self, policy: int, family: str, what: str) -> None:
+        """A drafter may only name a policy version of its own family."""
+        try:
+            m = self.manifest(policy)
+        except RegistryError as e:
+            raise RegistryError(f"{what} names policy version {policy}, which is not usable: {e}") from e
+        if manifest_kind(m) != POLICY:
+            raise RegistryError(f"{what} names version {policy} as its policy, but that is a {manifest_kind(m)}; "
+                                "publish the policy first (`understudy drafters publish-policy DIR`) and name it")
+        if m.get("family_fingerprint") != family:
+            raise RegistryError(f"{what} is of family {family}, its policy version {policy} of "
+                                f"{m.get('family_fingerprint')}: a drafter only runs with a policy of its family")
+
     # ---- publish ----------------------------------------------------------------------------------------------------
     def publish(self, src_dir: str | Path, *, metrics: dict[str, Any] | None = None,
                 training_config: dict[str, Any] | None = None, policy_version: str | int | None = None,
-                parent: int | None = None, note: str | None = None, keep_last: int | None = KEEP_LAST,
-                history_window: int = HISTORY_WINDOW) -> VersionInfo:
+                policy: int | None = None, parent: int | None = None, note: str | None = None,
+                keep_last: int | None = KEEP_LAST, history_window: int = HISTORY_WINDOW) -> VersionInfo:
         """Copy a drafter folder in as the next version: temp folder, fsync, one atomic rename under the lock.
 
-        metrics / training_config default to what the drafter's config.json recorded under `training`.
-        Moves `latest`, and `best` when metrics[heldout_acceptance_length] beats the current best's.
-        Then runs gc(keep_last, history_window), which never removes this version (keep_last=None: no gc).
+        `policy` is the registry's policy version the drafter was trained against (None: the base model); the
+        pair (this drafter, that policy) is what `latest` (and `best`) then name. `policy_version` is free-form
+        lineage (e.g. the trainer's step). metrics / training_config default to what the drafter's config.json
+        recorded under `training`. Moves `latest`, and `best` when metrics[heldout_acceptance_length] beats the
+        current best's. Then runs gc(keep_last, history_window), which never removes this version or its policy
+        (keep_last=None: no gc).
         """
         src = Path(src_dir)
         if keep_last is not None:
@@ -569,10 +666,16 @@ class Registry:
         real = Path(os.path.realpath(src)) if src.is_symlink() else src
         cfg = _validate_source(src, real)
         files = _source_files(real)
+        if policy is not None:
+            if isinstance(policy, bool) or not isinstance(policy, int) or policy < 1:
+                raise RegistryError(f"policy must be a policy version number >= 1 or None, got {policy!r}")
+            self._check_policy_for(policy, cfg.family_fingerprint, f"the drafter {src}")
         training = cfg.training or {}
         if metrics is None:
             metrics = {k: training[k] for k in (BEST_METRIC, "heldout", "ood", "steps") if k in training}
         body = {
+            "kind": DRAFTER,
+            "policy": policy,
             "family_fingerprint": cfg.family_fingerprint,
             "target": cfg.target.family_shape(),
             "draft_vocab_size": cfg.draft_vocab_size,
@@ -584,6 +687,35 @@ class Registry:
             "note": note,
             "source": str(src.absolute()),
         }
+        info = self._publish_files(real, files, body)
+        if keep_last is not None:
+            self._gc_after_publish(info.version, keep_last, history_window)
+        return info
+
+    def publish_policy(self, src_dir: str | Path, *, family_fingerprint: str, target: dict[str, Any],
+                       metrics: dict[str, Any] | None = None, training_config: dict[str, Any] | None = None,
+                       policy_version: str | int | None = None, note: str | None = None,
+                       keep_last: int | None = KEEP_LAST, history_window: int = HISTORY_WINDOW) -> VersionInfo:
+        """Copy a policy (an HF folder: config.json, *.safetensors, tokenizer files, as `save_model` writes it)
+        in as the next version, with the same guarantees as a drafter. Moves no alias: a pair becomes servable
+        when a drafter naming this policy is published or promoted. The caller gives the family fingerprint
+        (LoadedModel.fingerprint: this module does not load models); a server re-checks it after loading."""
+        src = Path(src_dir)
+        if keep_last is not None:
+            _check_retention(keep_last, history_window)
+        real = Path(os.path.realpath(src)) if src.is_symlink() else src
+        if not real.is_dir():
+            raise RegistryError(f"cannot publish {src}: no such folder; pass a policy folder (config.json, "
+                                "model.safetensors, tokenizer files) as `save_model` or `understudy train` writes it")
+        files = _source_files(real)
+        if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+            raise RegistryError(f"cannot publish {src} as a policy: it needs config.json and *.safetensors weights "
+                                f"(found: {', '.join(files) or 'nothing'})")
+        if not isinstance(family_fingerprint, str) or not family_fingerprint.startswith("fam-"):
+            raise RegistryError(f"family_fingerprint must be a target's fingerprint (fam-...), got {family_fingerprint!r}")
+        body = {"kind": POLICY, "family_fingerprint": family_fingerprint, "target": target,
+                "policy_version": policy_version, "parent": None, "metrics": metrics or {},
+                "training_config": training_config, "note": note, "source": str(src.absolute())}
         info = self._publish_files(real, files, body)
         if keep_last is not None:
             self._gc_after_publish(info.version, keep_last, history_window)
@@ -640,7 +772,8 @@ class Registry:
                 _write_durable(tmp / "manifest.json", _json_bytes(manifest))
                 os.chmod(tmp / "manifest.json", stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
                 fsync_dir(tmp)
-                self._stage_publish(nv, _metric(manifest), staged)
+                if manifest_kind(manifest) == DRAFTER:  # a policy alone moves no alias
+                    self._stage_publish(nv, _metric(manifest), manifest_policy(manifest), staged)
                 os.rename(tmp, self._vdir(nv))  # the commit point: the version is visible, whole, from here on
                 v = nv
                 self._commit_staged(staged)
@@ -664,11 +797,12 @@ class Registry:
             last = 0
         return max([last, *self.version_numbers()]) + 1
 
-    def _stage_publish(self, v: int, metric: float | None, staged: list[tuple[Path, Path]]) -> None:
+    def _stage_publish(self, v: int, metric: float | None, policy: int | None,
+                       staged: list[tuple[Path, Path]]) -> None:
         """Stage (in .tmp/) the counter and alias files a publish of v replaces; nothing visible changes yet.
         Appends (staged file, destination) to `staged` as it goes, so the caller can clean up after a failure."""
         staged.append((self._stage(str(v).encode(), ".txt"), self.counter_path))
-        staged.append((self._stage_json(_moved(self._read_alias("latest"), v, "publish")), self._alias_path("latest")))
+        staged.append((self._stage_json(_moved(self._read_alias("latest"), v, "publish", policy=policy)), self._alias_path("latest")))
         best = self._read_alias("best")
         old = None
         if best is not None and self._exists(best["version"]):
@@ -676,7 +810,7 @@ class Registry:
                 old = _metric(self.manifest(best["version"]))
         if metric is not None and (best is None or old is None or metric > old):
             why = f"publish: {BEST_METRIC} {metric:.4g}" + (f" > {old:.4g}" if old is not None else "")
-            staged.append((self._stage_json(_moved(best, v, why)), self._alias_path("best")))
+            staged.append((self._stage_json(_moved(best, v, why, policy=policy)), self._alias_path("best")))
 
     def _commit_staged(self, staged: list[tuple[Path, Path]]) -> None:
         fsync_dir(self.versions_dir)
@@ -686,18 +820,35 @@ class Registry:
         fsync_dir(self.root)
 
     # ---- aliases ------------------------------------------------------------------------------------------------
-    def promote(self, spec: str | int, alias: str, reason: str | None = None) -> int:
-        """Point `alias` at a version (after re-verifying it). Returns the version."""
+    def promote(self, spec: str | int, alias: str, reason: str | None = None, *, policy: Any = _UNSET,
+                allow_drift: bool = False) -> int:
+        """Point `alias` at a pair (after re-verifying both halves): the drafter `spec` (a version or an alias,
+        whose pair it copies) with its own policy, or with `policy` (a policy version, None = the base model),
+        which must be the drafter's own unless allow_drift. Returns the drafter version."""
         _check_alias_name(alias)
-        v = self.resolve(spec)
+        v, own = self.resolve_pair(spec)
+        m = self.manifest(v)
+        if manifest_kind(m) != DRAFTER:
+            raise RegistryError(f"version {v} is a {manifest_kind(m)}: an alias names a pair by its drafter; promote "
+                                f"a drafter trained against it (its manifest's `policy` is {v})")
+        p = own if policy is _UNSET else policy
+        if p != manifest_policy(m) and not allow_drift:
+            raise RegistryError(
+                f"drafter {v} was trained against {_policy_name(manifest_policy(m))}, not {_policy_name(p)}; pairing "
+                "it with another policy (drift) lowers acceptance: publish a drafter trained against that policy, or "
+                "pass --allow-drift to pair them anyway")
+        if p is not None:
+            self._check_policy_for(p, m["family_fingerprint"], f"drafter {v}")
+            self.verify_or_raise(p)
         self.verify_or_raise(v)  # a corrupted version must never become what a server follows
         try:
             with self._lock():
-                if not self._exists(v):
-                    raise self._unknown_version(v)
+                for x in (v, p):
+                    if x is not None and not self._exists(x):
+                        raise self._unknown_version(x)
                 doc = self._read_alias(alias)
-                if doc is None or doc["version"] != v:
-                    self._replace_json(self._alias_path(alias), _moved(doc, v, reason or f"promote {spec}"))
+                if doc is None or (doc["version"], doc.get("policy", _UNSET)) != (v, p):
+                    self._replace_json(self._alias_path(alias), _moved(doc, v, reason or f"promote {spec}", policy=p))
         except OSError as e:
             raise _os_error(e, f"moving alias {alias!r}", self.root) from e
         return v
@@ -709,16 +860,21 @@ class Registry:
                 doc = self._read_alias(alias)
                 if doc is None:
                     raise self._unknown_alias(alias)
-                target = _rollback_target(doc["history"])
-                if target is None:
+                back = _rollback_target(doc["history"])
+                if back is None:
                     raise RegistryError(f"alias {alias!r} ({self._alias_path(alias)}) has no earlier target to roll "
                                         f"back to; point it somewhere with `understudy drafters promote VERSION {alias}`")
-                if not self._exists(target):
-                    raise RegistryError(f"cannot roll {alias!r} back to version {target}: it is no longer in "
-                                        f"{self.versions_dir}; promote an existing version instead")
-                self.verify_or_raise(target)
+                target = back[0]
+                policy = self.pair_policy(target, back[1]) if self._exists(target) else None
+                for x in (target, policy):
+                    if x is not None and not self._exists(x):
+                        raise RegistryError(f"cannot roll {alias!r} back to the pair (drafter {target}, "
+                                            f"{_policy_name(policy)}): version {x} is no longer in "
+                                            f"{self.versions_dir}; promote an existing version instead")
+                    if x is not None:
+                        self.verify_or_raise(x)
                 why = reason or f"rollback from {doc['version']}"
-                self._replace_json(self._alias_path(alias), _moved(doc, target, why, action="rollback"))
+                self._replace_json(self._alias_path(alias), _moved(doc, target, why, action="rollback", policy=policy))
         except OSError as e:
             raise _os_error(e, f"rolling back alias {alias!r}", self.root) from e
         return target
@@ -727,17 +883,19 @@ class Registry:
     def protected(self, history_window: int) -> set[int]:
         """Versions an alias reaches: the one it points to, the one `rollback` would return it to, and those it
         pointed to within its last `history_window` moves."""
-        keep = set()
+        pairs: set[tuple[int, Any]] = set()
         for name in self.alias_names():
             doc = self._read_alias(name)  # a malformed alias file aborts gc: never delete what may be aliased
             if doc is None:
                 continue
-            keep.add(doc["version"])
+            pairs.add(_pair_of(doc))
             back = _rollback_target(doc["history"])
             if back is not None:
-                keep.add(back)
+                pairs.add(back)
             if history_window > 0:
-                keep.update(h["version"] for h in doc["history"][-history_window:])
+                pairs.update(_pair_of(h) for h in doc["history"][-history_window:])
+        keep = {d for d, _ in pairs}
+        keep.update(p for _, p in pairs if isinstance(p, int))
         return keep
 
     def gc(self, keep_last: int = KEEP_LAST, history_window: int = HISTORY_WINDOW, dry_run: bool = False, *,
@@ -754,6 +912,7 @@ class Registry:
             with self._lock():
                 nums = self.version_numbers()
                 spared = set(nums[-keep_last:]) | self.protected(history_window) | set(keep)
+                spared |= self._policies_of(spared)  # a kept drafter keeps its policy
                 doomed = [v for v in nums if v not in spared]
                 if dry_run:
                     return doomed
@@ -769,6 +928,17 @@ class Registry:
             for d in dead:  # the slow part, outside the lock (a later gc sweeps anything left)
                 shutil.rmtree(d, ignore_errors=True)
         return removed
+
+    def _policies_of(self, versions: set[int]) -> set[int]:
+        out = set()
+        for v in versions:
+            try:
+                p = manifest_policy(self.manifest(v))
+            except RegistryError:
+                continue
+            if p is not None:
+                out.add(p)
+        return out
 
     def _sweep_tmp(self, max_age_s: float) -> list[str]:
         """Called under the lock: remove what dead processes left in .tmp/. Returns the names removed.
@@ -806,6 +976,10 @@ class Registry:
             return now - os.lstat(self.tmp_dir / name).st_mtime >= max_age_s
         except FileNotFoundError:
             return False
+
+
+def _policy_name(p: int | None) -> str:
+    return "the base model" if p is None else f"policy version {p}"
 
 
 def _check_retention(keep_last: int, history_window: int) -> None:

@@ -1,4 +1,5 @@
-"""Poll-based change feed over a drafter registry: new versions and alias moves (the server's hot-swap source)."""
+"""Poll-based change feed over a registry: new versions and alias moves, a move being a change of either half of
+the pair an alias names (the server's hot-swap source)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class RegistryWatcher:
             (Path(registry).expanduser() if registry else default_registry_path()).absolute())
         self._versions: set[int] = set()
         self._alias_keys: dict[str, tuple[int, int, int]] = {}
-        self._alias_targets: dict[str, int] = {}
+        self._alias_targets: dict[str, tuple[int, int | None]] = {}  # alias -> (drafter, policy)
         if not include_existing:
             self.poll()  # the present state is the baseline
 
@@ -71,9 +72,11 @@ class RegistryWatcher:
                 log.warning("watcher: %s", e)
                 continue  # retried on the next poll
             self._alias_keys[name] = key
-            if doc is not None and doc["version"] != self._alias_targets.get(name):
-                events.append(Event("alias", doc["version"], name, self._alias_targets.get(name)))
-                self._alias_targets[name] = doc["version"]
+            pair = (doc["version"], doc.get("policy")) if doc is not None else None
+            if pair is not None and pair != self._alias_targets.get(name):
+                prev = self._alias_targets.get(name)
+                events.append(Event("alias", pair[0], name, prev[0] if prev else None, policy=pair[1]))
+                self._alias_targets[name] = pair
         for gone in set(self._alias_keys) - seen:
             self._alias_keys.pop(gone)
             self._alias_targets.pop(gone, None)
