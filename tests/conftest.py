@@ -88,6 +88,12 @@ def tiny_llama(tiny_llama_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_policy_dir(tmp_path_factory) -> Path:
+    """Another policy of tiny_llama's family: same shapes and tokenizer, other weights (as after an RL update)."""
+    return build_tiny_hf(tmp_path_factory.mktemp("tiny-llama-policy"), "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_prompts(tiny_llama) -> list[list[int]]:
     """24 prompts of varied length (chat-templated)."""
     from understudy.engine.text import encode_prompt

@@ -80,6 +80,8 @@ class StreamLoad:
         self.stop = threading.Event()
         self.ok = self.non_2xx = self.truncated = self.errors = 0
         self.versions: list[str] = []  # x-understudy-drafter-version of every stream, in order
+        self.policies: list[str] = []  # x-understudy-policy-version of every stream, in order
+        self.started: list[float] = []  # when each stream was sent (time.monotonic), in the same order
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._user, args=(i,), daemon=True) for i in range(users)]
 
@@ -104,10 +106,11 @@ class StreamLoad:
                 n += 1
                 body = {"model": "tiny", "messages": [{"role": "user", "content": self.prompt(i, n)}],
                         "max_tokens": self.max_tokens, "temperature": 0, "stream": True}
-                version, outcome = "?", "errors"
+                version, policy, outcome, t0 = "?", "?", "errors", time.monotonic()
                 try:
                     with http.stream("POST", "/v1/chat/completions", json=body) as r:
                         version = r.headers.get("x-understudy-drafter-version", "?")
+                        policy = r.headers.get("x-understudy-policy-version", "?")
                         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
                     if r.status_code != 200:
                         outcome = "non_2xx"
@@ -120,6 +123,8 @@ class StreamLoad:
                 with self.lock:
                     setattr(self, outcome, getattr(self, outcome) + 1)
                     self.versions.append(version)
+                    self.policies.append(policy)
+                    self.started.append(t0)
 
 
 @pytest.fixture(scope="session")
@@ -140,8 +145,12 @@ def server_assets(tmp_path_factory):
     save_drafter(garbage, root / "drafter-garbage")
     other = load_model(str(build_tiny_hf(root / "other", "llama", hidden_size=32, intermediate_size=64)), dtype="float32")
     save_drafter(new_drafter(other.model, other.fingerprint), root / "drafter-other-family")
+    policy_dir = build_tiny_hf(root / "policy", "llama", seed=1)  # the same family with other weights (a new policy)
+    policy = load_model(str(policy_dir), dtype="float32")
+    save_drafter(train_tiny_drafter(policy, prompts, steps=40), root / "drafter-for-policy")
     return {"root": root, "model": model_dir, "good": root / "drafter-good", "garbage": root / "drafter-garbage",
-            "other": root / "drafter-other-family", "lm": lm}
+            "other": root / "drafter-other-family", "lm": lm, "policy": policy_dir, "policy_lm": policy,
+            "policy_drafter": root / "drafter-for-policy"}
 
 
 @pytest.fixture(scope="module")

@@ -154,3 +154,55 @@ def test_garbage_drafter_is_rolled_back_by_the_canary(canary_server, server_asse
     # the rejected version is not swapped in again while the alias still points at it
     time.sleep(1.0)
     assert admin_state(srv.url)["version"] == str(good)
+
+
+def test_a_pair_swap_under_streaming_load_fails_no_request_and_serves_the_policy(swap_server, server_assets):
+    """Target + drafter pairs (issue 13): the alias moves to (policy p, its drafter) and back, under a 4-stream
+    load. Requests in flight finish on the weights they started with (a drain), none fails, the policy header
+    follows, and a greedy completion afterwards is the policy's own output token for token."""
+    from understudy.engine.config import EngineConfig
+    from understudy.engine.engine import Engine
+    from understudy.engine.sampling import SamplingParams
+
+    srv, reg, _ = swap_server
+    plm = server_assets["policy_lm"]
+    p = reg.publish_policy(server_assets["policy"], family_fingerprint=plm.fingerprint,
+                           target=plm.config.family_shape()).version
+    d = reg.publish(server_assets["policy_drafter"], policy=p).version
+    served = admin_state(srv.url)  # (the alias may name a version the server refused: an earlier test's)
+    assert served["policy"] == "base"
+    base_pair = (int(served["version"]), None)
+    with chat_load(srv.url) as load:
+        time.sleep(1.0)
+        reg.promote(d, "serving")
+        assert wait_for(lambda: admin_state(srv.url)["policy"] == str(p), 300), srv.tail()
+        assert wait_for(lambda: str(p) in load.policies, 300), set(load.policies)  # counted, not timed
+        reg.promote(base_pair[0], "serving")  # both halves back
+        assert wait_for(lambda: admin_state(srv.url)["policy"] == "base", 300), srv.tail()
+        back = time.monotonic()
+        assert wait_for(lambda: sum(t > back for t in load.started) >= 2, 300), (load.ok, load.failed)
+    assert load.failed == 0, (load.non_2xx, load.truncated, load.errors)
+    assert {"base", str(p)} <= set(load.policies), set(load.policies)
+    assert {v for t, v in zip(load.started, load.policies, strict=True) if t > back} == {"base"}  # exact header
+    hist = [h for h in admin_state(srv.url)["history"] if h["to_policy"] != h["from_policy"]]
+    assert [(h["to_policy"], h["result"]) for h in hist[-2:]] == [(str(p), "success"), ("base", "success")]
+    assert all(h["drain_s"] is not None for h in hist[-2:])
+    assert admin_state(srv.url)["version"] == str(base_pair[0])
+
+    reg.promote(d, "serving")
+    assert wait_for(lambda: admin_state(srv.url)["policy"] == str(p), 300), srv.tail()
+    ids = plm.tokenizer.encode("grid line flow risk")
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    plain = EngineConfig(max_batch_size=1, max_model_len=256, num_speculative_tokens=0, dtype="float32")
+    want = Engine(plm.model, plain, plm.eos_token_ids).generate([ids], greedy)[0]
+    r = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": ids, "max_tokens": 16, "temperature": 0})
+    assert r.status_code == 200 and r.headers["x-understudy-policy-version"] == str(p)
+    assert r.json()["usage"]["completion_tokens"] == len(want)
+    assert r.json()["choices"][0]["text"] == plm.tokenizer.decode(want, skip_special_tokens=True)
+    metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    assert f'understudy:policy_info{{model_name="tiny",version="{p}"}} 1.0' in metrics
+    assert "understudy:policy_swap_drain_seconds_count" in metrics
+    assert httpx.get(f"{srv.url}/health", timeout=30).json()["policy_version"] == str(p)
+    reg.promote(base_pair[0], "serving")
+    assert wait_for(lambda: admin_state(srv.url)["policy"] == "base", 300), srv.tail()

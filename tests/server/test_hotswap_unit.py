@@ -1,6 +1,7 @@
 """Hot-swap manager logic without a server process: which drafter a server starts with when its followed alias
-points at a version made for another target (a registry shared by several targets), and what happens when the
-engine fails while a drafter serves (it is taken out of service; the server keeps answering, plain)."""
+points at a version made for another target (a registry shared by several targets), what happens when the
+engine fails while a drafter serves (it is taken out of service; the server keeps answering, plain), and target +
+drafter pairs (the policy installed with its drafter, drift refused, the canary rolling back both halves)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from understudy.engine.engine import Engine
 from understudy.engine.sampling import SamplingParams
 from understudy.registry.store import Registry, RegistryError
 from understudy.server.backends.native import HotSwapManager
-from understudy.server.hotswap import InitialDrafter, choose_initial_drafter
+from understudy.server.hotswap import InitialDrafter, SwapError, choose_initial_drafter
 from understudy.server.metrics import ServerMetrics
 
 
@@ -82,3 +83,82 @@ def test_a_faulty_drafter_is_taken_out_of_service_and_its_request_still_succeeds
     assert b'version="none"' in metrics.render()
     out = eng.generate([prompt], greedy)[0]  # the swap to "no drafter" applies at the next step: plain, exact
     assert eng.drafter is None and out == ref
+
+
+# ---- target + drafter pairs (issue 13) ---------------------------------------------------------------------------
+def publish_pair(reg: Registry, assets) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    plm = assets["policy_lm"]
+    p = reg.publish_policy(assets["policy"], family_fingerprint=plm.fingerprint,
+                           target=plm.config.family_shape()).version
+    return p, reg.publish(assets["policy_drafter"], policy=p).version
+
+
+class Stepper:
+    """The engine thread, as the server runs it: step while there is work."""
+
+    def __init__(self, eng: Engine) -> None:
+        import threading
+
+        self.eng, self.stop = eng, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        while not self.stop.is_set():
+            if self.eng.has_unfinished():
+                self.eng.step()
+            else:
+                time.sleep(0.002)
+
+
+def test_a_server_starts_on_the_pair_its_alias_names(server_assets, tmp_path):
+    lm = server_assets["lm"]
+    reg = Registry.open(tmp_path / "reg")
+    reg.publish(server_assets["good"])
+    p, d = publish_pair(reg, server_assets)
+    first = choose_initial_drafter(None, lm.fingerprint, reg, "latest")
+    assert (first.version, first.policy, first.policy_path) == (d, p, reg.version_path(p))
+    reg.promote(d, "drift", policy=None, allow_drift=True)
+    with pytest.raises(SwapError, match=r"trained against policy .* refused"):
+        choose_initial_drafter("drift", lm.fingerprint, reg, None)
+    assert choose_initial_drafter("drift", lm.fingerprint, reg, None, allow_drift=True).policy is None
+
+
+def test_pair_swaps_install_the_policy_refuse_drift_and_the_canary_rolls_back_both(server_assets, tmp_path):
+    lm, plm = server_assets["lm"], server_assets["policy_lm"]
+    reg = Registry.open(tmp_path / "reg")
+    d1 = reg.publish(server_assets["good"]).version
+    p, d2 = publish_pair(reg, server_assets)
+    cfg = EngineConfig(max_batch_size=2, max_model_len=128, num_speculative_tokens=3, dtype="float32")
+    eng = Engine(lm.model, cfg, lm.eos_token_ids, drafter=load_drafter(server_assets["good"], lm.model, lm.fingerprint))
+    metrics = ServerMetrics("tiny")
+    mgr = HotSwapManager(eng, lm, metrics, reg, wake=lambda: None, canary_window=8, canary_margin=0.5)
+    mgr.set_initial(str(d1), d1, eng.drafter, policy=None, target=lm)
+    stepper = Stepper(eng)
+    try:
+        mgr._swap_to(d1, "drift", policy=p)  # a base-model drafter paired with policy p: refused, nothing changes
+        assert mgr.history[-1].result == "failed" and "trained against policy base" in mgr.history[-1].reason
+        assert (mgr.served.version, mgr.served.policy, eng.epoch) == (d1, None, 0)
+
+        mgr._swap_to(d2, "alias moved", policy=p)
+        assert (mgr.served.version, mgr.served.policy, eng.epoch, eng.policy_label) == (d2, p, 1, str(p))
+        greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        prompt = lm.tokenizer.encode("grid line flow risk")
+        plain = EngineConfig(max_batch_size=2, max_model_len=128, num_speculative_tokens=0, dtype="float32")
+        ref = Engine(plm.model, plain, plm.eos_token_ids).generate([prompt], greedy)[0]
+        assert ref != Engine(lm.model, plain, lm.eos_token_ids).generate([prompt], greedy)[0]
+        assert eng.model is not lm.model and eng.model.config == plm.model.config
+        assert f'understudy:policy_info{{model_name="tiny",version="{p}"}} 1.0' in metrics.render().decode()
+
+        mgr._observe(8, 0)  # the pair's drafter accepts nothing over a full window, against the first's baseline
+        mgr.previous.window.extend([(64, 64)] * 4)  # type: ignore[union-attr]
+        mgr.canary["baseline"] = 2.0  # type: ignore[index]
+        mgr._check_canary()
+        assert (mgr.served.version, mgr.served.policy, eng.epoch, eng.model is lm.model) == (d1, None, 2, True)
+        assert d2 in mgr.rejected and mgr.history[-1].result == "rolled_back"
+        assert (mgr.history[-1].to_policy, mgr.history[-1].from_policy) == ("base", str(p))
+    finally:
+        stepper.stop.set()
+        stepper.thread.join(5)

@@ -213,9 +213,12 @@ def test_a_step_published_before_a_crash_is_reused_not_published_again(rl_assets
     assert again["drafter_version"] == v2 and again["reused"] and b.last_published == v2
     b.train_step()
     v3 = b.publish()["drafter_version"]
-    versions = reg.list_versions()
+    versions = [v for v in reg.list_versions() if v.kind == "drafter"]
     assert [v.version for v in versions] == [v1, v2, v3]
     assert [v.manifest["policy_version"] for v in versions] == [1, 2, 3]
+    policies = [v for v in reg.list_versions() if v.kind == "policy"]  # the step-2 policy was reused too
+    assert [v.version for v in policies] == [v.policy for v in versions]
+    assert [v.manifest["policy_version"] for v in policies] == [1, 2, 3]
     assert [v.manifest["parent"] for v in versions] == [None, v1, v2]
     assert {parse_note(v.manifest["note"]) for v in versions} == {(a.run_id, 1), (a.run_id, 2), (a.run_id, 3)}
 
@@ -243,20 +246,26 @@ def _train(config: Path, crash: str | None, resume: bool) -> subprocess.Complete
 
 @pytest.mark.slow
 def test_sigkilled_training_resumes_with_each_step_published_exactly_once(rl_assets, tmp_path):
-    """Five attempts of one run; each of the first four SIGKILLs itself at a named point of a different step:
-    after the publish of step 1 (before any checkpoint), mid-way through step 2's metrics line, between step 3's
-    checkpoint write and its rename, and just before step 4's publish. The fifth finishes."""
+    """Six attempts of one run; each of the first five SIGKILLs itself at a named point: after the publish of
+    step 1 (before any checkpoint), mid-way through step 2's metrics line, between step 3's policy and drafter
+    publishes, between step 3's checkpoint write and its rename, and just before step 4's drafter publish. The
+    sixth finishes."""
     cfg = cfg_for(rl_assets, tmp_path, steps=4, publish_every=1, checkpoint_every=1)
     config = write_toml(cfg, tmp_path / "cfg.toml")
-    crashes = ["publish_after@1", "metrics_write@2", "checkpoint_before_rename@3", "publish_before@4"]
+    crashes = ["publish_after@1", "metrics_write@2", "publish_policy_after@3", "checkpoint_before_rename@3",
+               "publish_before@4"]
     for i, crash in enumerate(crashes):
         r = _train(config, crash, resume=i > 0)
         assert r.returncode == -9, (crash, r.returncode, r.stderr[-1500:])  # killed at the point, not failed
     r = _train(config, None, resume=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr
-    versions = Registry.open(tmp_path / "reg", create=False).list_versions()
+    everything = Registry.open(tmp_path / "reg", create=False).list_versions()
+    versions = [v for v in everything if v.kind == "drafter"]
+    policies = {v.version: v for v in everything if v.kind == "policy"}
     assert [v.manifest["policy_version"] for v in versions] == [1, 2, 3, 4]  # each step once, none lost
+    assert sorted(v.manifest["policy_version"] for v in policies.values()) == [1, 2, 3, 4]  # policies too
+    assert [policies[v.policy].manifest["policy_version"] for v in versions] == [1, 2, 3, 4]  # paired by step
     assert [v.manifest["parent"] for v in versions] == [None, *[v.version for v in versions[:-1]]]
     run_ids = {parse_note(v.manifest["note"])[0] for v in versions}
     assert len(run_ids) == 1 and json.loads((tmp_path / "run" / "run.json").read_text())["run_id"] in run_ids

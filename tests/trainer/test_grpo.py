@@ -152,11 +152,14 @@ def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     reg = Registry.open(tmp_path / "reg", create=False)
-    versions = reg.list_versions()
-    assert len(versions) == 2
+    versions = [v for v in reg.list_versions() if v.kind == "drafter"]
+    policies = {v.version: v for v in reg.list_versions() if v.kind == "policy"}
+    assert len(versions) == 2 and len(policies) == 2  # a pair per publishing step
     assert all(v.metrics.get("heldout_acceptance_length") is not None for v in versions)
     assert [v.manifest.get("policy_version") for v in versions] == [2, 4]
     assert [v.manifest.get("parent") for v in versions] == [None, versions[0].version]  # lineage of the run
+    assert [policies[v.policy].manifest["policy_version"] for v in versions] == [2, 4]  # each names its policy
+    assert reg.resolve_pair("latest") == (versions[-1].version, versions[-1].policy)
     assert all("eval_accuracy_sampled" in r for r in [json.loads(x) for x in
                (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] if "eval_accuracy" in r)
     assert load_model(str(tmp_path / "run" / "policy"), dtype="float32").fingerprint == rl_assets["lm"].fingerprint

@@ -96,6 +96,7 @@ class Sequence:
     token_ids: list[int]  # prompt + output; the last one is not yet in the target KV cache
     stop_ids: frozenset[int]
     slot: int = -1
+    epoch: int = 0  # the policy (target weights) this request runs on: the engine's epoch when it was added
 
     @property
     def num_output(self) -> int:
@@ -132,6 +133,13 @@ class Engine:
         self._ids_lock = threading.Lock()
         self._done: dict[str, str] = {}  # request id -> finish reason, until its slot is freed
         self.drafter_generation = 0  # bumps when a swap takes effect
+        # Policy swaps (new target weights + their drafter): a request runs on the weights of the epoch it was added
+        # in. A swap requested in epoch e waits until every request of epoch e has finished (those queued after it
+        # wait, unadmitted), then installs the new weights and starts epoch e + 1 (see set_policy).
+        self.epoch = 0  # applied
+        self._epoch_next = 0  # requested (the epoch a request added now will run in); guarded by _ids_lock
+        self.policy_labels: dict[int, Any] = {0: None}  # epoch -> the label set_policy was given (kept: one per swap)
+        self._pending_policies: collections.deque[tuple[Transformer, DraftModel | None]] = collections.deque()
         self.stats = SpecDecodeStats()  # cumulative
         self.last_step = StepStats()
 
@@ -156,6 +164,41 @@ class Engine:
     def set_drafter(self, drafter: DraftModel | None) -> None:
         """Swap the drafter (None = stop speculating with one). Takes effect at the start of the next step."""
         self._inbox.append(("drafter", drafter))
+
+    def set_policy(self, model: Transformer, drafter: DraftModel | None, label: Any = None) -> int:
+        """Serve new target weights (same family, shapes and dtype) with their drafter from the next epoch on.
+
+        Requests added before this call finish on the weights they started with; requests added after it wait
+        until those are done, then run on the new weights (a drain, not a mix: a response comes from one policy,
+        and its KV cache from the weights that continue it). Returns the epoch the new weights start."""
+        old = self.model.config
+        if model.config.family_shape() != old.family_shape() or model.dtype != self.model.dtype or \
+                model.device != self.model.device:
+            raise ValueError(f"a policy swap needs the served model's shapes, dtype and device ({old.family_shape()}, "
+                             f"{self.model.dtype}, {self.model.device}); got {model.config.family_shape()}, "
+                             f"{model.dtype}, {model.device}")
+        with self._ids_lock:  # one lock orders epochs with add_request: the inbox sees them in this order
+            self._epoch_next += 1
+            self.policy_labels[self._epoch_next] = label
+            self._inbox.append(("policy", (model, drafter)))
+            return self._epoch_next
+
+    @property
+    def policy_label(self) -> Any:
+        """The label of the weights serving now."""
+        return self.policy_labels.get(self.epoch)
+
+    def _apply_policies(self) -> None:
+        """Install pending policies once no request of the current epoch is left (running or waiting)."""
+        while self._pending_policies and not self.running and not any(s.epoch == self.epoch for s in self.waiting):
+            model, drafter = self._pending_policies.popleft()
+            self.model = model.eval()
+            enable_cpu_packing(self.model)
+            if self.model.rotary.cos.shape[0] < self.capacity:
+                self.model.rotary = RotaryTable(model.config, self.capacity).to(model.device)
+            self._install_proposer(drafter)  # the KV cache and feature buffer are reused: same shapes, no slot live
+            self.epoch += 1
+            self.drafter_generation += 1
 
     def refresh_weights(self) -> None:
         """The target's weights changed in place (a policy update): re-bind the drafter's shared head."""
@@ -184,8 +227,9 @@ class Engine:
                 for seq in self.running if seq.slot >= 0 and len(seq.token_ids) > seq.prompt_len]
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> None:
-        """Validate now (raising RequestError naming the field), then queue for the next step."""
+    def add_request(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> int:
+        """Validate now (raising RequestError naming the field), then queue for the next step. Returns the epoch
+        (policy weights) the request will run on (see set_policy)."""
         V = self.model.config.vocab_size
         if not prompt_ids:
             raise RequestError("the prompt is empty: give at least one token", param="prompt")
@@ -199,24 +243,26 @@ class Engine:
                 f"this model's maximum context length is {self.config.max_model_len} tokens; the request has "
                 f"{len(prompt_ids)} prompt tokens + max_tokens {sampling.max_tokens} = {total}. "
                 "Shorten the prompt or lower max_tokens", param="max_tokens")
-        with self._ids_lock:
-            if request_id in self._ids:
-                raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
-            self._ids.add(request_id)
         stop = set(sampling.stop_token_ids)
         if not sampling.ignore_eos:
             stop.update(self.eos_token_ids)
         seq = Sequence(request_id=request_id, prompt_len=len(prompt_ids), sampling=sampling,
                        generator=make_generator(sampling.seed, self.model.device), token_ids=list(prompt_ids),
                        stop_ids=frozenset(stop))
-        self._inbox.append(("add", seq))
+        with self._ids_lock:
+            if request_id in self._ids:
+                raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+            self._ids.add(request_id)
+            seq.epoch = self._epoch_next
+            self._inbox.append(("add", seq))
+        return seq.epoch
 
     def abort(self, request_id: str) -> None:
         """Drop a request (queued or running) at the next step boundary; its slot is freed, no output follows."""
         self._inbox.append(("abort", request_id))
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self._inbox)
+        return bool(self.waiting or self.running or self._inbox or self._pending_policies)
 
     @property
     def num_running(self) -> int:
@@ -235,6 +281,8 @@ class Engine:
                 self._abort_now(arg)
             elif kind == "drafter":
                 self._apply_swap(arg)
+            elif kind == "policy":
+                self._pending_policies.append(arg)
 
     def _abort_now(self, request_id: str) -> None:
         for seq in list(self.waiting):
@@ -256,6 +304,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         t0 = time.perf_counter()
         self._drain_inbox()
+        self._apply_policies()
         stats = StepStats()
         outputs = self._admit_and_prefill(stats)
         if self.running:
@@ -266,7 +315,7 @@ class Engine:
 
     def _admit_and_prefill(self, stats: StepStats) -> list[StepOutput]:
         outputs = []
-        while self.waiting and len(self.running) < self.config.max_batch_size:
+        while self.waiting and self.waiting[0].epoch == self.epoch and len(self.running) < self.config.max_batch_size:
             seq = self.waiting.popleft()
             seq.slot = len(self.running)
             self.running.append(seq)

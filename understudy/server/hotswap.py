@@ -1,9 +1,12 @@
-"""Live drafter hot swap from the registry, with a canary guard.
+"""Live hot swap of target + drafter pairs from the registry, with a canary guard.
 
-The manager thread (never the engine thread) watches the registry, validates a candidate version (family
-fingerprint from the manifest, then sha256 of every file), loads it, and hands it to the engine, which applies
-it between two steps. The version is reported (header, metrics, admin API) only once the engine says the swap
-took effect. Any failure keeps the old drafter serving and is recorded.
+The manager thread (never the engine thread) watches the registry. An alias names a pair (a drafter version and
+its policy: registry.store); the manager validates both halves (family fingerprint from the manifests, then sha256
+of every file), loads them, and hands them to the engine. A drafter for the policy already serving is applied
+between two steps; a new policy is installed with its drafter after a drain (engine.Engine.set_policy: requests
+finish on the weights they started with). A drafter trained against another policy than the one the pair names
+is refused unless the server allows drift. The versions are reported (headers, metrics, admin API) only once the
+engine says the swap took effect. Any failure keeps the old pair serving and is recorded.
 
 `SwapManager` holds what every backend shares (registry watching, admin commands, validation results, history,
 the canary verdict, the start-up choice); a subclass says how a validated version is loaded (`_load`) and put into
@@ -51,6 +54,13 @@ class SwapRecord:
     result: str  # "success" | "failed" | "rolled_back"
     reason: str = ""
     stall_s: float | None = None
+    to_policy: str | None = None  # the pair's policy ("base" = the model the server started with)
+    from_policy: str | None = None
+    drain_s: float | None = None  # a policy swap: how long new requests waited for in-flight ones to finish
+
+
+def policy_label(policy: int | None) -> str:
+    return "base" if policy is None else str(policy)
 
 
 @dataclass
@@ -60,15 +70,28 @@ class _Served:
     drafter: Any  # what `_install` puts into service: a Drafter (native engine) or an exported folder (vLLM); None = off
     window: collections.deque[tuple[int, int]] = field(default_factory=lambda: collections.deque(maxlen=4096))
     inherited: float | None = None  # the baseline it was judged against (used when it served too little)
+    policy: int | None = None  # the pair's policy version (None: the base model)
+    target: Any = None  # the backend's handle on that policy's weights (native: a LoadedModel)
+
+    @property
+    def policy_label(self) -> str:
+        return policy_label(self.policy)
+
+    def again(self) -> _Served:
+        """The same pair, to serve again (a rollback): a fresh acceptance window."""
+        return _Served(label=self.label, version=self.version, drafter=self.drafter, policy=self.policy,
+                       target=self.target)
 
 
 class SwapManager:
-    """Backend-independent: subclasses implement `_load(version)` and `_install(served)`."""
+    """Backend-independent: subclasses implement `_load(version, target)`, `_load_policy(policy)` and
+    `_install(served)`."""
 
     def __init__(self, fingerprint: str, metrics: ServerMetrics, registry: Registry | None,
                  follow: str | None = "latest", watch_interval_s: float = 1.0, canary_window: int = 256,
-                 canary_margin: float = 0.5) -> None:
+                 canary_margin: float = 0.5, allow_drift: bool = False) -> None:
         self.fingerprint, self.metrics, self.registry = fingerprint, metrics, registry
+        self.allow_drift = allow_drift
         self.follow = follow  # alias followed, or None when pinned / static
         self.pinned: int | None = None
         self.watch_interval_s = watch_interval_s
@@ -85,10 +108,12 @@ class SwapManager:
         self.training: Any = None  # a background drafter training job (server/drafter_job.py), shown in state()
 
     # ---- startup --------------------------------------------------------------------------------------------
-    def set_initial(self, label: str, version: int | None, drafter: Any) -> None:
-        self.served = _Served(label=label, version=version, drafter=drafter)
+    def set_initial(self, label: str, version: int | None, drafter: Any, policy: int | None = None,
+                    target: Any = None) -> None:
+        self.served = _Served(label=label, version=version, drafter=drafter, policy=policy, target=target)
         self.metrics.set_drafter(label, "registry" if version is not None else ("path" if drafter else "none"),
                                  self.fingerprint)
+        self.metrics.set_policy(policy_label(policy))
 
     def start(self) -> None:
         if self.registry is None:
@@ -112,7 +137,8 @@ class SwapManager:
     def state(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "version": self.served.label, "following": self.follow, "pinned": self.pinned,
+                "version": self.served.label, "policy": self.served.policy_label, "following": self.follow,
+                "pinned": self.pinned, "allow_drift": self.allow_drift,
                 "previous": self.previous.label if self.previous else None,
                 "rejected": {str(k): v for k, v in self.rejected.items()},
                 "canary": dict(self.canary) if self.canary else None,
@@ -147,24 +173,30 @@ class SwapManager:
     def _on_events(self, events: list) -> None:  # type: ignore[type-arg]
         if self.follow is None:
             return
+        assert self.registry is not None
         for ev in events:
             if ev.kind == "alias" and ev.alias == self.follow and ev.version is not None:
-                if ev.version in self.rejected:
-                    log.warning("alias %s moved to v%d, which the canary rejected: not swapping", self.follow, ev.version)
+                try:
+                    v, p = self.registry.resolve_pair(self.follow)  # as it stands now (it may have moved again)
+                except RegistryError as e:
+                    log.warning("alias %s moved, but cannot be read: %s; keeping %s", self.follow, e, self.served.label)
                     continue
-                self._swap_to(ev.version, reason=f"alias {self.follow} moved")
+                if v in self.rejected:
+                    log.warning("alias %s moved to v%d, which the canary rejected: not swapping", self.follow, v)
+                    continue
+                self._swap_to(v, reason=f"alias {self.follow} moved", policy=p)
 
     def _command(self, cmd: str, arg: Any) -> dict[str, Any]:
         assert self.registry is not None
         if cmd == "pin":  # the mode changes only once the swap succeeded: a refused pin changes nothing
-            v = self._resolve(arg)
-            self._swap_to(v, reason="pinned by admin", raise_on_error=True)
+            v, p = self._resolve(arg)
+            self._swap_to(v, reason="pinned by admin", raise_on_error=True, policy=p)
             self.follow, self.pinned = None, v
             self.rejected.pop(v, None)  # an explicit pin overrides a canary rejection
         elif cmd == "follow":
-            v = self._resolve(arg)
+            v, p = self._resolve(arg)
             if v not in self.rejected:
-                self._swap_to(v, reason=f"following alias {arg}", raise_on_error=True)
+                self._swap_to(v, reason=f"following alias {arg}", raise_on_error=True, policy=p)
             self.follow, self.pinned = str(arg), None
         elif cmd == "rollback":
             self._rollback_admin()
@@ -172,10 +204,11 @@ class SwapManager:
             raise SwapError(f"unknown command {cmd!r}")
         return self.state()
 
-    def _resolve(self, spec: Any) -> int:
+    def _resolve(self, spec: Any) -> tuple[int, int | None]:
+        """A drafter version or alias -> the pair it names (drafter, policy)."""
         assert self.registry is not None
         try:
-            return self.registry.resolve(spec)
+            return self.registry.resolve_pair(spec)
         except RegistryError as e:
             raise SwapError(str(e)) from e
 
@@ -186,17 +219,24 @@ class SwapManager:
                 v = self.registry.rollback(self.follow, reason="rollback requested through the server admin API")
             except RegistryError as e:
                 raise SwapError(f"cannot roll back alias {self.follow!r}: {e}") from e
-            self._swap_to(v, reason=f"alias {self.follow} rolled back", raise_on_error=True)
+            _, p = self._resolve(self.follow)
+            self._swap_to(v, reason=f"alias {self.follow} rolled back", raise_on_error=True, policy=p)
             return
         if self.previous is None or self.previous.version is None:
             raise SwapError("nothing to roll back to: no previous registry version was served")
         self.pinned = self.previous.version
-        self._swap_to(self.previous.version, reason="rollback to the previous version", raise_on_error=True)
+        self._swap_to(self.previous.version, reason="rollback to the previous version", raise_on_error=True,
+                      policy=self.previous.policy)
 
     # ---- backend hooks ------------------------------------------------------------------------------------------
-    def _load(self, version: int) -> Any:
-        """Validate registry version `version` (family, checksums, format) and prepare it; raise to refuse it."""
+    def _load(self, version: int, target: Any) -> Any:
+        """Validate drafter version `version` (family, checksums, format) and prepare it for `target` (what
+        `_load_policy` returned for its pair's policy); raise to refuse it."""
         raise NotImplementedError
+
+    def _load_policy(self, policy: int | None) -> Any:
+        """Validate policy version `policy` (None: the base model) and load it; raise to refuse it."""
+        raise SwapError(f"this backend serves the model it started with only; the pair names policy version {policy}")
 
     def _install(self, new: _Served) -> None:
         """Put `new.drafter` into service; return once it serves (raise, changing nothing, if it cannot)."""
@@ -209,23 +249,40 @@ class SwapManager:
         """Called every loop of the manager thread (~20/s)."""
 
     # ---- swapping ---------------------------------------------------------------------------------------------
-    def _swap_to(self, version: int, reason: str, raise_on_error: bool = False) -> None:
+    def _swap_to(self, version: int, reason: str, raise_on_error: bool = False, *, policy: int | None) -> None:
+        """Serve the pair (drafter `version`, `policy`): a drafter swap when the policy is the one serving, else a
+        policy swap (the backend drains, then installs both)."""
         assert self.registry is not None
-        if self.served.version == version:
+        if self.served.version == version and self.served.policy == policy:
             return
         label = str(version)
         try:
-            drafter = self._load(version)  # checks, then loads
-            self._apply(_Served(label=label, version=version, drafter=drafter), reason)
+            self._check_drift(version, policy)
+            same = policy == self.served.policy
+            target = self.served.target if same else self._load_policy(policy)  # checks, then loads
+            drafter = self._load(version, target)
+            self._apply(_Served(label=label, version=version, drafter=drafter, policy=policy, target=target), reason)
         except (RegistryError, UnderstudyError, OSError) as e:
-            self._record(SwapRecord(time.time(), label, self.served.label, "failed", f"{reason}: {e}"))
-            log.warning("drafter v%s refused, keeping %s: %s", version, self.served.label, e)
+            self._record(SwapRecord(time.time(), label, self.served.label, "failed", f"{reason}: {e}",
+                                    to_policy=policy_label(policy), from_policy=self.served.policy_label))
+            log.warning("pair (drafter v%s, policy %s) refused, keeping drafter %s with policy %s: %s", version,
+                        policy_label(policy), self.served.label, self.served.policy_label, e)
             if raise_on_error:
-                raise SwapError(f"drafter version {version} refused: {e}") from e
+                raise SwapError(f"drafter version {version} with policy {policy_label(policy)} refused: {e}") from e
+
+    def _check_drift(self, version: int, policy: int | None) -> None:
+        assert self.registry is not None
+        own = self.registry.pair_policy(version)
+        if own != policy and not self.allow_drift:
+            raise SwapError(f"drafter {version} was trained against policy {policy_label(own)}, but the pair names "
+                            f"policy {policy_label(policy)}: a drafter made for another policy accepts less, so the "
+                            "server refuses it; publish a drafter trained against that policy, or start the server "
+                            "with --allow-drafter-drift")
 
     def _apply(self, new: _Served, reason: str, result: str = "success") -> None:
         self._install(new)
-        rec = SwapRecord(time.time(), new.label, self.served.label, result, reason)
+        rec = SwapRecord(time.time(), new.label, self.served.label, result, reason, to_policy=new.policy_label,
+                         from_policy=self.served.policy_label)
         with self._lock:
             if result == "success":
                 self.previous = self.served
@@ -235,9 +292,11 @@ class SwapManager:
             self.canary = {"version": new.label, "drafts": 0, "accepted": 0, "baseline": base} \
                 if result == "success" else None
         self.metrics.set_drafter(new.label, "registry", self.fingerprint)
+        self.metrics.set_policy(new.policy_label)
         self._after_swap(rec)
         self._record(rec)
-        log.info("drafter %s now serving%s (%s)", f"v{new.label}" if new.version is not None else new.label,
+        log.info("drafter %s now serving with policy %s%s (%s)",
+                 f"v{new.label}" if new.version is not None else new.label, new.policy_label,
                  self._describe(new.version), reason)
 
     def _describe(self, version: int | None) -> str:
@@ -292,8 +351,7 @@ class SwapManager:
         if bad.version is not None:
             self.rejected[bad.version] = why
         try:
-            self._apply(_Served(label=prev.label, version=prev.version, drafter=prev.drafter), why,
-                        result="rolled_back")
+            self._apply(prev.again(), why, result="rolled_back")
         except (UnderstudyError, OSError) as e:  # e.g. the vLLM backend could not start the previous drafter
             log.error("canary rollback to %s failed, keeping %s: %s", prev.label, bad.label, e)
             self._record(SwapRecord(time.time(), prev.label, bad.label, "failed", f"canary rollback: {e}"))
@@ -309,13 +367,15 @@ class InitialDrafter:
     label: str  # "path:DIR", a version number, or "none"
     version: int | None
     path: Path | None
+    policy: int | None = None  # the pair's policy version (None: the base model)
+    policy_path: Path | None = None  # its folder, checked and verified
 
 
 def choose_initial_drafter(spec: str | None, fingerprint: str, registry: Registry | None,
-                           follow: str | None) -> InitialDrafter:
+                           follow: str | None, allow_drift: bool = False) -> InitialDrafter:
     """Both backends' start-up rule: an explicit path/version/alias (its errors are the operator's to fix), else
-    the followed alias; a registry shared by several targets falls back to the newest version made for this
-    target (the alias is still followed, and its moves are checked as usual)."""
+    the pair the followed alias names; a registry shared by several targets falls back to the newest drafter made
+    for this target, with its own policy (the alias is still followed, and its moves are checked as usual)."""
     if spec:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -323,30 +383,40 @@ def choose_initial_drafter(spec: str | None, fingerprint: str, registry: Registr
             return InitialDrafter(f"path:{path}", None, path)
         if registry is None:
             raise SwapError(f"--drafter {spec!r} is not a folder and no registry is configured (--registry)")
-        v, path = registry.checkout(spec, fingerprint)
-        return InitialDrafter(str(v), v, path)
+        return _checkout_pair(registry, *registry.resolve_pair(spec), fingerprint, allow_drift)
     if registry is None or not follow:
         return InitialDrafter("none", None, None)
     try:
-        v = registry.resolve(follow)
+        v, p = registry.resolve_pair(follow)
     except RegistryError:
         log.warning("registry %s has no alias %r yet: serving without a drafter until one is published",
                     registry.root, follow)
         return InitialDrafter("none", None, None)
-    mine = sorted((i.version for i in registry.list_versions()
-                   if i.family_fingerprint == fingerprint and i.version != v), reverse=True)
-    first: RegistryError | None = None
-    for cand in [v, *mine]:
+    mine = sorted(((i.version, i.policy) for i in registry.list_versions()
+                   if i.kind == "drafter" and i.family_fingerprint == fingerprint and i.version != v), reverse=True)
+    first: UnderstudyError | None = None
+    for cand, pol in [(v, p), *mine]:
         try:
-            cand, path = registry.checkout(cand, fingerprint)
-        except RegistryError as e:
+            chosen = _checkout_pair(registry, cand, pol, fingerprint, allow_drift)
+        except (RegistryError, SwapError) as e:
             first = first or e
             log.warning("v%d is not usable (%s)", cand, e)
             continue
         if cand != v:
             log.warning("alias %s -> v%d is not usable (%s): serving v%d, the newest version for this target, "
                         "until the alias moves to a compatible one", follow, v, first, cand)
-        return InitialDrafter(str(cand), cand, path)
+        return chosen
     log.warning("alias %s -> v%d is not usable (%s) and no other version fits this target: serving without a "
                 "drafter", follow, v, first)
     return InitialDrafter("none", None, None)
+
+
+def _checkout_pair(registry: Registry, v: int, policy: int | None, fingerprint: str,
+                   allow_drift: bool) -> InitialDrafter:
+    own = registry.pair_policy(v)
+    if own != policy and not allow_drift:
+        raise SwapError(f"drafter {v} was trained against policy {policy_label(own)}, but the pair names policy "
+                        f"{policy_label(policy)}: refused (pass --allow-drafter-drift to serve it anyway)")
+    v, path = registry.checkout(v, fingerprint)
+    ppath = registry.checkout_policy(policy, fingerprint) if policy is not None else None
+    return InitialDrafter(str(v), v, path, policy, ppath)

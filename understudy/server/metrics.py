@@ -12,7 +12,8 @@ Who feeds what (tests/server/test_metrics.py drives a real server until each cha
   (client disconnect, timeout, a failed step). A request the engine failed (finish reason "error") is not a
   success: its 500 is counted in request_errors;
 - `/metrics` itself (`set_queue`, `set_controller`): the running/waiting gauges and the controller's arms;
-- the hot-swap manager: `drafter_info`, `drafter_swaps`, `drafter_swap_stall_seconds`;
+- the hot-swap manager: `drafter_info`, `policy_info`, `drafter_swaps`, `drafter_swap_stall_seconds`,
+  `policy_swap_drain_seconds`;
 - app.py's `ErrorCounter` middleware: `request_errors{status}` for every response with status >= 400 (`on_error`).
 """
 
@@ -64,10 +65,15 @@ class ServerMetrics:
                                         "Accepted draft tokens by position", [*lab, "position"], registry=r)
         self.drafter_info = Gauge("understudy:drafter_info", "The drafter version serving (1 = current)",
                                   [*lab, "version", "source", "fingerprint"], registry=r)
+        self.policy_info = Gauge("understudy:policy_info", "The policy (target weights) serving (1 = current); "
+                                 "version 'base' = the model the server started with", [*lab, "version"], registry=r)
         self.swaps = Counter("understudy:drafter_swaps", "Drafter swaps by result", [*lab, "result"], registry=r)
         self.swap_stall = Histogram("understudy:drafter_swap_stall_seconds",
                                     "Extra duration of the first engine step after a swap (catch-up)", lab,
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.policy_drain = Histogram("understudy:policy_swap_drain_seconds",
+                                      "How long a policy swap waited for the requests in flight on the old weights",
+                                      lab, buckets=LATENCY_BUCKETS, registry=r)
         self.controller_arm = Gauge("understudy:controller_arm", "Draft tokens (K) the controller picks, per batch-size bucket",
                                     [*lab, "bucket"], registry=r)
         self.controller_pulls = Gauge("understudy:controller_arm_pulls", "Steps run with each K, per bucket",
@@ -160,6 +166,10 @@ class ServerMetrics:
     def set_drafter(self, version: str, source: str, fingerprint: str) -> None:
         self.drafter_info.clear()
         self.drafter_info.labels(self.model_name, version, source, fingerprint).set(1)
+
+    def set_policy(self, version: str) -> None:
+        self.policy_info.clear()
+        self.policy_info.labels(self.model_name, version).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

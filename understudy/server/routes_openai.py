@@ -212,8 +212,11 @@ def sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-def headers(state: ServerState, rid: str) -> dict[str, str]:
-    return {"x-understudy-drafter-version": state.drafter_label(), "x-request-id": rid}
+def headers(state: ServerState, rid: str, choices: list[Choice]) -> dict[str, str]:
+    """Taken when the request is queued: the policy is the one its epoch runs on (exact across a pair swap)."""
+    epoch = choices[0].stream.epoch if choices and choices[0].stream is not None else None
+    return {"x-understudy-drafter-version": state.drafter_label(),
+            "x-understudy-policy-version": state.policy_label(epoch), "x-request-id": rid}
 
 
 def usage(choices: list[Choice]) -> dict[str, int]:
@@ -301,11 +304,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
     rid = new_id("chatcmpl")
     choices = await asyncio.to_thread(expand_chat, state, req, rid)  # tokenising: off the event loop
     submit_all(state, choices)
-    created = now()
+    created, hdrs = now(), headers(state, rid, choices)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(chat_stream(state, req, choices, rid, created, include_usage),
-                                 media_type="text/event-stream", headers=headers(state, rid))
+                                 media_type="text/event-stream", headers=hdrs)
     await collect(state, request, choices)
     body = {
         "id": rid, "object": "chat.completion", "created": created, "model": req.model,
@@ -314,7 +317,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
                      "finish_reason": c.finish_reason} for c in choices],
         "usage": usage(choices),
     }
-    return JSONResponse(body, headers=headers(state, rid))
+    return JSONResponse(body, headers=hdrs)
 
 
 async def chat_stream(state: ServerState, req: ChatCompletionRequest, choices: list[Choice], rid: str, created: int,
@@ -352,11 +355,11 @@ async def completions(req: CompletionRequest, request: Request, state: NativeSta
     rid = new_id("cmpl")
     choices = await asyncio.to_thread(expand_completion, state, req, prompts, rid)  # tokenising: off the loop
     submit_all(state, choices)
-    created = now()
+    created, hdrs = now(), headers(state, rid, choices)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(completion_stream(state, req, choices, rid, created, include_usage),
-                                 media_type="text/event-stream", headers=headers(state, rid))
+                                 media_type="text/event-stream", headers=hdrs)
     await collect(state, request, choices)
     body = {
         "id": rid, "object": "text_completion", "created": created, "model": req.model,
@@ -365,7 +368,7 @@ async def completions(req: CompletionRequest, request: Request, state: NativeSta
                      "finish_reason": c.finish_reason} for c in choices],
         "usage": usage(choices),
     }
-    return JSONResponse(body, headers=headers(state, rid))
+    return JSONResponse(body, headers=hdrs)
 
 
 async def completion_stream(state: ServerState, req: CompletionRequest, choices: list[Choice], rid: str, created: int,

@@ -2,8 +2,8 @@
 vLLM process with httpx.
 
 Our side: auth (router dependency), the model-name check (404 in our shape), admission (429/503), the
-`x-understudy-drafter-version` header (the version of the process that serves this request), metrics measured
-from the stream, and vLLM's errors translated into our error shape. vLLM serves the target under our served
+`x-understudy-drafter-version` and `x-understudy-policy-version` headers (the pair of the process that serves this
+request), metrics measured from the stream, and vLLM's errors translated into our error shape. vLLM serves the target under our served
 model name, so request and response bodies pass through unchanged (SSE events byte for byte).
 """
 
@@ -160,7 +160,8 @@ async def proxy_post(state: VllmState, request: Request, path: str) -> Response:
         upstream = await send_upstream(state, proc, path, body, rid)
         if upstream.status_code != 200:
             raise translate_error(upstream.status_code, await upstream.aread())
-        headers = {"x-understudy-drafter-version": proc.label, "x-request-id": rid}
+        headers = {"x-understudy-drafter-version": proc.label, "x-understudy-policy-version": proc.policy_label,
+                   "x-request-id": rid}
         if body.get("stream"):
             return _Relay(relay(state, upstream, t0), cleanup, headers)
         raw = await upstream.aread()
@@ -272,7 +273,8 @@ async def list_models(state: VState) -> JSONResponse:
     doc = r.json()
     for card in doc.get("data", []):
         card["root"] = card.get("id")  # not the server's local folder
-    return JSONResponse(doc, headers={"x-understudy-drafter-version": proc.label})
+    return JSONResponse(doc, headers={"x-understudy-drafter-version": proc.label,
+                                      "x-understudy-policy-version": proc.policy_label})
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -58,6 +58,7 @@ class RequestStream:
     prompt_len: int
     arrival: float
     queue: asyncio.Queue[StepOutput | Exception] = field(default_factory=asyncio.Queue)
+    epoch: int = 0  # the engine epoch (policy weights) this request runs on
     first_token_at: float | None = None
     last_token_at: float | None = None
     done: bool = False
@@ -117,7 +118,7 @@ class AsyncEngine:
             stream = RequestStream(request_id=request_id, prompt_len=len(prompt_ids), arrival=time.monotonic())
             self.streams[request_id] = stream  # before the engine can possibly emit for it
             try:
-                self.engine.add_request(request_id, prompt_ids, sampling)  # validates; raises RequestError
+                stream.epoch = self.engine.add_request(request_id, prompt_ids, sampling)  # validates (RequestError)
             except BaseException:
                 self.streams.pop(request_id, None)
                 raise

@@ -41,7 +41,8 @@ class ServerSettings(BaseSettings):
         None, description="The `model` name clients send (default: the preset or folder name)")
     drafter: str | None = Field(
         None, description="Drafter folder, registry version or alias; pins it (default: follow --follow-alias)")
-    follow_alias: str | None = Field("latest", description="Registry alias to follow for live drafter swaps")
+    follow_alias: str | None = Field("latest", description="Registry alias to follow for live swaps of the target + "
+                                     "drafter pair it names")
     registry: str | None = Field(
         None, description="Drafter registry folder (default: $UNDERSTUDY_REGISTRY, else the user data folder)")
     backend: Literal["native", "vllm"] = Field("native", description="Who generates tokens: native | vllm")
@@ -93,6 +94,9 @@ class ServerSettings(BaseSettings):
         "background process that publishes each better version; the server follows the alias and swaps them in")
     ensure_drafter_minutes: float = Field(25.0, gt=0, description="Wall-clock budget of that background training")
     watch_interval_s: float = Field(1.0, gt=0, description="How often the registry is polled for alias moves")
+    allow_drafter_drift: bool = Field(
+        False, description="Serve a pair whose drafter was trained against another policy than the one it is paired "
+        "with (refused by default: such a drafter accepts less)")
     canary_window: int = Field(256, ge=1, description="Drafts observed before judging a new drafter")
     canary_margin: float = Field(
         0.5, ge=0, description="Allowed drop in mean acceptance length vs the previous drafter before rollback")

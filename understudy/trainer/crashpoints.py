@@ -15,7 +15,8 @@ from understudy.errors import UnderstudyError
 ENV = "UNDERSTUDY_CRASH_AT"
 POINTS = (
     "publish_before",  # the drafter folder is written, the registry publish has not started
-    "publish_after",  # the registry holds the new version; nothing else knows yet
+    "publish_policy_after",  # the registry holds the step's policy version, not yet its drafter
+    "publish_after",  # the registry holds the new drafter version; nothing else knows yet
     "metrics_write",  # half of the step's metrics.jsonl line is written (a torn line)
     "checkpoint_before_rename",  # the new checkpoint is written and fsynced under its temp name
     "checkpoint_after",  # the checkpoint is in place

@@ -97,7 +97,8 @@ class GRPOTrainer:
         self.step = 0
         self.last_published: int | None = None  # registry version this run published last (parent of the next)
         self.run_id: str | None = None  # this run's identity in the registry's notes (lineage.py)
-        self.published_ahead: dict[int, int] = {}  # after a resume: step -> version a crashed attempt published
+        self.published_ahead: dict[int, int] = {}  # after a resume: step -> drafter a crashed attempt published
+        self.policies_ahead: dict[int, int] = {}  # ... and step -> policy version
         self.log = MetricsLog(self.out)
 
     # ---- construction helpers ------------------------------------------------------------------------------
@@ -219,8 +220,9 @@ class GRPOTrainer:
 
     # ---- publishing and checkpoints -------------------------------------------------------------------------
     def publish(self) -> dict[str, Any]:
-        """Save the policy; publish the drafter (once per step per run: a step that a crashed attempt already
-        published reuses that version, see lineage.py)."""
+        """Save the policy; publish the pair: the policy, then the drafter trained against it, which names it
+        (once per step per run: a step that a crashed attempt already published reuses those versions, see
+        lineage.py). A server following `latest` then serves this policy with this drafter."""
         from understudy.registry.store import Registry
 
         out: dict[str, Any] = {}
@@ -230,6 +232,8 @@ class GRPOTrainer:
         out["policy"] = str(policy_dir)
         if self.spot is None:
             return out
+        reg = Registry.open(self.cfg.registry)
+        out["policy_version"] = pv = self._publish_policy(reg, policy_dir)
         if self.step in self.published_ahead:  # published before a crash; the checkpoint did not know yet
             self.last_published = self.published_ahead.pop(self.step)
             log.info("step %d already has drafter version %d (published before the crash): not publishing again",
@@ -239,15 +243,28 @@ class GRPOTrainer:
         folder = self.out / f"drafter-step{self.step:05d}"
         save_drafter(self.spot.drafter, folder, extra_training={"heldout": ev, "policy_step": self.step})
         crashpoints.reach("publish_before", self.step)
-        info = Registry.open(self.cfg.registry).publish(
+        info = reg.publish(
             folder, metrics={"heldout_acceptance_length": ev.get("expected_acceptance_length"),
                              "top1_agreement": ev.get("top1_agreement")},
-            training_config=self.cfg.to_json(), policy_version=self.step, parent=self.last_published,
+            training_config=self.cfg.to_json(), policy_version=self.step, policy=pv, parent=self.last_published,
             note=publish_note(self._run_id(), self.step))
         crashpoints.reach("publish_after", self.step)
         self.last_published = info.version  # the next version's parent (kept across --resume)
         return {**out, "drafter_version": info.version,
                 "heldout_acceptance_length": ev.get("expected_acceptance_length")}
+
+    def _publish_policy(self, reg: Any, policy_dir: Path) -> int:
+        """The step's policy version: published now, or the one a crashed attempt of this step published."""
+        if self.step in self.policies_ahead:
+            v = self.policies_ahead.pop(self.step)
+            log.info("step %d already has policy version %d (published before the crash): not publishing again",
+                     self.step, v)
+            return v
+        info = reg.publish_policy(policy_dir, family_fingerprint=self.lm.fingerprint,
+                                  target=self.lm.config.family_shape(), policy_version=self.step,
+                                  training_config=self.cfg.to_json(), note=publish_note(self._run_id(), self.step))
+        crashpoints.reach("publish_policy_after", self.step)
+        return info.version
 
     def _run_id(self) -> str:
         """This run's id; a fresh run gets one (written to OUT_DIR/run.json before its first publish)."""
@@ -302,6 +319,8 @@ class GRPOTrainer:
         r = reconcile(run_versions(((v.version, v.manifest) for v in versions), self.run_id), self.step,
                       self.last_published)
         self.last_published, self.published_ahead = r.last_published, r.ahead
+        policies = run_versions(((v.version, v.manifest) for v in versions), self.run_id, kind="policy")
+        self.policies_ahead = {s: v for s, v in policies.items() if s > self.step}
         if r.ahead:
             log.info("resuming at step %d: steps %s were already published (versions %s) and will not be again",
                      self.step, sorted(r.ahead), [r.ahead[s] for s in sorted(r.ahead)])

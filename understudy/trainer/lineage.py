@@ -1,9 +1,10 @@
 """Which registry versions a training run published: exactly once per publishing step, across crashes.
 
-A run has an id (OUT_DIR/run.json, also kept in every checkpoint). Each version it publishes carries the note
-`understudy train run <id> step <n>` (and `policy_version` = n, `parent` = the run's previous version). A crash
-between the publish and the next checkpoint makes `--resume` redo that step; `reconcile` reads the registry's
-manifests, and the resumed run reuses the version a step already has instead of publishing it again.
+A run has an id (OUT_DIR/run.json, also kept in every checkpoint). Each publishing step publishes a pair: the
+policy, then the drafter naming it (registry.store). Both versions carry the note `understudy train run <id> step
+<n>` (and `policy_version` = n; a drafter's `parent` = the run's previous drafter). A crash between a publish and
+the next checkpoint makes `--resume` redo that step; `reconcile` reads the registry's manifests, and the resumed
+run reuses the versions a step already has (of each kind) instead of publishing them again.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ def parse_note(note: Any) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def run_versions(manifests: Iterable[tuple[int, dict[str, Any]]], run_id: str) -> dict[int, int]:
-    """step -> version for the versions this run published, from (version, manifest) pairs. Should a step have
-    two versions (a registry written by an older trainer), the first is kept and the other named in a warning."""
+def run_versions(manifests: Iterable[tuple[int, dict[str, Any]]], run_id: str, kind: str = "drafter") -> dict[int, int]:
+    """step -> version for the versions of `kind` ("drafter" | "policy") this run published, from (version,
+    manifest) pairs. Should a step have two (a registry written by an older trainer), the first is kept and the
+    other named in a warning."""
     out: dict[int, int] = {}
     for version, manifest in sorted(manifests, key=lambda vm: vm[0]):
         parsed = parse_note(manifest.get("note"))
-        if parsed is None or parsed[0] != run_id:
+        if parsed is None or parsed[0] != run_id or (manifest.get("kind") or "drafter") != kind:
             continue
         step = parsed[1]
         if step in out:

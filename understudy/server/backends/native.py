@@ -1,6 +1,7 @@
-"""The native backend: our engine in this process. `build_state` loads the target and the start-up drafter, and
-wires the engine thread (`AsyncEngine`), the metrics and the hot-swap manager (`HotSwapManager`, which hands a
-loaded Drafter to the engine between two steps)."""
+"""The native backend: our engine in this process. `build_state` loads the target (the base model, or the policy
+of the pair the registry names) and the start-up drafter, and wires the engine thread (`AsyncEngine`), the
+metrics and the hot-swap manager (`HotSwapManager`, which hands a loaded Drafter to the engine between two steps,
+or a loaded policy and its drafter, which the engine installs after a drain)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from understudy.engine.engine import Engine, StepOutput, StepStats
 from understudy.engine.loader import LoadedModel, load_model, resolve_dtype
 from understudy.registry.store import Registry
 from understudy.server.backends import open_registry
-from understudy.server.hotswap import SwapManager, SwapRecord, _Served, choose_initial_drafter
+from understudy.server.hotswap import (
+    SwapError,
+    SwapManager,
+    SwapRecord,
+    _Served,
+    choose_initial_drafter,
+    policy_label,
+)
 from understudy.server.metrics import ServerMetrics
 from understudy.server.scheduler import AsyncEngine
 from understudy.server.settings import ServerSettings
@@ -46,6 +54,11 @@ class ServerState:
     def drafter_label(self) -> str:
         return self.hotswap.served.label
 
+    def policy_label(self, epoch: int | None = None) -> str:
+        """The policy serving, or the one that serves (or served) requests added in `epoch`."""
+        label = self.engine.policy_labels.get(self.engine.epoch if epoch is None else epoch)
+        return str(label) if label is not None else self.hotswap.served.policy_label
+
     # ---- what create_app and the admin API need from any backend (see backends/__init__.py) ----------------
     async def start(self) -> None:
         self.scheduler.start()
@@ -58,7 +71,8 @@ class ServerState:
     def health(self) -> dict[str, Any]:
         e = self.engine
         return {"status": "draining" if self.scheduler.draining else "ok", "model": self.served_model_name,
-                "drafter_version": self.drafter_label(), "running": e.num_running, "waiting": e.num_waiting,
+                "drafter_version": self.drafter_label(), "policy_version": self.policy_label(),
+                "running": e.num_running, "waiting": e.num_waiting,
                 "in_flight": self.scheduler.in_flight, "max_in_flight": self.scheduler.max_in_flight,
                 "proposer": e.proposer.name if e.proposer is not None else "none",
                 "steps": self.scheduler.steps, "spec_decode": e.stats.to_dict(), "controller": e.controller.state()}
@@ -73,27 +87,47 @@ class ServerState:
 
 
 class HotSwapManager(SwapManager):
-    """The native engine's swaps: the engine applies a loaded Drafter between two steps; the canary is fed from
-    the engine thread's step hook, and the first step after a swap is timed as the swap's stall."""
+    """The native engine's swaps: the engine applies a loaded Drafter between two steps, and a loaded policy with
+    its drafter after a drain; the canary is fed from the engine thread's step hook, and the first step after a
+    swap is timed as the swap's stall (a policy swap's drain, the wait for in-flight requests, as its drain_s)."""
 
     def __init__(self, engine: Engine, target: LoadedModel, metrics: ServerMetrics, registry: Registry | None,
                  wake: Any, follow: str | None = "latest", watch_interval_s: float = 1.0,
-                 canary_window: int = 256, canary_margin: float = 0.5) -> None:
+                 canary_window: int = 256, canary_margin: float = 0.5, allow_drift: bool = False) -> None:
         super().__init__(target.fingerprint, metrics, registry, follow, watch_interval_s, canary_window,
-                         canary_margin)
-        self.engine, self.target = engine, target
+                         canary_margin, allow_drift)
+        self.engine, self.target = engine, target  # target: the base model (policy None)
+        self.last_drain_s: float | None = None  # how long the last policy swap waited for in-flight requests
         self.wake = wake  # callable: nudge the engine thread so an idle engine applies the swap
         self.served = _Served(label="none", version=None, drafter=engine.drafter)
         self._gen_seen = engine.drafter_generation
         self._step_times: collections.deque[float] = collections.deque(maxlen=64)
         self._pending_stall: SwapRecord | None = None
 
-    def _load(self, version: int) -> Drafter:
+    def _load(self, version: int, target: LoadedModel | None) -> Drafter:
         assert self.registry is not None
-        _, path = self.registry.checkout(version, self.target.fingerprint)  # family + checksums
-        return load_drafter(path, self.target.model, self.target.fingerprint)
+        lm = target or self.target
+        _, path = self.registry.checkout(version, lm.fingerprint)  # family + checksums
+        return load_drafter(path, lm.model, lm.fingerprint)
+
+    def _load_policy(self, policy: int | None) -> LoadedModel:
+        """The base model (None), or a policy version loaded like it (dtype, device, quantisation)."""
+        assert self.registry is not None
+        if policy is None:
+            return self.target
+        path = self.registry.checkout_policy(policy, self.target.fingerprint)  # kind, family + checksums
+        return load_policy(path, self.target, f"policy version {policy}")
 
     def _install(self, new: _Served) -> None:
+        if new.policy != self.served.policy:
+            t0 = time.monotonic()
+            epoch = self.engine.set_policy(new.target.model, new.drafter, policy_label(new.policy))
+            self.wake()
+            while self.engine.epoch < epoch and not self._stop.is_set():  # the drain: no deadline, see set_policy
+                time.sleep(0.005)
+            self.last_drain_s = time.monotonic() - t0
+            log.info("policy %s installed after a %.2f s drain", policy_label(new.policy), self.last_drain_s)
+            return
         gen = self.engine.drafter_generation
         self.engine.set_drafter(new.drafter)
         self.wake()
@@ -102,6 +136,9 @@ class HotSwapManager(SwapManager):
             time.sleep(0.002)
 
     def _after_swap(self, rec: SwapRecord) -> None:
+        if self.last_drain_s is not None:
+            rec.drain_s, self.last_drain_s = round(self.last_drain_s, 4), None
+            self.metrics.policy_drain.labels(self.metrics.model_name).observe(rec.drain_s)
         self._pending_stall = rec
         reset = getattr(self.engine.controller, "reset", None)
         if callable(reset):
@@ -121,7 +158,7 @@ class HotSwapManager(SwapManager):
         with self._lock:
             if bad.version is not None:
                 self.rejected[bad.version] = why
-            self.served = _Served(label="none", version=None, drafter=None)
+            self.served = _Served(label="none", version=None, drafter=None, policy=bad.policy, target=bad.target)
             self.canary = None
         self.metrics.set_drafter("none", "none", self.fingerprint)
         self._record(SwapRecord(time.time(), "none", bad.label, "rolled_back", why))
@@ -153,12 +190,24 @@ def build_controller(s: ServerSettings) -> SpeculationController:
     return AdaptiveController(BanditConfig(arms=arms), max_k=s.num_speculative_tokens)
 
 
+def load_policy(path: Path, base: LoadedModel, what: str) -> LoadedModel:
+    """Load a policy folder as the base model is loaded, and check it is of the base model's family."""
+    lm = load_model(str(path), dtype=str(base.model.dtype).removeprefix("torch."), device=str(base.model.device),
+                    quantize=base.quantize)
+    if lm.fingerprint != base.fingerprint:
+        raise SwapError(f"{what} ({path}) loads as family {lm.fingerprint}, not the served model's "
+                        f"{base.fingerprint}: its manifest is wrong; do not serve it")
+    return lm
+
+
 def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> ServerState:
     dtype = resolve_dtype(s.dtype, s.device)
-    target = preloaded or load_model(s.model, dtype=dtype, device=s.device, quantize=s.quantize)
+    base = preloaded or load_model(s.model, dtype=dtype, device=s.device, quantize=s.quantize)
     registry = open_registry(s)
     follow = s.follow_alias if not s.drafter else None
-    first = choose_initial_drafter(s.drafter, target.fingerprint, registry, follow)
+    first = choose_initial_drafter(s.drafter, base.fingerprint, registry, follow, s.allow_drafter_drift)
+    target = load_policy(first.policy_path, base, f"policy version {first.policy}") \
+        if first.policy_path is not None else base
     drafter = load_drafter(first.path, target.model, target.fingerprint) if first.path is not None else None
     label, version = first.label, first.version
     engine_dtype = str(target.model.dtype).removeprefix("torch.")
@@ -170,10 +219,12 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     name = s.served_model_name or (s.model if "/" not in s.model else Path(s.model).name)
     metrics = ServerMetrics(name)
     scheduler = AsyncEngine(engine, max_queue=s.max_queue)
-    hotswap = HotSwapManager(engine, target, metrics, registry, wake=scheduler._wake.set,
+    engine.policy_labels[0] = policy_label(first.policy)
+    hotswap = HotSwapManager(engine, base, metrics, registry, wake=scheduler._wake.set,
                              follow=follow if registry is not None else None, watch_interval_s=s.watch_interval_s,
-                             canary_window=s.canary_window, canary_margin=s.canary_margin)
-    hotswap.set_initial(label, version, drafter)
+                             canary_window=s.canary_window, canary_margin=s.canary_margin,
+                             allow_drift=s.allow_drafter_drift)
+    hotswap.set_initial(label, version, drafter, policy=first.policy, target=target)
     if s.drafter and version is not None:
         hotswap.pinned = version
     scheduler.step_hooks += [metrics.on_step, hotswap.on_step]

@@ -18,6 +18,7 @@ spec-decode, token and queue counters are scraped from its /metrics and re-expor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -152,12 +153,16 @@ class VllmBackend:
             except OSError as e:  # the new export is fine: only an old one stays behind
                 log.warning("could not remove the old vLLM drafter export %s (%s)", p, e)
 
-    def spawn(self, label: str, drafter_dir: Path | None) -> VllmProcess:
-        """Start a vLLM process and wait until it is healthy (raises VllmError naming its log file)."""
+    def spawn(self, label: str, drafter_dir: Path | None, model_dir: Path | None = None,
+              policy: str = "base") -> VllmProcess:
+        """Start a vLLM process (serving `model_dir`, default the launch's target: a pair's policy changes it) and
+        wait until it is healthy (raises VllmError naming its log file)."""
         port = next(self._ports) if self._ports else free_port(self.launch.host)
         n = next(self._count)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.launch.served_model_name}-{os.getpid()}-{n}-{label}")
-        proc = VllmProcess(self.launch, port, label, drafter_dir, self.log_dir / f"vllm-{name[-100:]}.log")
+        launch = self.launch if model_dir is None else dataclasses.replace(self.launch, model_dir=model_dir)
+        proc = VllmProcess(launch, port, label, drafter_dir, self.log_dir / f"vllm-{name[-100:]}.log")
+        proc.policy_label = policy
         with self._lock:
             if self._closing.is_set():
                 raise VllmError("the server is shutting down: not starting another vLLM process")
@@ -265,7 +270,8 @@ class VllmBackend:
 
 # ---- hot swap ----------------------------------------------------------------------------------------------------
 class BlueGreenSwapManager(SwapManager):
-    """HotSwapManager's rules; a swap starts a new vLLM process with the new drafter and switches to it."""
+    """HotSwapManager's rules; a swap starts a new vLLM process with the new pair (the policy's weights as its
+    model, the drafter exported for vLLM) and switches to it once healthy; the old process finishes what it holds."""
 
     SCRAPE_EVERY_S = 1.0
 
@@ -275,13 +281,18 @@ class BlueGreenSwapManager(SwapManager):
         self.backend = backend
         self._next_scrape = 0.0
 
-    def _load(self, version: int) -> Path:
+    def _load(self, version: int, target: Path | None) -> Path:
         assert self.registry is not None
         _, src = self.registry.checkout(version, self.fingerprint)  # family + sha256 of every file
         return self.backend.export(str(version), src)
 
-    def _install(self, new: _Served) -> None:
-        proc = self.backend.spawn(new.label, new.drafter)  # slow; raises (nothing changed) if it cannot start
+    def _load_policy(self, policy: int | None) -> Path | None:
+        """The folder vLLM loads as its model: the base model's (None) or the policy version's, verified."""
+        assert self.registry is not None
+        return None if policy is None else self.registry.checkout_policy(policy, self.fingerprint)
+
+    def _install(self, new: _Served) -> None:  # slow; raises (nothing changed) if it cannot start
+        proc = self.backend.spawn(new.label, new.drafter, model_dir=new.target, policy=new.policy_label)
         self.backend.switch(proc)
 
     def _after_swap(self, rec: SwapRecord) -> None:
@@ -314,6 +325,7 @@ class VllmState:
     hotswap: BlueGreenSwapManager
     served_model_name: str
     first: tuple[str, Path | None]  # the drafter label and exported folder the first process serves
+    first_policy: tuple[str, Path | None] = ("base", None)  # and its policy (label, folder; None: the base model)
     client: httpx.AsyncClient | None = None
     _ready: bool = field(default=False, repr=False)
 
@@ -328,9 +340,13 @@ class VllmState:
     def drafter_label(self) -> str:
         return self.hotswap.served.label
 
+    def policy_label(self, epoch: int | None = None) -> str:
+        return self.hotswap.served.policy_label
+
     async def start(self) -> None:
         label, exported = self.first
-        proc = await asyncio.to_thread(self.backend.spawn, label, exported)
+        policy, model_dir = self.first_policy
+        proc = await asyncio.to_thread(self.backend.spawn, label, exported, model_dir, policy)
         self.backend.switch(proc)
         s = self.settings
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout_s, connect=10.0), trust_env=False,
@@ -349,7 +365,8 @@ class VllmState:
         alive = bool(procs["active"] and procs["active"]["alive"])
         status = "draining" if self.scheduler.draining else ("ok" if alive else "backend_down")
         return {"status": status, "model": self.served_model_name, "backend": "vllm",
-                "drafter_version": self.drafter_label(), "in_flight": self.scheduler.in_flight,
+                "drafter_version": self.drafter_label(), "policy_version": self.policy_label(),
+                "in_flight": self.scheduler.in_flight,
                 "max_in_flight": self.scheduler.max_in_flight, "vllm": procs,
                 "controller": self.controller_state()}
 
@@ -380,7 +397,7 @@ def build_vllm_state(s: ServerSettings) -> VllmState:
     metrics = ServerMetrics(name)
     registry = open_registry(s)
     follow = s.follow_alias if not s.drafter else None
-    first = choose_initial_drafter(s.drafter, target.fingerprint, registry, follow)
+    first = choose_initial_drafter(s.drafter, target.fingerprint, registry, follow, s.allow_drafter_drift)
     label, version, folder = first.label, first.version, first.path
     backend = VllmBackend(launch, metrics, port=s.vllm_port, startup_timeout_s=s.vllm_startup_timeout_s,
                           retire_timeout_s=s.request_timeout_s)
@@ -388,10 +405,11 @@ def build_vllm_state(s: ServerSettings) -> VllmState:
     hotswap = BlueGreenSwapManager(backend, target.fingerprint, metrics, registry,
                                    follow=follow if registry is not None else None,
                                    watch_interval_s=s.watch_interval_s, canary_window=s.canary_window,
-                                   canary_margin=s.canary_margin)
-    hotswap.set_initial(label, version, exported)
+                                   canary_margin=s.canary_margin, allow_drift=s.allow_drafter_drift)
+    hotswap.set_initial(label, version, exported, policy=first.policy, target=first.policy_path)
     if s.drafter and version is not None:
         hotswap.pinned = version
     admission = ProxyAdmission(s.max_batch_size + s.max_queue)
     return VllmState(settings=s, target=target, backend=backend, scheduler=admission, metrics=metrics,
-                     hotswap=hotswap, served_model_name=name, first=(label, exported))
+                     hotswap=hotswap, served_model_name=name, first=(label, exported),
+                     first_policy=(hotswap.served.policy_label, first.policy_path))
