@@ -93,3 +93,32 @@ def test_short_pretrain_learns_saves_and_beats_the_untrained_model(tmp_path):
     assert trained["format_rate"] >= 0.75, trained["examples"]
     assert trained["accuracy"] >= 0.5, trained["examples"]  # measured: 1.0 (0.97 on the 2-digit eval set)
     assert math.isfinite(m["accuracy"]) and 0.0 <= m["accuracy"] <= 1.0
+
+
+# ---- supervised fine-tuning of an existing model (the warm start before GRPO, issue 13) ------------------------
+def test_sft_fine_tunes_an_existing_model_on_checked_solutions_and_keeps_its_family(tiny_llama_dir, tmp_path):
+    cfg = PretrainConfig(task="grid-risk", task_kwargs={"num_lines": 3}, init=str(tiny_llama_dir), steps=40,
+                         max_minutes=None, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, eval_problems=8,
+                         final_eval_problems=8, max_new_tokens=64, max_seq_len=256)
+    m = pretrain(cfg, tmp_path / "sft", progress=False)
+    assert m["steps"] == 40 and m["final_loss"] < 0.6 * m["initial_loss"], (m["initial_loss"], m["final_loss"])
+    assert 0.0 <= m["initial_accuracy"] <= 1.0 and 0.0 <= m["initial_format_rate"] <= 1.0  # measured before step 1
+    base, tuned = load_model(str(tiny_llama_dir), dtype="float32"), load_model(str(tmp_path / "sft"), dtype="float32")
+    assert tuned.fingerprint == base.fingerprint  # the same family: a policy version its drafters pair with
+    assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    saved = json.loads((tmp_path / "sft" / "config.json").read_text())["understudy_pretrain"]
+    assert saved["config"]["init"] == str(tiny_llama_dir) and "initial_accuracy" in saved
+
+
+def test_a_solution_the_task_itself_rejects_is_never_trained_on():
+    from understudy.trainer.tasks import GridRiskTask
+
+    class Broken(GridRiskTask):
+        def solution(self, problem: Problem) -> str:  # the arithmetic is shown, the verdict is wrong
+            return super().solution(problem).rsplit("answer:", 1)[0] + "answer: overload L9"
+
+    task, tok = Broken(num_lines=3), make_char_tokenizer()
+    with pytest.raises(TaskError, match="wrote a solution its own check rejects"):
+        example_ids(tok, task, task.sample(random.Random(0)))
+    ids, prompt_len = example_ids(tok, GridRiskTask(num_lines=3), GridRiskTask(num_lines=3).sample(random.Random(0)))
+    assert 0 < prompt_len < len(ids) and ids[-1] == tok.eos_token_id

@@ -407,6 +407,32 @@ def pretrain(
     typer.echo(f"saved {out}: accuracy {report['accuracy']:.3f} after {report['steps']} steps")
 
 
+@app.command()
+def sft(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the fine-tuned HF model (a policy for `train`)")],
+    model: Annotated[str, typer.Option("--model", help="Model to fine-tune (preset, HF folder, .gguf)")] = "smollm2-135m",
+    task: Annotated[str, typer.Option("--task", help="A task that writes and checks worked solutions")] = "grid-risk",
+    max_minutes: Annotated[float, typer.Option("--max-minutes", help="Training time (evaluation excluded)")] = 10.0,
+    steps: Annotated[int | None, typer.Option("--steps")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate")] = 1e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per optimizer step")] = 8,
+    eval_problems: Annotated[int, typer.Option("--eval-problems", help="Held-out problems, before and after")] = 64,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Longest prompt + solution (tokens)")] = 384,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Supervised fine-tuning on a task's worked solutions (written and checked by the task): the warm start
+    before GRPO. Prints held-out greedy accuracy before and after; the result is a policy folder."""
+    from understudy.trainer.pretrain import PretrainConfig
+    from understudy.trainer.pretrain import pretrain as run_pretrain
+
+    cfg = PretrainConfig(task=task, init=model, max_minutes=max_minutes, steps=steps, lr=lr, batch_size=batch_size,
+                         warmup_steps=5, eval_every=0, eval_problems=eval_problems,
+                         final_eval_problems=eval_problems, max_seq_len=max_seq_len, seed=seed, num_threads=None)
+    report = run_pretrain(cfg, out)
+    typer.echo(json.dumps({k: report.get(k) for k in ("out", "steps", "tokens", "train_seconds", "initial_accuracy",
+                                                      "accuracy", "initial_format_rate", "format_rate")}))
+
+
 # ---- entry point --------------------------------------------------------------------------------------------
 def main() -> None:
     _setup_logging(verbose=bool(os.environ.get("UNDERSTUDY_DEBUG")))

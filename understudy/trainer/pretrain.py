@@ -1,11 +1,13 @@
-"""Pretrain a tiny Llama policy from scratch on a task's canonical worked solutions (docs/design.md, "Tiny policies").
+"""Pretrain a tiny Llama policy from scratch on a task's canonical worked solutions (docs/design.md, "Tiny policies"),
+or fine-tune an existing model on them (`init`: supervised fine-tuning, the warm start before GRPO).
 
 The result is a normal HF safetensors folder (config.json, model.safetensors, a character tokenizer with a chat
 template, eos "</s>") that `understudy.engine.loader.load_model` loads: a fast, honest policy for RL smoke
 tests, whose response lengths vary with the problem (a real long tail).
 
-Each example is `chat(prompt) + solution + </s>`; the loss is next-token cross-entropy on the solution and
-the eos only. AdamW, linear warm-up then cosine decay to `min_lr_ratio * lr` over the run, where the run's
+Each example is `chat(prompt) + solution + eos`; the loss is next-token cross-entropy on the solution and the
+eos only. The solutions are written and checked by the task itself (`task.reward(problem, solution) == 1` for
+every one used: a task whose writer and checker disagree is refused, naming the problem). AdamW, linear warm-up then cosine decay to `min_lr_ratio * lr` over the run, where the run's
 progress is max(step / steps, training time / max_minutes). Greedy accuracy is measured through the engine
 (`Engine.generate`, no speculation, float32) every `eval_every` steps and at the end.
 """
@@ -39,6 +41,8 @@ class PretrainConfig:
     """The tiny-policy recipe. Defaults: a 2.6M-parameter model on step-by-step arithmetic."""
 
     task: str = "arith"  # a registered task that writes canonical solutions (arith, countdown, grid-risk)
+    init: str | None = None  # fine-tune this model (preset, HF folder, .gguf) with its own tokenizer (SFT); None:
+    #                          a fresh tiny model with the character tokenizer (the fields below shape it)
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # options of the task, e.g. {"max_digits": 2}
     hidden_size: int = 256  # model width H
     num_layers: int = 4  # decoder layers
@@ -93,9 +97,14 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> Transformer:
 
 
 def example_ids(tokenizer: Any, task: SolvableTask, problem: Problem) -> tuple[list[int], int]:
-    """(chat(prompt) + solution + eos, prompt length): what the policy sees and what it should write."""
+    """(chat(prompt) + solution + eos, prompt length): what the policy sees and what it should write. The task
+    checks its own solution first: only a solution its reward scores 1.0 is ever trained on."""
+    solution = task.solution(problem)
+    if task.reward(problem, solution) < 1.0:
+        raise TaskError(f"task {task.name!r} wrote a solution its own check rejects (answer {problem.answer!r}); "
+                        f"problem:\n{problem.prompt}\nsolution:\n{solution}\nfix the task's solution() or reward()")
     prompt = encode_prompt(tokenizer, problem.prompt, chat=True)
-    return prompt + encode_text(tokenizer, task.solution(problem)) + [tokenizer.eos_token_id], len(prompt)
+    return prompt + encode_text(tokenizer, solution) + [tokenizer.eos_token_id], len(prompt)
 
 
 def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -206,26 +215,47 @@ def _train_step(model: Transformer, opt: torch.optim.Optimizer, batch: tuple[tor
     return loss.item()
 
 
+def _initial_model(cfg: PretrainConfig) -> tuple[Transformer, Any]:
+    if cfg.init is None:
+        tokenizer = make_char_tokenizer()
+        return build_model(cfg, len(tokenizer)), tokenizer
+    from understudy.engine.loader import load_model
+
+    lm = load_model(cfg.init, dtype="float32")
+    if lm.tokenizer.eos_token_id is None:
+        raise TaskError(f"{cfg.init}: its tokenizer has no eos token, which every worked solution must end with")
+    lm.model.requires_grad_(True)
+    return lm.model, lm.tokenizer
+
+
 def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train a tiny policy from scratch on `cfg.task`'s canonical solutions and save it to `out`.
+    """Train a policy on `cfg.task`'s canonical solutions (a tiny one from scratch, or `cfg.init` fine-tuned) and
+    save it to `out`.
 
     Returns the run's metrics: steps, tokens (non-padding), seconds per phase, initial/final loss, the
-    evaluation history and the final greedy `accuracy` (also written into config.json, "understudy_pretrain").
+    evaluation history and the final greedy `accuracy` (also written into config.json, "understudy_pretrain");
+    with `init`, also `initial_accuracy`: the same evaluation before the first step.
     """
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     task = _solvable_task(cfg)
-    tokenizer = make_char_tokenizer()
-    model = build_model(cfg, len(tokenizer)).train()
+    model, tokenizer = _initial_model(cfg)
+    model.train()
     opt = make_optimizer(cfg, model)
     rng, eval_rng = random.Random(cfg.seed), random.Random(cfg.seed + 7919)
     eval_set = [task.sample(eval_rng) for _ in range(max(cfg.eval_problems, cfg.final_eval_problems))]
     times, losses, history, tokens = PhaseTimes(), [], [], 0
+    before: dict[str, Any] | None = None
+    if cfg.init is not None:
+        with times.timed("eval"):
+            before = evaluate(model, tokenizer, task, eval_set[:cfg.final_eval_problems], cfg.max_new_tokens,
+                              cfg.max_seq_len)
 
     def train_s() -> float:  # the budget counts data + optimizer steps, not evaluation
         return times.seconds.get("data", 0.0) + times.seconds.get("step", 0.0)
 
-    bar = tqdm(total=cfg.steps, disable=not progress, unit="step", desc=f"pretrain {cfg.task}")
+    bar = tqdm(total=cfg.steps, disable=not progress, unit="step",
+               desc=f"{'sft' if cfg.init else 'pretrain'} {cfg.task}")
     while _progress(cfg, len(losses), train_s()) < 1.0:
         with times.timed("data"):
             examples = _sample_examples(task, tokenizer, rng, cfg.batch_size, cfg.max_seq_len)
@@ -252,7 +282,11 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
         "tokens": tokens, "train_seconds": train_s(), "phase_seconds": dict(times.seconds),
         "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "eval_history": history, **final,
     }
-    record = {"config": asdict(cfg), **{k: v for k, v in metrics.items() if k not in ("examples", "out")}}
+    if before is not None:
+        metrics.update(initial_accuracy=before["accuracy"], initial_format_rate=before["format_rate"],
+                       initial_examples=before["examples"])
+    record = {"config": asdict(cfg), **{k: v for k, v in metrics.items()
+                                        if k not in ("examples", "initial_examples", "out")}}
     record = json.loads(json.dumps(record, default=str))  # task options may hold paths or tuples
     save_model(model, tokenizer, Path(out), extra_config={"understudy_pretrain": record})
     return metrics
