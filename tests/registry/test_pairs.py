@@ -157,3 +157,32 @@ def test_a_registry_written_before_pairs_reads_as_pairs_with_the_base_model(reg,
     assert reg.resolve_pair("old") == (old, None)
     reg.promote(old, "serving")
     assert reg.rollback("serving") == d and reg.resolve_pair("serving") == (d, p)
+
+
+def test_cli_publishes_a_pair_and_promotes_it_with_drift_allowed_only_when_asked(tiny_llama, tiny_llama_dir, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from tests.registry.test_registry import run_cli
+    from understudy.drafter.model import new_drafter, save_drafter
+
+    root = str(tmp_path / "reg")
+    save_drafter(new_drafter(tiny_llama.model, tiny_llama.fingerprint), tmp_path / "d")
+
+    def cli(*args: str, code: int = 0) -> str:
+        got, out, err = run_cli(monkeypatch, capsys, "drafters", *args, "--registry", root)
+        assert got == code, err
+        return out if code == 0 else err
+
+    pol = json.loads(cli("publish-policy", str(tiny_llama_dir), "--json"))
+    assert pol["manifest"]["kind"] == "policy" and pol["manifest"]["family_fingerprint"] == tiny_llama.fingerprint
+    p = pol["version"]
+    assert "aliases now on it: latest" in cli("publish", str(tmp_path / "d"), "--policy", str(p))
+    base = json.loads(cli("publish", str(tmp_path / "d"), "--json"))["version"]
+    assert f"serving -> {base} + base (new alias)" in cli("promote", str(base), "serving")
+    assert "--allow-drift" in cli("promote", str(base), "serving", "--policy", str(p), code=2)
+    assert f"serving -> {base} + v{p}" in cli("promote", str(base), "serving", "--policy", str(p), "--allow-drift")
+    listed = json.loads(cli("list", "--json"))
+    assert listed["pairs"]["serving"] == {"drafter": base, "policy": p}
+    assert listed["pairs"]["latest"] == {"drafter": base, "policy": None}
+    table = cli("list")
+    assert "KIND" in table and "policy" in table and "drift" in table
+    assert f"serving -> {base} + base" in cli("rollback", "serving")
