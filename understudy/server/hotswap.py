@@ -14,8 +14,9 @@ service (`_install`): `backends/native.py` hands a Drafter to the native engine,
 replaces its vLLM process blue/green. This module holds no tensors and does not import torch.
 
 Canary: after a swap, the new version's live mean acceptance length over `canary_window` drafts is compared with
-the previous version's over its last window; if it falls below by more than `canary_margin`, the manager swaps
-the previous drafter back, marks the version rejected (it is not swapped in again unless pinned explicitly),
+the previous version's over its last window (after a swap to another policy, with the pair's own held-out
+acceptance length from its manifest: two policies' live figures are not comparable); if it falls below by more
+than `canary_margin`, the manager swaps the previous pair back, marks the version rejected (it is not swapped in again unless pinned explicitly),
 and records why.
 """
 
@@ -283,11 +284,17 @@ class SwapManager:
         self._install(new)
         rec = SwapRecord(time.time(), new.label, self.served.label, result, reason, to_policy=new.policy_label,
                          from_policy=self.served.policy_label)
+        held_out = self._held_out(new.version) if new.policy != self.served.policy else None
         with self._lock:
             if result == "success":
                 self.previous = self.served
             self.served = new
-            base = self._baseline(self.previous, self.canary_window)
+            if self.previous is not None and new.policy != self.previous.policy:
+                # another policy: the previous pair's live acceptance is not comparable (a new policy drifts from
+                # what any drafter saw); judge the pair against its own held-out acceptance from the trainer
+                base = held_out
+            else:
+                base = self._baseline(self.previous, self.canary_window)
             new.inherited = base
             self.canary = {"version": new.label, "drafts": 0, "accepted": 0, "baseline": base} \
                 if result == "success" else None
@@ -298,6 +305,16 @@ class SwapManager:
         log.info("drafter %s now serving with policy %s%s (%s)",
                  f"v{new.label}" if new.version is not None else new.label, new.policy_label,
                  self._describe(new.version), reason)
+
+    def _held_out(self, version: int | None) -> float | None:
+        """The version's held-out mean acceptance length from its manifest (None when it recorded none)."""
+        if version is None or self.registry is None:
+            return None
+        try:
+            x = (self.registry.manifest(version).get("metrics") or {}).get("heldout_acceptance_length")
+        except (RegistryError, OSError):
+            return None
+        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
     def _describe(self, version: int | None) -> str:
         """", held-out acceptance length 2.61" from the version's manifest, when it recorded one."""
