@@ -110,14 +110,11 @@ class Engine:
         self.config = config = config or EngineConfig()
         if config.num_threads is not None and model.device.type == "cpu":
             torch.set_num_threads(config.num_threads)
-        self.model = model.eval()
-        enable_cpu_packing(self.model)
         self.eos_token_ids = tuple(eos_token_ids)
         self.capture_hidden = capture_hidden
         self.k_max = config.num_speculative_tokens
         self.capacity = config.max_model_len + self.k_max + 1  # room for k drafts past the last allowed position
-        if self.model.rotary.cos.shape[0] < self.capacity:
-            self.model.rotary = RotaryTable(model.config, self.capacity).to(model.device)
+        self._bind_model(model)
         S = config.max_batch_size
         self.cache = model.allocate_cache(S, self.capacity)
         self.hidden_buf = torch.zeros(S, self.capacity, model.config.hidden_size, dtype=model.dtype,
@@ -188,14 +185,18 @@ class Engine:
         """The label of the weights serving now."""
         return self.policy_labels.get(self.epoch)
 
+    def _bind_model(self, model: Transformer) -> None:
+        """Serve `model`: inference mode, packed CPU weights, a rotary table covering the capacity."""
+        self.model = model.eval()
+        enable_cpu_packing(self.model)
+        if self.model.rotary.cos.shape[0] < self.capacity:
+            self.model.rotary = RotaryTable(model.config, self.capacity).to(model.device)
+
     def _apply_policies(self) -> None:
         """Install pending policies once no request of the current epoch is left (running or waiting)."""
         while self._pending_policies and not self.running and not any(s.epoch == self.epoch for s in self.waiting):
             model, drafter = self._pending_policies.popleft()
-            self.model = model.eval()
-            enable_cpu_packing(self.model)
-            if self.model.rotary.cos.shape[0] < self.capacity:
-                self.model.rotary = RotaryTable(model.config, self.capacity).to(model.device)
+            self._bind_model(model)
             self._install_proposer(drafter)  # the KV cache and feature buffer are reused: same shapes, no slot live
             self.epoch += 1
             self.drafter_generation += 1

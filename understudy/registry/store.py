@@ -234,7 +234,8 @@ def _validate_source(src: Path, real: Path) -> DrafterConfig:
         raise RegistryError(f"cannot publish {src}: {e}") from e
 
 
-def _metric(manifest: dict[str, Any] | None) -> float | None:
+def manifest_metric(manifest: dict[str, Any] | None) -> float | None:
+    """The finite BEST_METRIC (held-out mean acceptance length) a manifest records, else None."""
     v = ((manifest or {}).get("metrics") or {}).get(BEST_METRIC)
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
@@ -773,7 +774,7 @@ class Registry:
                 os.chmod(tmp / "manifest.json", stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
                 fsync_dir(tmp)
                 if manifest_kind(manifest) == DRAFTER:  # a policy alone moves no alias
-                    self._stage_publish(nv, _metric(manifest), manifest_policy(manifest), staged)
+                    self._stage_publish(nv, manifest_metric(manifest), manifest_policy(manifest), staged)
                 os.rename(tmp, self._vdir(nv))  # the commit point: the version is visible, whole, from here on
                 v = nv
                 self._commit_staged(staged)
@@ -807,7 +808,7 @@ class Registry:
         old = None
         if best is not None and self._exists(best["version"]):
             with contextlib.suppress(RegistryError):
-                old = _metric(self.manifest(best["version"]))
+                old = manifest_metric(self.manifest(best["version"]))
         if metric is not None and (best is None or old is None or metric > old):
             why = f"publish: {BEST_METRIC} {metric:.4g}" + (f" > {old:.4g}" if old is not None else "")
             staged.append((self._stage_json(_moved(best, v, why, policy=policy)), self._alias_path("best")))

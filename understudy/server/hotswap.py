@@ -34,7 +34,7 @@ from typing import Any
 
 from understudy.drafter.format import check_family, validate_folder
 from understudy.errors import UnderstudyError
-from understudy.registry.store import Registry, RegistryError
+from understudy.registry.store import Registry, RegistryError, manifest_metric
 from understudy.registry.watch import RegistryWatcher
 from understudy.server.metrics import ServerMetrics
 
@@ -62,6 +62,17 @@ class SwapRecord:
 
 def policy_label(policy: int | None) -> str:
     return "base" if policy is None else str(policy)
+
+
+def check_drift(registry: Registry, version: int, policy: int | None, allow_drift: bool) -> None:
+    """Refuse (SwapError) the pair (drafter `version`, `policy`) when the drafter was trained against another
+    policy, unless drift is allowed: at start-up and on every swap."""
+    own = registry.pair_policy(version)
+    if own != policy and not allow_drift:
+        raise SwapError(f"drafter {version} was trained against policy {policy_label(own)}, but the pair names "
+                        f"policy {policy_label(policy)}: refused, since a drafter made for another policy accepts "
+                        "less; publish a drafter trained against that policy, or start the server with "
+                        "--allow-drafter-drift to serve it anyway")
 
 
 @dataclass
@@ -258,7 +269,7 @@ class SwapManager:
             return
         label = str(version)
         try:
-            self._check_drift(version, policy)
+            check_drift(self.registry, version, policy, self.allow_drift)
             same = policy == self.served.policy
             target = self.served.target if same else self._load_policy(policy)  # checks, then loads
             drafter = self._load(version, target)
@@ -270,15 +281,6 @@ class SwapManager:
                         policy_label(policy), self.served.label, self.served.policy_label, e)
             if raise_on_error:
                 raise SwapError(f"drafter version {version} with policy {policy_label(policy)} refused: {e}") from e
-
-    def _check_drift(self, version: int, policy: int | None) -> None:
-        assert self.registry is not None
-        own = self.registry.pair_policy(version)
-        if own != policy and not self.allow_drift:
-            raise SwapError(f"drafter {version} was trained against policy {policy_label(own)}, but the pair names "
-                            f"policy {policy_label(policy)}: a drafter made for another policy accepts less, so the "
-                            "server refuses it; publish a drafter trained against that policy, or start the server "
-                            "with --allow-drafter-drift")
 
     def _apply(self, new: _Served, reason: str, result: str = "success") -> None:
         self._install(new)
@@ -311,20 +313,14 @@ class SwapManager:
         if version is None or self.registry is None:
             return None
         try:
-            x = (self.registry.manifest(version).get("metrics") or {}).get("heldout_acceptance_length")
+            return manifest_metric(self.registry.manifest(version))
         except (RegistryError, OSError):
             return None
-        return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
     def _describe(self, version: int | None) -> str:
         """", held-out acceptance length 2.61" from the version's manifest, when it recorded one."""
-        if version is None or self.registry is None:
-            return ""
-        try:
-            length = (self.registry.manifest(version).get("metrics") or {}).get("heldout_acceptance_length")
-        except (RegistryError, OSError):
-            return ""
-        return f", held-out acceptance length {length:.2f}" if isinstance(length, (int, float)) else ""
+        length = self._held_out(version)
+        return f", held-out acceptance length {length:.2f}" if length is not None else ""
 
     def _record(self, rec: SwapRecord) -> None:
         with self._lock:
@@ -430,10 +426,7 @@ def choose_initial_drafter(spec: str | None, fingerprint: str, registry: Registr
 
 def _checkout_pair(registry: Registry, v: int, policy: int | None, fingerprint: str,
                    allow_drift: bool) -> InitialDrafter:
-    own = registry.pair_policy(v)
-    if own != policy and not allow_drift:
-        raise SwapError(f"drafter {v} was trained against policy {policy_label(own)}, but the pair names policy "
-                        f"{policy_label(policy)}: refused (pass --allow-drafter-drift to serve it anyway)")
+    check_drift(registry, v, policy, allow_drift)
     v, path = registry.checkout(v, fingerprint)
     ppath = registry.checkout_policy(policy, fingerprint) if policy is not None else None
     return InitialDrafter(str(v), v, path, policy, ppath)

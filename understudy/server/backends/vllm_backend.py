@@ -161,8 +161,7 @@ class VllmBackend:
         n = next(self._count)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.launch.served_model_name}-{os.getpid()}-{n}-{label}")
         launch = self.launch if model_dir is None else dataclasses.replace(self.launch, model_dir=model_dir)
-        proc = VllmProcess(launch, port, label, drafter_dir, self.log_dir / f"vllm-{name[-100:]}.log")
-        proc.policy_label = policy
+        proc = VllmProcess(launch, port, label, drafter_dir, self.log_dir / f"vllm-{name[-100:]}.log", policy)
         with self._lock:
             if self._closing.is_set():
                 raise VllmError("the server is shutting down: not starting another vLLM process")
@@ -325,7 +324,6 @@ class VllmState:
     hotswap: BlueGreenSwapManager
     served_model_name: str
     first: tuple[str, Path | None]  # the drafter label and exported folder the first process serves
-    first_policy: tuple[str, Path | None] = ("base", None)  # and its policy (label, folder; None: the base model)
     client: httpx.AsyncClient | None = None
     _ready: bool = field(default=False, repr=False)
 
@@ -345,8 +343,8 @@ class VllmState:
 
     async def start(self) -> None:
         label, exported = self.first
-        policy, model_dir = self.first_policy
-        proc = await asyncio.to_thread(self.backend.spawn, label, exported, model_dir, policy)
+        served = self.hotswap.served  # its policy: the manager has not started, so still the start-up pair
+        proc = await asyncio.to_thread(self.backend.spawn, label, exported, served.target, served.policy_label)
         self.backend.switch(proc)
         s = self.settings
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(s.request_timeout_s, connect=10.0), trust_env=False,
@@ -411,5 +409,4 @@ def build_vllm_state(s: ServerSettings) -> VllmState:
         hotswap.pinned = version
     admission = ProxyAdmission(s.max_batch_size + s.max_queue)
     return VllmState(settings=s, target=target, backend=backend, scheduler=admission, metrics=metrics,
-                     hotswap=hotswap, served_model_name=name, first=(label, exported),
-                     first_policy=(hotswap.served.policy_label, first.policy_path))
+                     hotswap=hotswap, served_model_name=name, first=(label, exported))

@@ -144,9 +144,10 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
 class VllmProcess:
     """One vLLM server serving one drafter version (`label`); the proxy leases it per request (`in_flight`)."""
 
-    def __init__(self, launch: VllmLaunch, port: int, label: str, drafter_dir: Path | None, log_path: Path) -> None:
+    def __init__(self, launch: VllmLaunch, port: int, label: str, drafter_dir: Path | None, log_path: Path,
+                 policy_label: str = "base") -> None:
         self.launch, self.port, self.label, self.drafter_dir, self.log_path = launch, port, label, drafter_dir, log_path
-        self.policy_label = "base"  # the pair's policy this process serves (launch.model_dir holds its weights)
+        self.policy_label = policy_label  # the pair's policy this process serves (launch.model_dir holds its weights)
         self.url = f"http://{launch.host}:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.in_flight = 0  # proxied requests using this process (changed under the backend's lock)
