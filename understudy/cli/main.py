@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -370,21 +370,37 @@ def train(
     out_dir: Annotated[str | None, typer.Option("--out-dir", help="Override out_dir")] = None,
     registry: Annotated[str | None, typer.Option("--registry", help="Override the drafter registry")] = None,
     speculation: Annotated[bool | None, typer.Option("--speculation/--no-speculation", help="TLT on/off")] = None,
+    executor: Annotated[str | None, typer.Option("--executor", help="local (threads) or ray (actors; docs/ray.md)")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster to join (auto, HOST:6379); implies --executor ray")] = None,
 ) -> None:
-    """GRPO with TLT-accelerated rollouts; publishes drafter versions and saves the policy as it goes."""
+    """GRPO with TLT-accelerated rollouts; publishes policy + drafter pairs and saves the policy as it goes."""
     from understudy.trainer.config import load_config
+
+    if ray_address and executor is None:
+        executor = "ray"
+    cfg = load_config(config, {"steps": steps, "out_dir": out_dir, "registry": registry, "speculation": speculation,
+                               "executor": executor, "ray_address": ray_address})
+    if cfg.executor == "ray":  # the learner is an actor; the driver restarts it from its checkpoint if it dies
+        from understudy.trainer import ray_driver
+
+        result = ray_driver.train(cfg, resume=resume)
+        _print_train_result(cfg, result, result.get("final_step", 0))
+        return
     from understudy.trainer.grpo import GRPOTrainer
 
-    cfg = load_config(config, {"steps": steps, "out_dir": out_dir, "registry": registry, "speculation": speculation})
     trainer = GRPOTrainer(cfg)
     if resume:
         if trainer.resume():
             typer.echo(f"resumed from {cfg.out_dir}/checkpoint.pt at step {trainer.step}", err=True)
         else:
             typer.echo(f"no checkpoint in {cfg.out_dir}: starting from step 0", err=True)
-    result = trainer.fit()
+    _print_train_result(cfg, trainer.fit(), trainer.step)
+
+
+def _print_train_result(cfg: Any, result: dict[str, Any], step: int) -> None:
     if not result["history"]:
-        typer.echo(f"nothing to do: {cfg.out_dir} already finished {trainer.step} of {cfg.steps} steps", err=True)
+        typer.echo(f"nothing to do: {cfg.out_dir} already finished {step} of {cfg.steps} steps", err=True)
         return
     last = result["history"][-1]
     keys = ("step", "reward_mean", "accuracy", "eval_accuracy", "eval_accuracy_sampled", "published")

@@ -56,6 +56,15 @@ class TrainConfig:
     drafter_unroll_steps: int = 2  # training-time-test depth of the drafter loss
     drafter_tokens_per_batch: int = 2048  # drafter training batch
     drafter_buffer_tokens: int = 60000  # most recent rollout tokens (with features) kept for drafter training
+    length_profile: str = "task"  # "task": a response ends at EOS or max_new_tokens; "long-tail": a benchmark
+    # workload with reasoning RL's spread: each response decodes (EOS ignored) to its own length, drawn from a
+    # lognormal with median max_new_tokens / 8 and sigma 1 (about 1 in 20 reaches max_new_tokens)
+    # ---- where the workers run ----
+    executor: str = "local"  # local: rollout workers are threads of this process; ray: actors (docs/ray.md)
+    ray_address: str | None = None  # Ray cluster to join ("auto", "HOST:6379"); None = an embedded local cluster
+    ray_worker_cpus: float = 1.0  # CPUs each rollout actor reserves (the spot trainer and learner reserve none)
+    ray_worker_gpus: float = 0.0  # GPUs each rollout actor reserves
+    ray_learner_restarts: int = 2  # `understudy train` with Ray: restarts of a dead learner from its checkpoint
     # ---- publishing, checkpoints, logs ----
     out_dir: str = "runs/arith-tiny"  # checkpoints, policy folders, metrics.jsonl, TensorBoard events
     registry: str | None = None  # drafter registry (None = $UNDERSTUDY_REGISTRY or the user data dir)
@@ -80,6 +89,10 @@ class TrainConfig:
             (len(set(self.controller_arms)) >= 2, "controller_arms needs at least two distinct K (e.g. [0, 4])"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
             (self.publish_every >= 0 and self.checkpoint_every >= 1, "publish_every >= 0, checkpoint_every >= 1"),
+            (self.length_profile in ("task", "long-tail"), "length_profile must be \"task\" or \"long-tail\""),
+            (self.executor in ("local", "ray"), "executor must be \"local\" or \"ray\" (docs/ray.md)"),
+            (self.ray_worker_cpus >= 0 and self.ray_worker_gpus >= 0 and self.ray_learner_restarts >= 0,
+             "ray_worker_cpus, ray_worker_gpus and ray_learner_restarts must be >= 0"),
             (self.ppo_epochs >= 1, "ppo_epochs must be >= 1 (1 = one optimizer pass per rollout batch)"),
             (1 <= self.ppo_mini_batches <= self.prompts_per_step * self.group_size,
              "ppo_mini_batches must be in [1, prompts_per_step * group_size]"),

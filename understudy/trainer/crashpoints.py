@@ -20,6 +20,7 @@ POINTS = (
     "metrics_write",  # half of the step's metrics.jsonl line is written (a torn line)
     "checkpoint_before_rename",  # the new checkpoint is written and fsynced under its temp name
     "checkpoint_after",  # the checkpoint is in place
+    "rollout_worker",  # Ray executor: rollout worker 0 dies after its first decode step of the step (1-based)
 )
 
 

@@ -90,10 +90,18 @@ class GRPOTrainer:
         self.spot = self._spot_trainer() if cfg.tlt else None
         n_req = cfg.prompts_per_step * cfg.group_size
         self.max_prompt = 512
-        self.workers = RolloutWorkers(
-            self.policy, self.lm.eos_token_ids, cfg.rollout_workers, math.ceil(n_req / cfg.rollout_workers),
-            self.max_prompt + cfg.max_new_tokens + 1, cfg.num_draft_tokens if cfg.tlt else 0, self.controller,
-            drafter_factory=self._drafter_copy if cfg.tlt else None, threads=cfg.threads)
+        max_batch, max_len = math.ceil(n_req / cfg.rollout_workers), self.max_prompt + cfg.max_new_tokens + 1
+        self.workers: Any
+        if cfg.executor == "ray":  # each worker an actor; the spot trainer an actor behind the same interface
+            from understudy.trainer.ray_exec import RayRolloutWorkers
+
+            self.workers = RayRolloutWorkers(self.policy, self.lm.eos_token_ids, cfg, max_batch, max_len, self.spot)
+            self.spot, self.controller = self.workers.spot, self.workers.controller
+        else:
+            self.workers = RolloutWorkers(
+                self.policy, self.lm.eos_token_ids, cfg.rollout_workers, max_batch, max_len,
+                cfg.num_draft_tokens if cfg.tlt else 0, self.controller,
+                drafter_factory=self._drafter_copy if cfg.tlt else None, threads=cfg.threads)
         self.step = 0
         self.last_published: int | None = None  # registry version this run published last (parent of the next)
         self.run_id: str | None = None  # this run's identity in the registry's notes (lineage.py)
@@ -135,8 +143,12 @@ class GRPOTrainer:
             ids = encode_prompt(self.tok, p.prompt)[-self.max_prompt:]
             for g in range(c.group_size):
                 seed = (c.seed * 1_000_003 + self.step * 10_007 + i * 101 + g) % (2**63)
-                reqs.append(RolloutRequest(ids, SamplingParams(max_tokens=c.max_new_tokens, temperature=c.temperature,
-                                                               top_p=c.top_p, seed=seed)))
+                length, ignore_eos = c.max_new_tokens, False
+                if c.length_profile == "long-tail":  # the length is the workload's, drawn per request (config.py)
+                    draw = random.Random(seed).gauss(0.0, 1.0)
+                    length, ignore_eos = min(c.max_new_tokens, max(1, round(c.max_new_tokens / 8 * math.exp(draw)))), True
+                reqs.append(RolloutRequest(ids, SamplingParams(max_tokens=length, temperature=c.temperature,
+                                                               top_p=c.top_p, seed=seed, ignore_eos=ignore_eos)))
                 groups.append(i)
         return reqs, groups
 
@@ -147,16 +159,14 @@ class GRPOTrainer:
             reqs, groups = self._requests(problems)
         with ph.timed("rollout"):
             spot = self.spot if (self.spot is not None and c.spot_training and self.spot.has_data) else None
-            result = self.workers.run(reqs, spot=spot, tag=f"s{self.step}")
+            result = self.workers.run(reqs, spot=spot, tag=f"s{self.step}", step=self.step + 1)
         with ph.timed("reward"):
             texts = [self.tok.decode(r, skip_special_tokens=True) for r in result.responses]
             rewards = [self.task.reward(problems[g], t) for g, t in zip(groups, texts, strict=True)]
         with ph.timed("update"):
             update = self._update(reqs, result.responses, rewards, groups)
         with ph.timed("drafter_sync"):
-            if self.spot is not None:
-                self.workers.load_drafter_weights(self.spot.drafter)
-            self.workers.refresh_weights()
+            self.workers.sync(self.spot)
         self.step += 1
         return self._metrics(ph, result, rewards, update)
 
@@ -186,6 +196,7 @@ class GRPOTrainer:
             "spot_steps": sum(w.spot_steps for w in result.workers),
             "workers": [{"busy_s": round(w.busy_s, 3), "idle_s": round(w.idle_s, 3), "tokens": w.tokens}
                         for w in result.workers],
+            "rerun_requests": result.rerun_requests,
             "spec": result.spec.to_dict(), "k_steps": {str(k): v for k, v in sorted(result.ks.items())},
             "update": update,
         }
@@ -217,6 +228,10 @@ class GRPOTrainer:
                       for p, o in zip(self.eval_problems, outs, strict=True)]
             out[key] = sum(s >= 1.0 for s in scores) / len(scores)
         return out
+
+    def close(self) -> None:
+        """Release the rollout workers (the Ray executor's actors; nothing for the local one)."""
+        self.workers.close()
 
     # ---- publishing and checkpoints -------------------------------------------------------------------------
     def publish(self) -> dict[str, Any]:
@@ -341,8 +356,7 @@ class GRPOTrainer:
         samples = [s for s in generate_samples(self.lm, prompts, params, 64, "drafter warm-up data",
                                                deadline=time.monotonic() + c.drafter_warmup_s / 3) if s is not None]
         self.spot.add(samples)
-        steps = self.spot.trainer.train(list(self.spot.buffer), seconds=max(1.0, c.drafter_warmup_s
-                                                                            - (time.perf_counter() - t0)))
+        steps = self.spot.train_for(max(1.0, c.drafter_warmup_s - (time.perf_counter() - t0)))
         self.workers.load_drafter_weights(self.spot.drafter)
         ev = self.spot.evaluate(k=c.num_draft_tokens) or {}
         return {"drafter_warmup_s": round(time.perf_counter() - t0, 2), "drafter_warmup_steps": steps,

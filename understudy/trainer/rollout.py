@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ class RolloutResult:
     workers: list[WorkerReport]
     spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
     ks: dict[int, int] = field(default_factory=dict)  # K chosen -> steps that used it
+    rerun_requests: int = 0  # requests decoded again because their worker died (Ray executor)
 
     @property
     def idle_fraction(self) -> float:
@@ -56,21 +58,52 @@ class RolloutResult:
         return sum(w.idle_s for w in self.workers) / total if total else 0.0
 
 
+def rollout_engine(policy: Transformer, eos_token_ids: tuple[int, ...], max_batch: int, max_model_len: int,
+                   num_draft_tokens: int, controller: SpeculationController | None, drafter: Drafter | None,
+                   threads: int) -> Engine:
+    """A rollout worker's engine over `policy` (the same recipe in a thread here and in a Ray actor)."""
+    dtype = str(policy.dtype).removeprefix("torch.")
+    cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_model_len,
+                       num_speculative_tokens=num_draft_tokens if drafter is not None else 0,
+                       proposer="drafter" if drafter is not None else "none", dtype=dtype,
+                       device=str(policy.device), num_threads=threads)
+    return Engine(policy, cfg, eos_token_ids, drafter=drafter, controller=controller)
+
+
+def decode_share(eng: Engine, share: list[int], requests: list[RolloutRequest], tag: str,
+                 on_step: Callable[[int], None] | None = None) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Decode requests[i] for i in `share` on `eng` with continuous batching: ({i: response ids}, {K: steps}).
+    on_step(n) is called after each engine step with the number of steps taken so far (crash points)."""
+    responses: dict[int, list[int]] = {i: [] for i in share}
+    ks: dict[int, int] = {}
+    for i in share:
+        eng.add_request(f"{tag}-{i}", requests[i].prompt_ids, requests[i].sampling)
+    n = 0
+    while eng.has_unfinished():
+        for o in eng.step():
+            responses[int(o.request_id.rsplit("-", 1)[1])].extend(o.new_token_ids)
+        if eng.last_step.batch_size:
+            ks[eng.last_step.k] = ks.get(eng.last_step.k, 0) + 1
+        n += 1
+        if on_step is not None:
+            on_step(n)
+    return responses, ks
+
+
 class RolloutWorkers:
+    """The local executor: one engine per worker, each decoding in a thread of this process over the *shared* policy
+    (the learner's in-place updates are seen at the next step). `ray_exec.RayRolloutWorkers` is the same interface
+    with each worker in its own process."""
+
     def __init__(self, policy: Transformer, eos_token_ids: tuple[int, ...], num_workers: int, max_batch: int,
                  max_model_len: int, num_draft_tokens: int, controller: SpeculationController | None,
                  drafter_factory: Any = None, threads: int = 1) -> None:
         """drafter_factory: () -> Drafter, one copy per worker (None = no speculation)."""
         self.policy = policy
-        dtype = str(policy.dtype).removeprefix("torch.")
-        self.engines: list[Engine] = []
-        for _ in range(num_workers):
-            drafter = drafter_factory() if drafter_factory is not None else None
-            cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_model_len,
-                               num_speculative_tokens=num_draft_tokens if drafter is not None else 0,
-                               proposer="drafter" if drafter is not None else "none", dtype=dtype,
-                               device=str(policy.device), num_threads=threads)
-            self.engines.append(Engine(policy, cfg, eos_token_ids, drafter=drafter, controller=controller))
+        self.controller = controller
+        self.engines = [rollout_engine(policy, eos_token_ids, max_batch, max_model_len, num_draft_tokens, controller,
+                                       drafter_factory() if drafter_factory is not None else None, threads)
+                        for _ in range(num_workers)]
 
     def load_drafter_weights(self, source: Drafter) -> None:
         """Copy the spot-trained drafter into every worker's drafter (between steps, never mid-rollout)."""
@@ -85,7 +118,16 @@ class RolloutWorkers:
         for eng in self.engines:
             eng.refresh_weights()
 
-    def run(self, requests: list[RolloutRequest], spot: Any = None, tag: str = "r") -> RolloutResult:
+    def sync(self, spot: Any) -> None:
+        """Between steps: the spot-trained drafter into every worker; the learner's new weights (shared here)."""
+        if spot is not None:
+            self.load_drafter_weights(spot.drafter)
+        self.refresh_weights()
+
+    def close(self) -> None:
+        """Nothing to release: the engines go with this object."""
+
+    def run(self, requests: list[RolloutRequest], spot: Any = None, tag: str = "r", step: int = 0) -> RolloutResult:
         """Decode every request; `spot` (SpotDrafterTrainer or None) uses workers that finish early."""
         shares = [list(range(w, len(requests), len(self.engines))) for w in range(len(self.engines))]
         responses: list[list[int]] = [[] for _ in requests]
@@ -132,16 +174,13 @@ class RolloutWorkers:
 
     def _decode_share(self, w: int, share: list[int], requests: list[RolloutRequest], responses: list[list[int]],
                       report: WorkerReport, ks: dict[int, int], lock: threading.Lock, tag: str) -> None:
-        eng = self.engines[w]
-        for i in share:
-            eng.add_request(f"{tag}-{i}", requests[i].prompt_ids, requests[i].sampling)
-        while eng.has_unfinished():
-            for o in eng.step():
-                responses[int(o.request_id.rsplit("-", 1)[1])].extend(o.new_token_ids)
-                report.tokens += len(o.new_token_ids)
-            if eng.last_step.batch_size:
-                with lock:
-                    ks[eng.last_step.k] = ks.get(eng.last_step.k, 0) + 1
+        got, steps = decode_share(self.engines[w], share, requests, tag)
+        for i, r in got.items():
+            responses[i] = r
+            report.tokens += len(r)
+        with lock:
+            for k, v in steps.items():
+                ks[k] = ks.get(k, 0) + v
 
     @staticmethod
     def _spec_snapshot(e: Engine) -> SpecDecodeStats:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,13 +57,21 @@ class SpotDrafterTrainer:
             phase_done.wait()  # nothing to do, or another idle worker is already training
             return 0
         try:
-            t0 = time.perf_counter()
-            steps = self.trainer.train(list(self.buffer), should_stop=phase_done.is_set,
-                                       on_step=lambda m: self.last_metrics.update(m))
-            self.total_train_s += time.perf_counter() - t0
-            return steps
+            return self.train_until(phase_done.is_set)
         finally:
             self._lock.release()
+
+    def train_until(self, should_stop: Callable[[], bool]) -> int:
+        """Train step after step until should_stop() (checked between steps). Returns steps taken."""
+        t0 = time.perf_counter()
+        steps = self.trainer.train(list(self.buffer), should_stop=should_stop,
+                                   on_step=lambda m: self.last_metrics.update(m))
+        self.total_train_s += time.perf_counter() - t0
+        return steps
+
+    def train_for(self, seconds: float) -> int:
+        """Train on the buffer for `seconds` (the drafter warm-up before step 1). Returns steps taken."""
+        return self.trainer.train(list(self.buffer), seconds=seconds, on_step=lambda m: self.last_metrics.update(m))
 
     def evaluate(self, k: int) -> dict[str, Any] | None:
         if not self.heldout:

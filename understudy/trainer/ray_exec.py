@@ -1,0 +1,481 @@
+"""Ray as the trainer's executor (`executor = "ray"`): rollout workers, the spot drafter trainer and the learner,
+each in its own process.
+
+Why processes: with the local executor the rollout workers are threads of the learner's process, and the drafter
+that an idle worker spot-trains shares the interpreter with the worker still decoding the long tail (measured in
+docs/results.md: about +18% rollout time). Here each rollout worker is an actor with its own engine, drafter copy,
+controller and CPU (or GPU) allocation; the spot trainer is an actor that holds the drafter being trained, its
+optimizer and its data buffer, and trains only while at least one rollout worker is idle, on the capacity that
+worker left. The learner (`GRPOTrainer`) is an actor too when `understudy train` runs with Ray: the driver restarts
+it from its last checkpoint if its process dies (`ray_learner_restarts`).
+
+The phases of one step, as the learner drives them:
+
+    rollout:  every worker decodes its share (round-robin, as the local executor); when the first finishes while
+              others still decode, the spot trainer starts; when the last finishes it is told to stop (it stops at
+              its next training-step boundary, while the learner computes rewards and the update)
+    update:   the learner's (rollout workers idle)
+    sync:     the spot trainer's drafter -> every worker; the learner's new weights -> workers and spot trainer,
+              through the object store (one `ray.put`, every actor reads the same object)
+
+Faults. A rollout actor that dies mid-step loses its partial responses; its whole share is decoded again on a
+live worker (so every GRPO group comes back whole) and a fresh actor with the current weights replaces it for the
+next step. A learner that dies is restarted by the driver, which resumes from the last checkpoint; the registry's
+lineage notes keep a published version from being published twice (lineage.py).
+
+Placement and resources: each rollout actor reserves `ray_worker_cpus` CPUs (and `ray_worker_gpus` GPUs). The spot
+trainer and the learner reserve none: they compute in the phases where rollout workers do not (the spot trainer on
+an idle worker's share, the learner between rollouts). On one node that is the whole story; on a cluster the
+rollout actors spread over the nodes by their reservations, and `out_dir` and `registry` must be on storage every
+node sees (docs/ray.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from understudy.drafter.model import Drafter
+from understudy.drafter.train import DrafterTrainConfig
+from understudy.engine.bandit import AdaptiveController, BanditConfig
+from understudy.engine.model import Transformer
+from understudy.engine.spec_metrics import SpecDecodeStats
+from understudy.errors import UnderstudyError
+from understudy.trainer import crashpoints
+from understudy.trainer.config import TrainConfig
+from understudy.trainer.rollout import (
+    RolloutRequest,
+    RolloutResult,
+    WorkerReport,
+    decode_share,
+    rollout_engine,
+)
+from understudy.trainer.spot import SpotDrafterTrainer, pack_samples, unpack_samples
+
+log = logging.getLogger(__name__)
+
+
+class RayExecutorError(UnderstudyError, RuntimeError):
+    """Ray is missing, cannot start, or a worker could not be replaced (the message says what to do)."""
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise RayExecutorError("executor = \"ray\" needs the ray package: pip install 'understudy[ray]' (or "
+                               "pip install ray), or set executor = \"local\"") from e
+    return ray
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> Any:
+    """Connect to the cluster at `address` ("auto" = the one `ray start` runs on this node), or start an embedded
+    local one (the default). Idempotent: inside an actor, or when already connected, returns ray as it is."""
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+    except Exception as e:  # ray raises several types here (ConnectionError, RuntimeError, ValueError)
+        where = f"the Ray cluster at {address!r}" if address else "an embedded local Ray cluster"
+        raise RayExecutorError(f"could not start or join {where}: {e}. For a cluster, run `ray start --head` "
+                               "there and pass --ray-address HOST:6379 (docs/ray.md)") from e
+    return ray
+
+
+def crash_env(fresh: bool) -> dict[str, Any]:
+    """Actor options for crash points (crashpoints.py): an actor is armed as the process creating it is (actors
+    start from the raylet's environment, not their creator's), and a replacement (`fresh`) is never re-armed by the
+    point that killed its predecessor."""
+    armed = os.environ.get(crashpoints.ENV, "")
+    if fresh:
+        return {"runtime_env": {"env_vars": {crashpoints.ENV: ""}}}
+    return {"runtime_env": {"env_vars": {crashpoints.ENV: armed}}} if armed else {}
+
+
+def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU state dict, the form that crosses process boundaries."""
+    return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+
+
+def _build_policy(model_config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Transformer:
+    model = Transformer(model_config).to(dtype)
+    model.load_state_dict(state)
+    model.requires_grad_(False)
+    return model
+
+
+# ---- actors (plain classes; ray.remote wraps them in _actor_classes) ---------------------------------------------
+class RolloutActor:
+    """One rollout worker: its own copy of the policy, its own engine, drafter and controller."""
+
+    def __init__(self, worker: int, model_config: Any, policy_state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 eos_token_ids: tuple[int, ...], max_batch: int, max_model_len: int, num_draft_tokens: int,
+                 drafter_config: Any, drafter_state: dict[str, torch.Tensor] | None, bandit: BanditConfig | None,
+                 threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.worker = worker
+        self.model = _build_policy(model_config, policy_state, dtype)
+        drafter = None
+        if drafter_config is not None:
+            drafter = Drafter(drafter_config)
+            drafter.load_state_dict(drafter_state, strict=False)
+            drafter = drafter.to(dtype=dtype).bind(self.model)
+        self.controller = AdaptiveController(bandit, max_k=num_draft_tokens) if bandit is not None else None
+        self.engine = rollout_engine(self.model, eos_token_ids, max_batch, max_model_len, num_draft_tokens,
+                                     self.controller, drafter, threads)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def decode(self, step: int, tag: str, share: list[int], requests: list[RolloutRequest]) -> dict[str, Any]:
+        before = SpecDecodeStats()
+        before.merge(self.engine.stats)
+
+        def crash_point(n: int) -> None:  # the first worker dies after its first decode step (fault tests)
+            if n == 1 and self.worker == 0 and crashpoints.armed("rollout_worker", step):
+                crashpoints.kill()
+
+        t0 = time.perf_counter()
+        responses, ks = decode_share(self.engine, share, requests, tag, on_step=crash_point)
+        return {"responses": responses, "ks": ks, "seconds": time.perf_counter() - t0,
+                "spec": _spec_diff(self.engine.stats, before)}
+
+    def load_policy(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(state)
+        self.engine.refresh_weights()
+
+    def load_drafter(self, state: dict[str, torch.Tensor]) -> None:
+        eng = self.engine
+        if eng.drafter is not None:
+            with torch.no_grad():
+                eng.drafter.load_state_dict(state, strict=False)
+            eng.set_drafter(eng.drafter)
+
+    def controller_state(self) -> dict[str, Any] | None:
+        return self.controller.state() if self.controller is not None else None
+
+    def controller_state_dict(self) -> dict[str, Any] | None:
+        return self.controller.state_dict() if self.controller is not None else None
+
+    def load_controller_state_dict(self, sd: dict[str, Any]) -> None:
+        if self.controller is not None:
+            self.controller.load_state_dict(sd)
+
+
+class SpotActor:
+    """TLT's spot trainer in its own process: the drafter being trained, its optimizer and its buffer. Trains only
+    between `train(run)` and `stop(run)` (a threaded actor: `stop` arrives while `train` runs)."""
+
+    def __init__(self, model_config: Any, policy_state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 drafter_config: Any, drafter_state: dict[str, torch.Tensor], train_cfg: DrafterTrainConfig,
+                 buffer_tokens: int, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.target = _build_policy(model_config, policy_state, dtype)
+        d = Drafter(drafter_config)
+        d.load_state_dict(drafter_state, strict=False)
+        self.spot = SpotDrafterTrainer(d.float().bind(self.target), self.target, train_cfg, buffer_tokens)
+        self._stopped: set[int] = set()
+        self._lock = threading.Lock()  # one of train / add / load at a time (stop and pid never wait)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def train(self, run: int) -> dict[str, float]:
+        with self._lock:
+            t0 = time.perf_counter()
+            steps = self.spot.train_until(lambda: run in self._stopped) if self.spot.has_data else 0
+            return {"steps": steps, "seconds": time.perf_counter() - t0}
+
+    def stop(self, run: int) -> float:
+        self._stopped.add(run)
+        return time.perf_counter()
+
+    def train_for(self, seconds: float) -> int:
+        with self._lock:
+            return self.spot.train_for(seconds)
+
+    def add(self, packed: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            self.spot.add(unpack_samples(packed))
+
+    def load_policy(self, state: dict[str, torch.Tensor]) -> None:
+        with self._lock, torch.no_grad():
+            self.target.load_state_dict(state)
+            self.spot.drafter.bind(self.target)
+
+    def drafter_state(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            return {k: v.detach().clone() for k, v in self.spot.drafter.own_state_dict().items()}
+
+    def evaluate(self, k: int) -> dict[str, Any] | None:
+        with self._lock:
+            return self.spot.evaluate(k)
+
+    def last_metrics(self) -> dict[str, float]:
+        return dict(self.spot.last_metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return self.spot.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        with self._lock:
+            self.spot.load_state_dict(sd)
+
+
+_CLASSES: dict[str, Any] = {}
+
+
+def _actor_classes() -> tuple[Any, Any]:
+    ray = _ray()
+    if not _CLASSES:
+        _CLASSES["rollout"] = ray.remote(RolloutActor)
+        _CLASSES["spot"] = ray.remote(SpotActor)
+    return _CLASSES["rollout"], _CLASSES["spot"]
+
+
+def _spec_diff(now: SpecDecodeStats, before: SpecDecodeStats) -> SpecDecodeStats:
+    d = SpecDecodeStats(num_drafts=now.num_drafts - before.num_drafts,
+                        num_draft_tokens=now.num_draft_tokens - before.num_draft_tokens,
+                        num_accepted_tokens=now.num_accepted_tokens - before.num_accepted_tokens)
+    d.accepted_per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
+                          for i, a in enumerate(now.accepted_per_pos)]
+    return d
+
+
+# ---- the learner's handles ---------------------------------------------------------------------------------------
+class RemoteSpot:
+    """The learner's view of the spot actor, with SpotDrafterTrainer's interface (`drafter` is a local mirror,
+    refreshed on read)."""
+
+    def __init__(self, actor: Any, mirror: Drafter) -> None:
+        self.actor = actor
+        self._mirror = mirror
+        self._pending: list[Any] = []  # adds not yet known to have landed
+        self._has_data = False
+
+    def add(self, samples: list[Any]) -> None:
+        self._pending.append(self.actor.add.remote(pack_samples(samples)))
+        self._has_data = self._has_data or bool(samples)
+
+    def join(self) -> None:
+        """Wait for every add sent so far (a threaded actor does not keep submission order)."""
+        ray = _ray()
+        if self._pending:
+            ray.get(self._pending)
+            self._pending.clear()
+
+    @property
+    def has_data(self) -> bool:
+        return self._has_data
+
+    @property
+    def drafter(self) -> Drafter:
+        self.join()
+        state = _ray().get(self.actor.drafter_state.remote())
+        with torch.no_grad():
+            self._mirror.load_state_dict(state, strict=False)
+        return self._mirror
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        return _ray().get(self.actor.last_metrics.remote())
+
+    def train_for(self, seconds: float) -> int:
+        self.join()
+        return int(_ray().get(self.actor.train_for.remote(seconds)))
+
+    def evaluate(self, k: int) -> dict[str, Any] | None:
+        self.join()
+        return _ray().get(self.actor.evaluate.remote(k))
+
+    def state_dict(self) -> dict[str, Any]:
+        self.join()
+        return _ray().get(self.actor.state_dict.remote())
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.join()
+        _ray().get(self.actor.load_state_dict.remote(sd))
+        self._has_data = len(sd.get("buffer", {}).get("lengths", [])) > 0
+
+
+class RemoteController:
+    """The adaptive controllers of the rollout actors, as the learner sees them: state is read from worker 0 (each
+    worker learns its own; they see the same workload) and loaded into all."""
+
+    def __init__(self, workers: RayRolloutWorkers) -> None:
+        self.workers = workers
+
+    def state(self) -> dict[str, Any]:
+        return _ray().get(self.workers.actors[0].controller_state.remote()) or {"buckets": {}}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return _ray().get(self.workers.actors[0].controller_state_dict.remote())
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.workers.controller_sd = sd
+        _ray().get([a.load_controller_state_dict.remote(sd) for a in self.workers.actors])
+
+
+class RayRolloutWorkers:
+    """The Ray executor, with RolloutWorkers' interface: `run`, `sync`, `load_drafter_weights`, `refresh_weights`,
+    `controller`, `spot`."""
+
+    def __init__(self, policy: Transformer, eos_token_ids: tuple[int, ...], cfg: TrainConfig, max_batch: int,
+                 max_model_len: int, spot: SpotDrafterTrainer | None, mirror_factory: Any = None) -> None:
+        self.ray = ensure_ray(cfg.ray_address)
+        self.policy = policy
+        self.cfg = cfg
+        self.eos = tuple(eos_token_ids)
+        self.max_batch, self.max_model_len = max_batch, max_model_len
+        self.num_draft_tokens = cfg.num_draft_tokens if spot is not None else 0
+        self.bandit = BanditConfig(arms=cfg.controller_arms, seed=cfg.seed) if spot is not None else None
+        self.drafter_config = spot.drafter.config if spot is not None else None
+        self.controller_sd: dict[str, Any] | None = None
+        self._run_ids = 0
+        self._open: tuple[RemoteSpot, tuple[int, Any], RolloutResult] | None = None  # a spot stint still stopping
+        self._spot_worker = 0  # the idle worker whose capacity the spot trainer is using
+        self.replaced = 0  # rollout actors replaced after dying (over the executor's life)
+        self.policy_ref = self.ray.put(_plain_state(policy))
+        self.drafter_ref = self.ray.put(_plain_state_own(spot.drafter)) if spot is not None else None
+        Rollout, Spot = _actor_classes()
+        self._Rollout = Rollout
+        self.actors = [self._new_actor(w) for w in range(cfg.rollout_workers)]
+        self.spot: RemoteSpot | None = None
+        if spot is not None:
+            actor = Spot.options(num_cpus=0, max_concurrency=2).remote(
+                policy.config, self.policy_ref, policy.dtype, spot.drafter.config, self.drafter_ref,
+                spot.trainer.cfg, spot.buffer_tokens, cfg.threads)
+            self.spot = RemoteSpot(actor, mirror_factory() if mirror_factory is not None else spot.drafter)
+        self.controller = RemoteController(self) if spot is not None else None
+        self.ray.get([a.pid.remote() for a in self.actors])  # fail here, not mid-step, if an actor cannot start
+
+    def _new_actor(self, w: int, fresh_env: bool = False) -> Any:
+        opts: dict[str, Any] = {"num_cpus": self.cfg.ray_worker_cpus, "num_gpus": self.cfg.ray_worker_gpus}
+        opts.update(crash_env(fresh=fresh_env))
+        return self._Rollout.options(**opts).remote(
+            w, self.policy.config, self.policy_ref, self.policy.dtype, self.eos, self.max_batch, self.max_model_len,
+            self.num_draft_tokens, self.drafter_config, self.drafter_ref, self.bandit, self.cfg.threads)
+
+    # ---- weights between steps -----------------------------------------------------------------------------------
+    def refresh_weights(self) -> None:
+        """The learner's weights changed: one object in the store, read by every worker and the spot trainer."""
+        self.policy_ref = self.ray.put(_plain_state(self.policy))
+        calls = [a.load_policy.remote(self.policy_ref) for a in self.actors]
+        if self.spot is not None:
+            calls.append(self.spot.actor.load_policy.remote(self.policy_ref))
+        self.ray.get(calls)
+
+    def load_drafter_weights(self, source: Drafter) -> None:
+        self.drafter_ref = self.ray.put(_plain_state_own(source))
+        self.ray.get([a.load_drafter.remote(self.drafter_ref) for a in self.actors])
+
+    def close(self) -> None:
+        for a in self.actors + ([self.spot.actor] if self.spot is not None else []):
+            self.ray.kill(a)
+
+    # ---- the rollout phase ---------------------------------------------------------------------------------------
+    def run(self, requests: list[RolloutRequest], spot: Any = None, tag: str = "r", step: int = 0) -> RolloutResult:
+        """Decode every request; `spot` (RemoteSpot or None) trains while at least one worker is idle."""
+        ray = self.ray
+        n = len(self.actors)
+        shares = [list(range(w, len(requests), n)) for w in range(n)]
+        reports = [WorkerReport(worker=w, num_requests=len(s), busy_s=0.0) for w, s in enumerate(shares)]
+        result = RolloutResult(responses=[[] for _ in requests], seconds=0.0, workers=reports)
+        if spot is not None:
+            spot.join()
+        t0 = time.perf_counter()
+        pending = {self.actors[w].decode.remote(step, tag, s, requests): (w, s) for w, s in enumerate(shares)}
+        idle: set[int] = set()  # live workers with nothing left to decode
+        stint: tuple[int, Any] | None = None  # (run id, train() ref) while the spot trainer trains
+        while pending:
+            if spot is not None and stint is None and idle:
+                self._run_ids += 1
+                stint = (self._run_ids, spot.actor.train.remote(self._run_ids))
+                self._spot_worker = min(idle)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            w, share = pending.pop(ready[0])
+            try:
+                out = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                result.rerun_requests += len(share)
+                target = self._replace(w, e, idle, pending)
+                if target in idle:
+                    idle.discard(target)
+                    if stint is not None and not idle:  # rollouts need the capacity again: preempt the spot trainer
+                        self._collect_stint(spot, stint, result)
+                        stint = None
+                pending[self.actors[target].decode.remote(step, tag, share, requests)] = (target, share)
+                continue
+            for i, r in out["responses"].items():
+                result.responses[i] = r
+                reports[w].tokens += len(r)
+            for k, v in out["ks"].items():
+                result.ks[k] = result.ks.get(k, 0) + v
+            result.spec.merge(out["spec"])
+            if not any(t == w for t, _ in pending.values()):
+                idle.add(w)
+                reports[w].busy_s = time.perf_counter() - t0
+        result.seconds = time.perf_counter() - t0
+        for r in reports:
+            r.idle_s = result.seconds - r.busy_s
+        # The phase is over: the spot trainer stops at its next training-step boundary, while the learner computes
+        # rewards and the update; sync() collects it (the drafter it hands over is the one trained until then).
+        self._open = (spot, stint, result) if stint is not None else None
+        if stint is not None:
+            spot.actor.stop.remote(stint[0])
+        return result
+
+    def _replace(self, dead: int, err: BaseException, idle: set[int], pending: dict[Any, tuple[int, list[int]]]) -> int:
+        """A worker died mid-share: start a replacement actor (current weights) for the steps to come, and return
+        the worker that decodes the lost share now: an idle live one, else the least loaded, else the replacement."""
+        log.warning("rollout worker %d died (%s): its share is decoded again and a new actor replaces it", dead,
+                    type(err).__name__)
+        self.replaced += 1
+        if self.replaced > 4 * len(self.actors):
+            raise RayExecutorError(f"rollout workers died {self.replaced} times; giving up (see the Ray logs under "
+                                   "/tmp/ray/session_latest/logs)") from err
+        self.actors[dead] = self._new_actor(dead, fresh_env=True)
+        if self.controller_sd is not None:
+            self.actors[dead].load_controller_state_dict.remote(self.controller_sd)
+        live = [w for w in range(len(self.actors)) if w != dead]
+        if not live:
+            return dead
+        free = sorted(w for w in live if w in idle)
+        if free:
+            return free[0]
+        load = {w: sum(len(s) for t, s in pending.values() if t == w) for w in live}
+        return min(live, key=lambda w: (load[w], w))
+
+    def _collect_stint(self, spot: RemoteSpot, stint: tuple[int, Any], result: RolloutResult) -> None:
+        spot.actor.stop.remote(stint[0])
+        out = self.ray.get(stint[1])
+        w = result.workers[self._spot_worker]
+        w.spot_train_s += out["seconds"]
+        w.spot_steps += int(out["steps"])
+
+    def sync(self, spot: Any) -> None:
+        """Between steps: finish the spot trainer's last stint (into its phase's report), its drafter to every
+        worker, the learner's new weights to workers and spot trainer."""
+        if self._open is not None:
+            open_spot, stint, result = self._open
+            self._open = None
+            self._collect_stint(open_spot, stint, result)
+        if spot is not None:
+            self.load_drafter_weights(spot.drafter)
+        self.refresh_weights()
+
+
+def _plain_state_own(d: Drafter) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in d.own_state_dict().items()}
