@@ -71,8 +71,9 @@ def test_ray_rollouts_equal_the_local_executor_and_plain_greedy(ray_cluster, rl_
 
 
 def test_a_grpo_step_with_ray_workers_trains_the_drafter_on_idle_capacity(ray_cluster, rl_assets, drafter_dir, tmp_path):
-    """Two full TLT steps: the second has buffer data, so the spot-trainer actor trains while the first worker to
-    finish is idle; its drafter reaches the rollout actors and the controller state comes back from them."""
+    """Full TLT steps: from the second on there is buffer data, so the spot-trainer actor trains while the first
+    worker to finish is idle; its drafter reaches the rollout actors and the controller state comes back from them.
+    A spot actor that dies is replaced and training goes on."""
     t = _trainer(rl_assets, tmp_path, drafter_dir, executor="ray", steps=3, length_profile="long-tail", max_new_tokens=48)
     try:
         first, second, third = (t.train_step() for _ in range(3))
@@ -86,6 +87,10 @@ def test_a_grpo_step_with_ray_workers_trains_the_drafter_on_idle_capacity(ray_cl
         assert lengths[0] < lengths[-1]  # long-tail profile: the responses' lengths spread
         sd = t.spot.state_dict()
         assert sd["trainer"]["step"] == sum(m["spot_steps"] for m in (first, second, third))
+        ray.kill(t.spot.actor)  # the spot trainer dies: a new one starts from the last synced drafter
+        fourth = t.train_step()
+        assert t.workers.replaced_spot == 1 and fourth["rerun_requests"] == 0
+        assert t.spot.state_dict()["trainer"]["step"] == 0 and t.spot.has_data  # fresh optimizer, refilled buffer
     finally:
         t.close()
 

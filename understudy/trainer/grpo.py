@@ -27,6 +27,7 @@ from understudy.engine.bandit import AdaptiveController, BanditConfig
 from understudy.engine.config import EngineConfig
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, save_model
+from understudy.engine.model import enable_cpu_packing
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt
 from understudy.trainer import crashpoints
@@ -96,7 +97,9 @@ class GRPOTrainer:
             from understudy.trainer.ray_exec import RayRolloutWorkers
 
             self.workers = RayRolloutWorkers(self.policy, self.lm.eos_token_ids, cfg, max_batch, max_len, self.spot)
-            self.spot, self.controller = self.workers.spot, self.workers.controller
+            self.controller = self.workers.controller
+            if self.workers.spot is not None:  # with spot training, the spot actor holds the drafter being trained
+                self.spot = self.workers.spot
         else:
             self.workers = RolloutWorkers(
                 self.policy, self.lm.eos_token_ids, cfg.rollout_workers, max_batch, max_len,
@@ -188,12 +191,13 @@ class GRPOTrainer:
             "step": self.step, "reward_mean": sum(rewards) / len(rewards),
             "accuracy": sum(r >= 1.0 for r in rewards) / len(rewards),
             "response_len_p50": _percentile(lengths, 0.5), "response_len_p90": _percentile(lengths, 0.9),
-            "response_len_max": max(lengths), "rollout_tokens": tokens,
+            "response_len_max": max(lengths), "rollout_tokens": tokens, "response_lengths": lengths,
             "rollout_tokens_per_s": tokens / result.seconds if result.seconds else 0.0,
             "time": {k: round(v, 4) for k, v in ph.seconds.items()},
             "idle_fraction": round(result.idle_fraction, 4),
             "spot_train_s": round(sum(w.spot_train_s for w in result.workers), 4),
             "spot_steps": sum(w.spot_steps for w in result.workers),
+            "spot_overrun_s": round(result.spot_overrun_s, 4),
             "workers": [{"busy_s": round(w.busy_s, 3), "idle_s": round(w.idle_s, 3), "tokens": w.tokens}
                         for w in result.workers],
             "rerun_requests": result.rerun_requests,
@@ -227,6 +231,8 @@ class GRPOTrainer:
             scores = [self.task.reward(p, self.tok.decode(o, skip_special_tokens=True))
                       for p, o in zip(self.eval_problems, outs, strict=True)]
             out[key] = sum(s >= 1.0 for s in scores) / len(scores)
+        if self.cfg.executor == "ray":  # nothing else decodes here: drop the pre-packed weight copies (a model's size)
+            enable_cpu_packing(self.policy, False)
         return out
 
     def close(self) -> None:
@@ -349,7 +355,7 @@ class GRPOTrainer:
         assert self.spot is not None
         c, t0 = self.cfg, time.perf_counter()
         rng = random.Random(c.seed + 20_011)
-        problems = [self.task.sample(rng) for _ in range(max(64, 4 * c.prompts_per_step * c.group_size))]
+        problems = [self.task.sample(rng) for _ in range(max(256, 16 * c.prompts_per_step * c.group_size))]  # the deadline stops it
         prompts = [encode_prompt(self.tok, p.prompt)[-self.max_prompt:] for p in problems]
         params = [SamplingParams(max_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
                                  seed=c.seed + i) for i in range(len(prompts))]

@@ -36,6 +36,8 @@ import logging
 import os
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,16 +104,34 @@ def crash_env(fresh: bool) -> dict[str, Any]:
     return {"runtime_env": {"env_vars": {crashpoints.ENV: armed}}} if armed else {}
 
 
-def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached CPU state dict, the form that crosses process boundaries."""
-    return {k: v.detach().to("cpu") for k, v in module.state_dict().items()}
+def to_wire(state: dict[str, torch.Tensor]) -> dict[str, tuple[str, Any]]:
+    """A state dict as numpy arrays, which Ray reads zero-copy from the object store (a torch tensor would be
+    unpickled into a private copy in every actor: 540 MB per actor per step for SmolLM2). bfloat16, which numpy
+    lacks, travels as its int16 bits."""
+    out: dict[str, tuple[str, Any]] = {}
+    for k, v in state.items():
+        t = v.detach().to("cpu").contiguous()
+        out[k] = ("bfloat16", t.view(torch.int16).numpy()) if t.dtype == torch.bfloat16 else ("", t.numpy())
+    return out
 
 
-def _build_policy(model_config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Transformer:
+def from_wire(wire: dict[str, tuple[str, Any]]) -> dict[str, torch.Tensor]:
+    """Tensors over the (read-only, shared) arrays of `to_wire`: only ever copied from, by load_state_dict."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {k: torch.from_numpy(a).view(torch.bfloat16) if tag == "bfloat16" else torch.from_numpy(a)
+                for k, (tag, a) in wire.items()}
+
+
+def _build_policy(model_config: Any, wire: dict[str, tuple[str, Any]], dtype: torch.dtype) -> Transformer:
     model = Transformer(model_config).to(dtype)
-    model.load_state_dict(state)
+    model.load_state_dict(from_wire(wire))
     model.requires_grad_(False)
     return model
+
+
+def _drafter_wire(d: Drafter) -> dict[str, tuple[str, Any]]:
+    return to_wire({k: v.clone() for k, v in d.own_state_dict().items()})
 
 
 # ---- actors (plain classes; ray.remote wraps them in _actor_classes) ---------------------------------------------
@@ -128,7 +148,7 @@ class RolloutActor:
         drafter = None
         if drafter_config is not None:
             drafter = Drafter(drafter_config)
-            drafter.load_state_dict(drafter_state, strict=False)
+            drafter.load_state_dict(from_wire(drafter_state), strict=False)
             drafter = drafter.to(dtype=dtype).bind(self.model)
         self.controller = AdaptiveController(bandit, max_k=num_draft_tokens) if bandit is not None else None
         self.engine = rollout_engine(self.model, eos_token_ids, max_batch, max_model_len, num_draft_tokens,
@@ -150,16 +170,16 @@ class RolloutActor:
         return {"responses": responses, "ks": ks, "seconds": time.perf_counter() - t0,
                 "spec": _spec_diff(self.engine.stats, before)}
 
-    def load_policy(self, state: dict[str, torch.Tensor]) -> None:
+    def load_policy(self, wire: dict[str, tuple[str, Any]]) -> None:
         with torch.no_grad():
-            self.model.load_state_dict(state)
+            self.model.load_state_dict(from_wire(wire))
         self.engine.refresh_weights()
 
-    def load_drafter(self, state: dict[str, torch.Tensor]) -> None:
+    def load_drafter(self, wire: dict[str, tuple[str, Any]]) -> None:
         eng = self.engine
         if eng.drafter is not None:
             with torch.no_grad():
-                eng.drafter.load_state_dict(state, strict=False)
+                eng.drafter.load_state_dict(from_wire(wire), strict=False)
             eng.set_drafter(eng.drafter)
 
     def controller_state(self) -> dict[str, Any] | None:
@@ -183,23 +203,26 @@ class SpotActor:
         torch.set_num_threads(threads)
         self.target = _build_policy(model_config, policy_state, dtype)
         d = Drafter(drafter_config)
-        d.load_state_dict(drafter_state, strict=False)
+        d.load_state_dict(from_wire(drafter_state), strict=False)
         self.spot = SpotDrafterTrainer(d.float().bind(self.target), self.target, train_cfg, buffer_tokens)
-        self._stopped: set[int] = set()
+        self._stopped: dict[int, float] = {}  # run -> when stop(run) arrived
         self._lock = threading.Lock()  # one of train / add / load at a time (stop and pid never wait)
 
     def pid(self) -> int:
         return os.getpid()
 
     def train(self, run: int) -> dict[str, float]:
+        """Train until stop(run). Returns steps, seconds trained while the phase lasted (until stop arrived) and the
+        overrun after it (the step in progress when stop arrived: the pre-emption latency), on this actor's clock."""
         with self._lock:
             t0 = time.perf_counter()
             steps = self.spot.train_until(lambda: run in self._stopped) if self.spot.has_data else 0
-            return {"steps": steps, "seconds": time.perf_counter() - t0}
+            t1 = time.perf_counter()
+            stop_at = min(self._stopped.get(run, t1), t1)
+            return {"steps": steps, "seconds": max(0.0, stop_at - t0), "overrun_s": t1 - max(stop_at, t0)}
 
-    def stop(self, run: int) -> float:
-        self._stopped.add(run)
-        return time.perf_counter()
+    def stop(self, run: int) -> None:
+        self._stopped.setdefault(run, time.perf_counter())
 
     def train_for(self, seconds: float) -> int:
         with self._lock:
@@ -209,14 +232,14 @@ class SpotActor:
         with self._lock:
             self.spot.add(unpack_samples(packed))
 
-    def load_policy(self, state: dict[str, torch.Tensor]) -> None:
+    def load_policy(self, wire: dict[str, tuple[str, Any]]) -> None:
         with self._lock, torch.no_grad():
-            self.target.load_state_dict(state)
+            self.target.load_state_dict(from_wire(wire))
             self.spot.drafter.bind(self.target)
 
-    def drafter_state(self) -> dict[str, torch.Tensor]:
+    def drafter_state(self) -> dict[str, tuple[str, Any]]:
         with self._lock:
-            return {k: v.detach().clone() for k, v in self.spot.drafter.own_state_dict().items()}
+            return _drafter_wire(self.spot.drafter)
 
     def evaluate(self, k: int) -> dict[str, Any] | None:
         with self._lock:
@@ -257,24 +280,49 @@ def _spec_diff(now: SpecDecodeStats, before: SpecDecodeStats) -> SpecDecodeStats
 # ---- the learner's handles ---------------------------------------------------------------------------------------
 class RemoteSpot:
     """The learner's view of the spot actor, with SpotDrafterTrainer's interface (`drafter` is a local mirror,
-    refreshed on read)."""
+    refreshed on read). If the actor dies, `respawn(mirror)` starts another from the last synced drafter."""
 
-    def __init__(self, actor: Any, mirror: Drafter) -> None:
+    def __init__(self, actor: Any, mirror: Drafter, respawn: Callable[[Drafter], Any]) -> None:
         self.actor = actor
         self._mirror = mirror
+        self._respawn = respawn
         self._pending: list[Any] = []  # adds not yet known to have landed
         self._has_data = False
+        self._last: dict[str, torch.Tensor] | None = None  # the newest add, sent again to a replacement
+
+    def call(self, method: str, *args: Any) -> Any:
+        """actor.method(*args), waited for; a dead actor is replaced once and the call made on the new one."""
+        ray = _ray()
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args))
+        except ray.exceptions.RayActorError:
+            self.replace()
+            return ray.get(getattr(self.actor, method).remote(*args))
+
+    def replace(self) -> None:
+        """A new actor from the last synced drafter. The dead one's buffer is lost except the newest step's samples
+        (kept here and sent again); later updates refill it."""
+        self.actor = self._respawn(self._mirror)
+        self._pending = [self.actor.add.remote(self._last)] if self._last is not None else []
+        self._has_data = self._last is not None
 
     def add(self, samples: list[Any]) -> None:
-        self._pending.append(self.actor.add.remote(pack_samples(samples)))
-        self._has_data = self._has_data or bool(samples)
+        self._last = pack_samples(samples) if samples else None
+        if self._last is not None:
+            self._pending.append(self.actor.add.remote(self._last))
+            self._has_data = True
 
     def join(self) -> None:
         """Wait for every add sent so far (a threaded actor does not keep submission order)."""
         ray = _ray()
         if self._pending:
-            ray.get(self._pending)
-            self._pending.clear()
+            try:
+                ray.get(self._pending)
+                self._pending.clear()
+            except ray.exceptions.RayActorError:
+                self.replace()
+                ray.get(self._pending)
+                self._pending.clear()
 
     @property
     def has_data(self) -> bool:
@@ -283,30 +331,30 @@ class RemoteSpot:
     @property
     def drafter(self) -> Drafter:
         self.join()
-        state = _ray().get(self.actor.drafter_state.remote())
+        wire = self.call("drafter_state")
         with torch.no_grad():
-            self._mirror.load_state_dict(state, strict=False)
+            self._mirror.load_state_dict(from_wire(wire), strict=False)
         return self._mirror
 
     @property
     def last_metrics(self) -> dict[str, float]:
-        return _ray().get(self.actor.last_metrics.remote())
+        return self.call("last_metrics")
 
     def train_for(self, seconds: float) -> int:
         self.join()
-        return int(_ray().get(self.actor.train_for.remote(seconds)))
+        return int(self.call("train_for", seconds))
 
     def evaluate(self, k: int) -> dict[str, Any] | None:
         self.join()
-        return _ray().get(self.actor.evaluate.remote(k))
+        return self.call("evaluate", k)
 
     def state_dict(self) -> dict[str, Any]:
         self.join()
-        return _ray().get(self.actor.state_dict.remote())
+        return self.call("state_dict")
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.join()
-        _ray().get(self.actor.load_state_dict.remote(sd))
+        self.call("load_state_dict", sd)
         self._has_data = len(sd.get("buffer", {}).get("lengths", [])) > 0
 
 
@@ -347,19 +395,36 @@ class RayRolloutWorkers:
         self._open: tuple[RemoteSpot, tuple[int, Any], RolloutResult] | None = None  # a spot stint still stopping
         self._spot_worker = 0  # the idle worker whose capacity the spot trainer is using
         self.replaced = 0  # rollout actors replaced after dying (over the executor's life)
-        self.policy_ref = self.ray.put(_plain_state(policy))
-        self.drafter_ref = self.ray.put(_plain_state_own(spot.drafter)) if spot is not None else None
+        self.replaced_spot = 0
+        self.policy_ref = self.ray.put(to_wire(policy.state_dict()))
+        self.drafter_ref = self.ray.put(_drafter_wire(spot.drafter)) if spot is not None else None
         Rollout, Spot = _actor_classes()
         self._Rollout = Rollout
         self.actors = [self._new_actor(w) for w in range(cfg.rollout_workers)]
+        self._Spot = Spot
+        self._spot_args: tuple[Any, ...] = ()
         self.spot: RemoteSpot | None = None
-        if spot is not None:
-            actor = Spot.options(num_cpus=0, max_concurrency=2).remote(
-                policy.config, self.policy_ref, policy.dtype, spot.drafter.config, self.drafter_ref,
-                spot.trainer.cfg, spot.buffer_tokens, cfg.threads)
-            self.spot = RemoteSpot(actor, mirror_factory() if mirror_factory is not None else spot.drafter)
+        if spot is not None and cfg.spot_training:  # without spot training the learner keeps its (idle) drafter
+            self._spot_args = (policy.config, policy.dtype, spot.drafter.config, spot.trainer.cfg, spot.buffer_tokens,
+                               cfg.threads)
+            self.spot = RemoteSpot(self._new_spot(self.drafter_ref), spot.drafter, self._respawn_spot)
         self.controller = RemoteController(self) if spot is not None else None
         self.ray.get([a.pid.remote() for a in self.actors])  # fail here, not mid-step, if an actor cannot start
+
+    def _new_spot(self, drafter_ref: Any) -> Any:
+        config, dtype, drafter_config, train_cfg, buffer_tokens, threads = self._spot_args
+        return self._Spot.options(num_cpus=0, max_concurrency=2).remote(
+            config, self.policy_ref, dtype, drafter_config, drafter_ref, train_cfg, buffer_tokens, threads)
+
+    def _respawn_spot(self, mirror: Drafter) -> Any:
+        """The spot actor died: a new one from the drafter the workers last received (its optimizer state and buffer
+        are lost; the buffer refills from the next update, and the next checkpoint holds the new state)."""
+        self.replaced_spot += 1
+        if self.replaced_spot > 4:
+            raise RayExecutorError("the spot trainer died 5 times; giving up (see the Ray logs under "
+                                   "/tmp/ray/session_latest/logs)")
+        log.warning("the spot drafter trainer died: starting a new one from the last synced drafter")
+        return self._new_spot(self.ray.put(_drafter_wire(mirror)))
 
     def _new_actor(self, w: int, fresh_env: bool = False) -> Any:
         opts: dict[str, Any] = {"num_cpus": self.cfg.ray_worker_cpus, "num_gpus": self.cfg.ray_worker_gpus}
@@ -371,14 +436,14 @@ class RayRolloutWorkers:
     # ---- weights between steps -----------------------------------------------------------------------------------
     def refresh_weights(self) -> None:
         """The learner's weights changed: one object in the store, read by every worker and the spot trainer."""
-        self.policy_ref = self.ray.put(_plain_state(self.policy))
+        self.policy_ref = self.ray.put(to_wire(self.policy.state_dict()))
         calls = [a.load_policy.remote(self.policy_ref) for a in self.actors]
         if self.spot is not None:
             calls.append(self.spot.actor.load_policy.remote(self.policy_ref))
         self.ray.get(calls)
 
     def load_drafter_weights(self, source: Drafter) -> None:
-        self.drafter_ref = self.ray.put(_plain_state_own(source))
+        self.drafter_ref = self.ray.put(_drafter_wire(source))
         self.ray.get([a.load_drafter.remote(self.drafter_ref) for a in self.actors])
 
     def close(self) -> None:
@@ -459,11 +524,16 @@ class RayRolloutWorkers:
         return min(live, key=lambda w: (load[w], w))
 
     def _collect_stint(self, spot: RemoteSpot, stint: tuple[int, Any], result: RolloutResult) -> None:
-        spot.actor.stop.remote(stint[0])
-        out = self.ray.get(stint[1])
+        try:
+            spot.actor.stop.remote(stint[0])
+            out = self.ray.get(stint[1])
+        except self.ray.exceptions.RayActorError:  # it died while training: what it trained since the sync is lost
+            spot.replace()
+            return
         w = result.workers[self._spot_worker]
         w.spot_train_s += out["seconds"]
         w.spot_steps += int(out["steps"])
+        result.spot_overrun_s += out["overrun_s"]
 
     def sync(self, spot: Any) -> None:
         """Between steps: finish the spot trainer's last stint (into its phase's report), its drafter to every
@@ -477,5 +547,3 @@ class RayRolloutWorkers:
         self.refresh_weights()
 
 
-def _plain_state_own(d: Drafter) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone() for k, v in d.own_state_dict().items()}

@@ -51,6 +51,7 @@ class RolloutResult:
     spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
     ks: dict[int, int] = field(default_factory=dict)  # K chosen -> steps that used it
     rerun_requests: int = 0  # requests decoded again because their worker died (Ray executor)
+    spot_overrun_s: float = 0.0  # spot training after the phase ended: the step it was in when stopped (Ray)
 
     @property
     def idle_fraction(self) -> float:
