@@ -518,12 +518,16 @@ class Registry:
                 doc = self._read_alias(s) if _ALIAS_RE.fullmatch(s) else None
                 if doc is None:
                     raise self._unknown_alias(s)
-                v = doc["version"]
-                if not self._exists(v):
-                    raise RegistryError(f"alias {s!r} points to version {v}, which is not in {self.versions_dir}; "
-                                        f"point it at an existing version: `understudy drafters promote VERSION {s}`")
+                return self._alias_target(s, doc)
         if not self._exists(v):
             raise self._unknown_version(v)
+        return v
+
+    def _alias_target(self, name: str, doc: dict[str, Any]) -> int:
+        v = doc["version"]
+        if not self._exists(v):
+            raise RegistryError(f"alias {name!r} points to version {v}, which is not in {self.versions_dir}; "
+                                f"point it at an existing version: `understudy drafters promote VERSION {name}`")
         return v
 
     def pair_policy(self, drafter: int, named: Any = _UNSET) -> int | None:
@@ -536,9 +540,9 @@ class Registry:
         """A drafter version or an alias -> (drafter version, policy version or None for the base model)."""
         s = str(spec).strip()
         if not isinstance(spec, int) and not _VERSION_RE.fullmatch(s) and _ALIAS_RE.fullmatch(s):
-            doc = self._read_alias(s)
+            doc = self._read_alias(s)  # read once: both halves from the same alias document, never a torn pair
             if doc is not None:
-                v = self.resolve(s)
+                v = self._alias_target(s, doc)
                 return v, self.pair_policy(v, _pair_of(doc)[1])
         v = self.resolve(spec)
         return v, self.pair_policy(v)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from understudy.trainer.config import TrainConfig
-from understudy.trainer.ray_exec import RayExecutorError, crash_env, ensure_ray
+from understudy.trainer.ray_exec import RayExecutorError, actor_died, crash_env, ensure_ray
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             out = ray.get(learner.fit.remote(resume or restarts > 0))
             out["learner_restarts"] = restarts
             return out
-        except ray.exceptions.RayActorError as e:
+        except actor_died() as e:
             restarts += 1
             if restarts > cfg.ray_learner_restarts:
                 raise RayExecutorError(f"the learner died {restarts} times (ray_learner_restarts = "

@@ -94,6 +94,13 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> Any:
     return ray
 
 
+def actor_died() -> tuple[type[BaseException], ...]:
+    """What ray.get raises when an actor's process is gone: killed, crashed, or stopped by Ray's memory monitor
+    (which raises OutOfMemoryError, not RayActorError)."""
+    ex = _ray().exceptions
+    return (ex.RayActorError, ex.OutOfMemoryError)
+
+
 def crash_env(fresh: bool) -> dict[str, Any]:
     """Actor options for crash points (crashpoints.py): an actor is armed as the process creating it is (actors
     start from the raylet's environment, not their creator's), and a replacement (`fresh`) is never re-armed by the
@@ -201,6 +208,9 @@ class SpotActor:
                  drafter_config: Any, drafter_state: dict[str, torch.Tensor], train_cfg: DrafterTrainConfig,
                  buffer_tokens: int, threads: int) -> None:
         torch.set_num_threads(threads)
+        # Below the rollout workers' priority: on a node where it borrows an idle worker's core, the node's other
+        # work (Ray's daemons, the learner waking up) preempts the spot trainer, not the worker still decoding.
+        os.nice(SPOT_NICE)
         self.target = _build_policy(model_config, policy_state, dtype)
         d = Drafter(drafter_config)
         d.load_state_dict(from_wire(drafter_state), strict=False)
@@ -257,6 +267,7 @@ class SpotActor:
             self.spot.load_state_dict(sd)
 
 
+SPOT_NICE = 10
 _CLASSES: dict[str, Any] = {}
 
 
@@ -295,7 +306,7 @@ class RemoteSpot:
         ray = _ray()
         try:
             return ray.get(getattr(self.actor, method).remote(*args))
-        except ray.exceptions.RayActorError:
+        except actor_died():
             self.replace()
             return ray.get(getattr(self.actor, method).remote(*args))
 
@@ -319,7 +330,7 @@ class RemoteSpot:
             try:
                 ray.get(self._pending)
                 self._pending.clear()
-            except ray.exceptions.RayActorError:
+            except actor_died():
                 self.replace()
                 ray.get(self._pending)
                 self._pending.clear()
@@ -410,11 +421,14 @@ class RayRolloutWorkers:
             self.spot = RemoteSpot(self._new_spot(self.drafter_ref), spot.drafter, self._respawn_spot)
         self.controller = RemoteController(self) if spot is not None else None
         self.ray.get([a.pid.remote() for a in self.actors])  # fail here, not mid-step, if an actor cannot start
+        if self.spot is not None:
+            self.ray.get(self.spot.actor.pid.remote())
+        self.policy_ref = None  # loaded by every actor (see refresh_weights)
 
     def _new_spot(self, drafter_ref: Any) -> Any:
         config, dtype, drafter_config, train_cfg, buffer_tokens, threads = self._spot_args
         return self._Spot.options(num_cpus=0, max_concurrency=2).remote(
-            config, self.policy_ref, dtype, drafter_config, drafter_ref, train_cfg, buffer_tokens, threads)
+            config, self._weights(fresh=False), dtype, drafter_config, drafter_ref, train_cfg, buffer_tokens, threads)
 
     def _respawn_spot(self, mirror: Drafter) -> Any:
         """The spot actor died: a new one from the drafter the workers last received (its optimizer state and buffer
@@ -430,17 +444,25 @@ class RayRolloutWorkers:
         opts: dict[str, Any] = {"num_cpus": self.cfg.ray_worker_cpus, "num_gpus": self.cfg.ray_worker_gpus}
         opts.update(crash_env(fresh=fresh_env))
         return self._Rollout.options(**opts).remote(
-            w, self.policy.config, self.policy_ref, self.policy.dtype, self.eos, self.max_batch, self.max_model_len,
+            w, self.policy.config, self._weights(fresh=False), self.policy.dtype, self.eos, self.max_batch, self.max_model_len,
             self.num_draft_tokens, self.drafter_config, self.drafter_ref, self.bandit, self.cfg.threads)
 
     # ---- weights between steps -----------------------------------------------------------------------------------
     def refresh_weights(self) -> None:
         """The learner's weights changed: one object in the store, read by every worker and the spot trainer."""
-        self.policy_ref = self.ray.put(to_wire(self.policy.state_dict()))
-        calls = [a.load_policy.remote(self.policy_ref) for a in self.actors]
+        ref = self._weights()
+        calls = [a.load_policy.remote(ref) for a in self.actors]
         if self.spot is not None:
-            calls.append(self.spot.actor.load_policy.remote(self.policy_ref))
+            calls.append(self.spot.actor.load_policy.remote(ref))
         self.ray.get(calls)
+        self.policy_ref = None  # every actor holds them now: the store's copy (a model's size) goes
+
+    def _weights(self, fresh: bool = True) -> Any:
+        """The learner's weights in the object store: put again after an update (or for an actor started between
+        refreshes, when the last copy was already released)."""
+        if fresh or self.policy_ref is None:
+            self.policy_ref = self.ray.put(to_wire(self.policy.state_dict()))
+        return self.policy_ref
 
     def load_drafter_weights(self, source: Drafter) -> None:
         self.drafter_ref = self.ray.put(_drafter_wire(source))
@@ -473,7 +495,7 @@ class RayRolloutWorkers:
             w, share = pending.pop(ready[0])
             try:
                 out = ray.get(ready[0])
-            except ray.exceptions.RayActorError as e:
+            except actor_died() as e:
                 result.rerun_requests += len(share)
                 target = self._replace(w, e, idle, pending)
                 if target in idle:
@@ -527,7 +549,7 @@ class RayRolloutWorkers:
         try:
             spot.actor.stop.remote(stint[0])
             out = self.ray.get(stint[1])
-        except self.ray.exceptions.RayActorError:  # it died while training: what it trained since the sync is lost
+        except actor_died():  # it died while training: what it trained since the sync is lost
             spot.replace()
             return
         w = result.workers[self._spot_worker]

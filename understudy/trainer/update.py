@@ -195,6 +195,7 @@ class PolicyUpdater:
             parts.append(self._micro_batch(seqs, idx, adv, old, n_tokens, samples))
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # a model's size of gradients is not kept between steps
         return float(norm)
 
     def _micro_batch(self, seqs: list[Seq], idx: list[int], adv: torch.Tensor, old: OldLogprobs | None,
