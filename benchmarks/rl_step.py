@@ -97,16 +97,17 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
     def rows(name: str) -> list[dict[str, Any]]:
         return [m for m in hist[name][1:] if m["step"] > warmup]
 
+    def secs(m: dict[str, Any], key: str) -> float:
+        return m["step_seconds"] if key == "step_seconds" else m["time"][key]
+
     def med(name: str, key: str) -> float:
-        vals = [m["time"][key] if key != "step_seconds" else m["step_seconds"] for m in rows(name)]
+        vals = [secs(m, key) for m in rows(name)]
         return statistics.median(vals) if vals else float("nan")
 
     def paired(a: str, b: str, key: str) -> float:
         """Median over steps of a's time / b's time (the steps ran back to back: a per-step pairing)."""
         ra = {m["step"]: m for m in rows(a)}
-        ratios = [(ra[m["step"]]["time"][key] if key != "step_seconds" else ra[m["step"]]["step_seconds"]) /
-                  (m["time"][key] if key != "step_seconds" else m["step_seconds"])
-                  for m in rows(b) if m["step"] in ra]
+        ratios = [secs(ra[m["step"]], key) / secs(m, key) for m in rows(b) if m["step"] in ra]
         return statistics.median(ratios) if ratios else float("nan")
 
     phases = ("rollout", "reward", "update", "drafter_sync")

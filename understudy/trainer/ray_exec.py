@@ -46,7 +46,6 @@ from understudy.drafter.model import Drafter
 from understudy.drafter.train import DrafterTrainConfig
 from understudy.engine.bandit import AdaptiveController, BanditConfig
 from understudy.engine.model import Transformer
-from understudy.engine.spec_metrics import SpecDecodeStats
 from understudy.errors import UnderstudyError
 from understudy.trainer import crashpoints
 from understudy.trainer.config import TrainConfig
@@ -55,7 +54,10 @@ from understudy.trainer.rollout import (
     RolloutResult,
     WorkerReport,
     decode_share,
+    reload_drafter,
     rollout_engine,
+    spec_diff,
+    spec_snapshot,
 )
 from understudy.trainer.spot import SpotDrafterTrainer, pack_samples, unpack_samples
 
@@ -165,8 +167,7 @@ class RolloutActor:
         return os.getpid()
 
     def decode(self, step: int, tag: str, share: list[int], requests: list[RolloutRequest]) -> dict[str, Any]:
-        before = SpecDecodeStats()
-        before.merge(self.engine.stats)
+        before = spec_snapshot(self.engine)
 
         def crash_point(n: int) -> None:  # the first worker dies after its first decode step (fault tests)
             if n == 1 and self.worker == 0 and crashpoints.armed("rollout_worker", step):
@@ -175,7 +176,7 @@ class RolloutActor:
         t0 = time.perf_counter()
         responses, ks = decode_share(self.engine, share, requests, tag, on_step=crash_point)
         return {"responses": responses, "ks": ks, "seconds": time.perf_counter() - t0,
-                "spec": _spec_diff(self.engine.stats, before)}
+                "spec": spec_diff(self.engine.stats, before)}
 
     def load_policy(self, wire: dict[str, tuple[str, Any]]) -> None:
         with torch.no_grad():
@@ -183,11 +184,7 @@ class RolloutActor:
         self.engine.refresh_weights()
 
     def load_drafter(self, wire: dict[str, tuple[str, Any]]) -> None:
-        eng = self.engine
-        if eng.drafter is not None:
-            with torch.no_grad():
-                eng.drafter.load_state_dict(from_wire(wire), strict=False)
-            eng.set_drafter(eng.drafter)
+        reload_drafter(self.engine, from_wire(wire))
 
     def controller_state(self) -> dict[str, Any] | None:
         return self.controller.state() if self.controller is not None else None
@@ -277,15 +274,6 @@ def _actor_classes() -> tuple[Any, Any]:
         _CLASSES["rollout"] = ray.remote(RolloutActor)
         _CLASSES["spot"] = ray.remote(SpotActor)
     return _CLASSES["rollout"], _CLASSES["spot"]
-
-
-def _spec_diff(now: SpecDecodeStats, before: SpecDecodeStats) -> SpecDecodeStats:
-    d = SpecDecodeStats(num_drafts=now.num_drafts - before.num_drafts,
-                        num_draft_tokens=now.num_draft_tokens - before.num_draft_tokens,
-                        num_accepted_tokens=now.num_accepted_tokens - before.num_accepted_tokens)
-    d.accepted_per_pos = [a - (before.accepted_per_pos[i] if i < len(before.accepted_per_pos) else 0)
-                          for i, a in enumerate(now.accepted_per_pos)]
-    return d
 
 
 # ---- the learner's handles ---------------------------------------------------------------------------------------
@@ -392,7 +380,7 @@ class RayRolloutWorkers:
     `controller`, `spot`."""
 
     def __init__(self, policy: Transformer, eos_token_ids: tuple[int, ...], cfg: TrainConfig, max_batch: int,
-                 max_model_len: int, spot: SpotDrafterTrainer | None, mirror_factory: Any = None) -> None:
+                 max_model_len: int, spot: SpotDrafterTrainer | None) -> None:
         self.ray = ensure_ray(cfg.ray_address)
         self.policy = policy
         self.cfg = cfg

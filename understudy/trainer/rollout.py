@@ -110,10 +110,7 @@ class RolloutWorkers:
         """Copy the spot-trained drafter into every worker's drafter (between steps, never mid-rollout)."""
         sd = source.own_state_dict()
         for eng in self.engines:
-            if eng.drafter is not None:
-                with torch.no_grad():
-                    eng.drafter.load_state_dict(sd, strict=False)
-                eng.set_drafter(eng.drafter)  # re-bind + full catch-up; applied at the next step
+            reload_drafter(eng, sd)
 
     def refresh_weights(self) -> None:
         for eng in self.engines:
@@ -137,7 +134,7 @@ class RolloutWorkers:
         remaining = [len(self.engines)]
         lock = threading.Lock()
         errors: list[BaseException] = []
-        before = [self._spec_snapshot(e) for e in self.engines]
+        before = [spec_snapshot(e) for e in self.engines]
         ks: dict[int, int] = {}
         t0 = time.perf_counter()
 
@@ -170,7 +167,7 @@ class RolloutWorkers:
             r.idle_s = seconds - r.busy_s
         spec = SpecDecodeStats()
         for e, b in zip(self.engines, before, strict=True):
-            spec.merge(_diff(e.stats, b))
+            spec.merge(spec_diff(e.stats, b))
         return RolloutResult(responses=responses, seconds=seconds, workers=reports, spec=spec, ks=ks)
 
     def _decode_share(self, w: int, share: list[int], requests: list[RolloutRequest], responses: list[list[int]],
@@ -183,14 +180,23 @@ class RolloutWorkers:
             for k, v in steps.items():
                 ks[k] = ks.get(k, 0) + v
 
-    @staticmethod
-    def _spec_snapshot(e: Engine) -> SpecDecodeStats:
-        s = SpecDecodeStats()
-        s.merge(e.stats)
-        return s
+
+def reload_drafter(eng: Engine, state: dict[str, torch.Tensor]) -> None:
+    """New weights into the engine's own drafter copy, re-bound at its next step (no-op without a drafter)."""
+    if eng.drafter is not None:
+        with torch.no_grad():
+            eng.drafter.load_state_dict(state, strict=False)
+        eng.set_drafter(eng.drafter)  # re-bind + full catch-up; applied at the next step
 
 
-def _diff(now: SpecDecodeStats, before: SpecDecodeStats) -> SpecDecodeStats:
+def spec_snapshot(e: Engine) -> SpecDecodeStats:
+    """A copy of the engine's cumulative speculation counters (subtract with spec_diff)."""
+    s = SpecDecodeStats()
+    s.merge(e.stats)
+    return s
+
+
+def spec_diff(now: SpecDecodeStats, before: SpecDecodeStats) -> SpecDecodeStats:
     d = SpecDecodeStats(num_drafts=now.num_drafts - before.num_drafts,
                         num_draft_tokens=now.num_draft_tokens - before.num_draft_tokens,
                         num_accepted_tokens=now.num_accepted_tokens - before.num_accepted_tokens)
