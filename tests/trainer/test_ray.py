@@ -78,15 +78,24 @@ def test_a_grpo_step_with_ray_workers_trains_the_drafter_on_idle_capacity(ray_cl
     try:
         first, second, third = (t.train_step() for _ in range(3))
         assert first["spot_steps"] == 0  # no buffer yet at step 1
-        assert sum(m["spot_steps"] for m in (second, third)) > 0  # the long tail left a worker idle, and it trained
         for m in (first, second, third):
             assert m["rollout_tokens"] == sum(w["tokens"] for w in m["workers"])
             assert m["idle_fraction"] > 0 and m["rerun_requests"] == 0
         assert second["spec"]["num_drafts"] > 0 and "controller" in second
         lengths = sorted(len(r) for r in t.workers.run(t._requests([t.task.sample(t.rng)] * 4)[0]).responses)
         assert lengths[0] < lengths[-1]  # long-tail profile: the responses' lengths spread
+        # A tail made to measure, so the idle window does not depend on sampled lengths: worker 0's share answers in
+        # 1 token, worker 1's decodes 160. The spot trainer starts when worker 0 is idle and is stopped only when
+        # worker 1 finishes, so it takes steps however loaded the machine is (both sides slow down together).
+        tail = [RolloutRequest(rl_assets["prompts"][i], SamplingParams(max_tokens=1 if i % 2 == 0 else 160,
+                                                                       temperature=0.0, ignore_eos=True))
+                for i in range(8)]
+        r = t.workers.run(tail, spot=t.spot)
+        t.workers.sync(t.spot)  # collects the stint into r
+        assert r.workers[1].busy_s > r.workers[0].busy_s  # worker 1 is the tail
+        assert r.workers[0].spot_steps > 0 and r.workers[0].spot_train_s > 0  # trained on worker 0's idle capacity
         sd = t.spot.state_dict()
-        assert sd["trainer"]["step"] == sum(m["spot_steps"] for m in (first, second, third))
+        assert sd["trainer"]["step"] == sum(m["spot_steps"] for m in (first, second, third)) + r.workers[0].spot_steps
         ray.kill(t.spot.actor)  # the spot trainer dies: a new one starts from the last synced drafter
         fourth = t.train_step()
         assert t.workers.replaced_spot == 1 and fourth["rerun_requests"] == 0
