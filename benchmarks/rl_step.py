@@ -27,6 +27,7 @@ import argparse
 import json
 import statistics
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,8 @@ def main() -> None:
     ap.add_argument("--modes", default="tlt,tlt-nospot,off", help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--executor", choices=("local", "ray"), default=None, help="override the config's executor")
     ap.add_argument("--length-profile", choices=("task", "long-tail"), default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a config field (TOML value syntax), e.g. --set spot_duty=0.3")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -227,7 +230,15 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or RESULTS / f"rl_step-{stamp}.json"
     work = Path("runs") / f"rl_step-{stamp}"
-    overrides = {"executor": args.executor, "length_profile": args.length_profile}
+    overrides: dict[str, Any] = {"executor": args.executor, "length_profile": args.length_profile}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            ap.error(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            overrides[field.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[field.strip()] = value  # a bare string
     res = run(args.config, args.steps, args.warmup, args.eval_every, work, modes,
               {k: v for k, v in overrides.items() if v is not None})
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,9 @@ def make_prompt(lm: Any, n: int) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--modes", default="none,int8,int4", help="quantize modes (none = float32)")
+    ap.add_argument("--modes", default="none,int8,int4",
+                    help="quantize modes (none = float32); int8-unfused / int4-unfused run the quantised layers op "
+                         "by op instead of in the fused native decoder")
     ap.add_argument("--widths", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--prefix", type=int, default=256, help="tokens already in the KV cache")
     ap.add_argument("--batch", type=int, default=1, help="sequences verified together")
@@ -100,7 +102,12 @@ def main() -> None:
     setups: dict[str, Setup] = {}
     prompt: list[int] | None = None
     for mode in modes:
-        lm = load_model(args.model, dtype="float32", quantize=mode)
+        quantize, _, variant = mode.partition("-")
+        if variant not in ("", "unfused"):
+            ap.error(f"--modes: {mode!r}; a mode is none, int8 or int4, optionally with -unfused")
+        lm = load_model(args.model, dtype="float32", quantize=quantize)
+        if variant == "unfused":  # the same weights run op by op (the A/B of the fused decoder)
+            lm.model.fused = None
         prompt = prompt or make_prompt(lm, args.prefix)
         setups[mode] = Setup(mode, lm, args, prompt)
         print(f"loaded {mode}: {weight_bytes(setups[mode].model)['total'] / 1e6:.0f} MB of linear weights", flush=True)

@@ -15,7 +15,7 @@ from understudy.drafter.train import DrafterTrainConfig
 from understudy.engine.loader import load_model
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt
-from understudy.trainer.config import TrainConfigError, load_config
+from understudy.trainer.config import TrainConfig, TrainConfigError, load_config
 from understudy.trainer.grpo import GRPOTrainer
 from understudy.trainer.rollout import RolloutRequest, RolloutWorkers
 from understudy.trainer.spot import SpotDrafterTrainer
@@ -190,3 +190,58 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(p)
     p.write_text('prompts_per_step = 2\ngroup_size = 4\nppo_mini_batches = 8\nppo_epochs = 3\n')
     assert (load_config(p).ppo_mini_batches, load_config(p).ppo_epochs) == (8, 3)
+
+
+class _FakeClock:
+    """perf_counter / sleep on a simulated clock: the duty cycle's arithmetic checked without wall time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.now += s
+
+
+@pytest.mark.parametrize("duty, starts, resting, next_starts", [
+    (1.0, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], 0.0, [20, 21, 22]),
+    (0.25, [0, 4, 8], 7.0, []),  # the next window's 3 s rest outlasts it
+    (0.5, [0, 2, 4, 6, 8], 5.0, [21])])
+def test_spot_duty_cycle_rests_before_each_step_and_stops_with_the_phase(rl_assets, monkeypatch, duty, starts,
+                                                                         resting, next_starts):
+    """Each simulated training step takes 1 s; the idle window is [0, 10) s. With duty d the trainer rests
+    (1/d - 1) s before each step but the very first (the previous step's duration is not known yet); a rest ends
+    early, with no step, when the phase does. The next window starts with a rest."""
+    from understudy.drafter.train import target_features
+    from understudy.trainer import spot as spot_mod
+
+    lm, prompts = rl_assets["lm"], rl_assets["prompts"]
+    spot = SpotDrafterTrainer(rl_assets["drafter"], lm.model, DrafterTrainConfig(tokens_per_batch=256, unroll_steps=1),
+                              100_000, duty=duty)
+    spot.add(target_features(lm.model, [(p, 1) for p in prompts[:4]]))
+    clock = _FakeClock()
+    monkeypatch.setattr(spot_mod, "time", clock)
+    began: list[float] = []
+
+    def step(group):  # type: ignore[no-untyped-def]
+        began.append(clock.now)
+        clock.now += 1.0
+        return {"loss": 0.0}
+
+    spot.trainer.train_step = step  # type: ignore[method-assign]
+    taken = spot.train_until(lambda: clock.now >= 10.0 - 1e-9)
+    assert taken == len(starts) and began == pytest.approx(starts, abs=0.02)
+    assert spot.total_train_s == pytest.approx(len(starts), abs=0.02)
+    assert spot.total_rest_s == pytest.approx(resting, abs=0.02)
+    clock.now, began[:] = 20.0, []  # the next idle window, [20, 22.5)
+    spot.train_until(lambda: clock.now >= 22.5 - 1e-9)
+    assert began == pytest.approx(next_starts, abs=0.02)
+
+
+def test_spot_duty_must_be_a_share():
+    with pytest.raises(TrainConfigError, match="spot_duty"):
+        TrainConfig(spot_duty=0.0)
+    with pytest.raises(TrainConfigError, match="spot_duty"):
+        TrainConfig(spot_duty=1.5)

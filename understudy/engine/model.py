@@ -11,6 +11,7 @@ The same module serves two callers:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -250,6 +251,9 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryTable(cfg, max_positions or cfg.max_position_embeddings)
+        # The decoder stack in one native call for cached decode/verify forwards: set by quant.quantize_model when
+        # the layers fit it (engine/quant.py, FusedDecoder); returns None for forwards it does not take.
+        self.fused: Callable[..., torch.Tensor | None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -276,6 +280,10 @@ class Transformer(nn.Module):
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
                    kv_len: int | None, slot_start: int = 0) -> torch.Tensor:
+        if cache is not None and self.fused is not None:
+            out = self.fused(self, x, positions, cache, slot_start)
+            if out is not None:
+                return self.norm(out)
         cos, sin = self.rotary(positions, x.dtype)
         mask, write_idx, L = None, None, x.shape[1]
         if cache is not None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from understudy.engine import qkernels
 from understudy.engine.config import ConfigError
-from understudy.engine.model import Linear, Transformer
+from understudy.engine.model import KVCache, Linear, RMSNorm, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,104 @@ def quantize_model(model: Transformer, quantize: str, group: int = INT4_GROUP_SI
         targets.append((model, "lm_head", model.lm_head, fmt_head))
     for parent, name, child, fmt in targets:
         setattr(parent, name, quantize_linear(child, fmt, group))
+    model.fused = FusedDecoder.for_model(model)
     return len(targets)
+
+
+# ---- the decoder stack in one native call ------------------------------------------------------------------------
+FUSED_MAX_TOKENS = 32  # tokens per row the fused path takes (decode steps, verification); longer prefills go op by op
+_LAYER_FIELDS = 36  # wq_decoder_forward's table: norm1, norm2, 4 linears x 8 fields, k cache, v cache
+
+
+class FusedDecoder:
+    """Runs every decoder layer of a quantised model in one call of the native kernels (`wq_decoder_forward`):
+    RMSNorm, the four quantised matmuls, RoPE, the KV-cache writes, attention, SiLU-gate and residuals, row by row.
+
+    Why: after quantisation about half of a batch-1 step was the ~41 small torch ops per layer around the matmuls
+    (docs/performance.md). Each row is computed alone in a fixed order, so its result is bitwise the same in a
+    width-1 step and in a width-(k+1) verification, at any batch size: speculation stays exactly lossless.
+    Taken for cached forwards of up to FUSED_MAX_TOKENS tokens per row with grad off; everything else (long
+    prefills, training) runs op by op. Holds no reference to the model (it is passed in), nor to the library; its
+    pointer table is checked against the model's and the cache's tensors on every call (~180 pointers)."""
+
+    def __init__(self) -> None:
+        self.table = torch.zeros(0, _LAYER_FIELDS, dtype=torch.int64)  # [L, 36]: weight and cache pointers
+        self.key: tuple[int, ...] = ()  # the pointers the table was built from
+
+    @classmethod
+    def for_model(cls, model: Transformer) -> FusedDecoder | None:
+        """A fused decoder for `model`, or None where its layers do not fit the kernel (non-native or float
+        linears, another norm, shapes the kernel does not tile, not float32)."""
+        return cls() if cls._fits(model) else None
+
+    @staticmethod
+    def _fits(model: Transformer) -> bool:
+        c = model.config
+        if model.dtype != torch.float32 or qkernels.load() is None:
+            return False
+        if c.head_dim % 16 or c.hidden_size % 8 or c.intermediate_size % 8 or c.num_heads % c.num_kv_heads:
+            return False
+        for layer in model.layers:
+            linears = (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)
+            if not all(isinstance(m, QuantizedLinear) and m.backend == "native" for m in linears):
+                return False
+            if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
+                       for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+                return False
+        return True
+
+    @staticmethod
+    def _layer_fields(layer: nn.Module) -> list[int]:
+        row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()]
+        for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2):
+            bias = m.bias.data_ptr() if m.bias is not None else 0
+            if isinstance(m, Int8Linear):
+                row += [0, 8, 0, m.out_features, m.qweight.data_ptr(), m.scales.data_ptr(), 0, bias]
+            else:
+                row += [1, m.bits, m.group, m.out_features, m.qweight.data_ptr(), m.scale.data_ptr(),
+                        m.minimum.data_ptr(), bias]
+        return row
+
+    def _refresh(self, model: Transformer, cache: KVCache) -> bool:
+        """Point the table at the model's and the cache's current tensors, which may be replaced (the loader copies
+        the norms out of the file's memory map after quantising; an engine may allocate a new cache). False if the
+        cache is not contiguous."""
+        rows = [[*self._layer_fields(layer), k.data_ptr(), v.data_ptr()]
+                for layer, k, v in zip(model.layers, cache.k, cache.v, strict=True)]
+        key = tuple(p for row in rows for p in row)
+        if key != self.key:
+            if not all(t.is_contiguous() for t in (*cache.k, *cache.v)):
+                return False
+            self.table, self.key = torch.tensor(rows, dtype=torch.int64), key
+        return True
+
+    def __call__(self, model: Transformer, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 slot_start: int) -> torch.Tensor | None:
+        """x [B, T, H] -> the residual stream after the last layer (before the final norm), or None if this
+        forward is not one the fused path takes."""
+        B, T, H = x.shape
+        if T > FUSED_MAX_TOKENS or torch.is_grad_enabled() or x.dtype != torch.float32 or \
+                cache.k[0].dtype != torch.float32 or not x.is_cpu:
+            return None
+        lib = qkernels.load()
+        if lib is None:
+            return None
+        if not self._refresh(model, cache):
+            return None
+        c = model.config
+        out = x.reshape(B * T, H).clone()
+        pos = positions.to(torch.int64).contiguous()
+        S, _, C, _ = cache.k[0].shape
+        cos, sin = model.rotary.cos, model.rotary.sin
+        rc = lib.wq_decoder_forward(out.data_ptr(), B, T, pos.data_ptr(), c.num_layers, H, c.num_heads,
+                                    c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps, cos.data_ptr(),
+                                    sin.data_ptr(), cos.shape[0], self.table.data_ptr(), slot_start, S, C)
+        if rc == -1:
+            raise ValueError(f"position {int(pos.max())} (slots {slot_start}..{slot_start + B - 1}) is outside the "
+                             f"rotary table ({cos.shape[0]}), the KV cache ({C} positions) or its {S} slots")
+        if rc != 0:
+            raise RuntimeError(f"wq_decoder_forward failed ({rc}) on a model it accepted; please report this")
+        return out.view(B, T, H)
 
 
 def is_quantized(model: nn.Module) -> bool:

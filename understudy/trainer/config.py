@@ -50,6 +50,8 @@ class TrainConfig:
     controller_arms: tuple[int, ...] = (0, 2, 4)  # K arms of the adaptive rollout controller (0 = off)
     rollout_workers: int = 2  # rollout engines; the share of a worker that finishes early trains the drafter
     spot_training: bool = True  # train the drafter on idle rollout capacity
+    spot_duty: float = 1.0  # share of the idle window the spot trainer computes; below 1 it rests between steps
+    # (rest = step time x (1/duty - 1)), so a worker still decoding on the same memory system loses less bandwidth
     drafter_init: str | None = None  # drafter folder to start from (None = fresh)
     drafter_warmup_s: float = 0.0  # before step 1: self-distil the drafter on the initial policy's own rollouts
     drafter_lr: float = 1e-3  # drafter AdamW learning rate
@@ -85,6 +87,7 @@ class TrainConfig:
             (0 < self.temperature <= 2, "temperature must be in (0, 2] (GRPO samples)"),
             (self.lr > 0 and self.drafter_lr > 0, "lr and drafter_lr must be > 0"),
             (self.rollout_workers >= 1, "rollout_workers must be >= 1"),
+            (0 < self.spot_duty <= 1, "spot_duty must be in (0, 1] (1 = train through the whole idle window)"),
             (0 <= self.num_draft_tokens <= 16, "num_draft_tokens must be in [0, 16]"),
             (len(set(self.controller_arms)) >= 2, "controller_arms needs at least two distinct K (e.g. [0, 4])"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),

@@ -129,7 +129,7 @@ class GRPOTrainer:
         d = d.float().bind(self.policy)
         dcfg = DrafterTrainConfig(lr=c.drafter_lr, unroll_steps=c.drafter_unroll_steps, warmup_steps=10,
                                   total_steps=100_000, tokens_per_batch=c.drafter_tokens_per_batch, seed=c.seed)
-        return SpotDrafterTrainer(d, self.policy, dcfg, buffer_tokens=c.drafter_buffer_tokens)
+        return SpotDrafterTrainer(d, self.policy, dcfg, buffer_tokens=c.drafter_buffer_tokens, duty=c.spot_duty)
 
     def _drafter_copy(self) -> Drafter:
         assert self.spot is not None

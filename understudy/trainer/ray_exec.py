@@ -203,7 +203,7 @@ class SpotActor:
 
     def __init__(self, model_config: Any, policy_state: dict[str, torch.Tensor], dtype: torch.dtype,
                  drafter_config: Any, drafter_state: dict[str, torch.Tensor], train_cfg: DrafterTrainConfig,
-                 buffer_tokens: int, threads: int) -> None:
+                 buffer_tokens: int, threads: int, duty: float = 1.0) -> None:
         torch.set_num_threads(threads)
         # Below the rollout workers' priority: on a node where it borrows an idle worker's core, the node's other
         # work (Ray's daemons, the learner waking up) preempts the spot trainer, not the worker still decoding.
@@ -211,7 +211,7 @@ class SpotActor:
         self.target = _build_policy(model_config, policy_state, dtype)
         d = Drafter(drafter_config)
         d.load_state_dict(from_wire(drafter_state), strict=False)
-        self.spot = SpotDrafterTrainer(d.float().bind(self.target), self.target, train_cfg, buffer_tokens)
+        self.spot = SpotDrafterTrainer(d.float().bind(self.target), self.target, train_cfg, buffer_tokens, duty=duty)
         self._stopped: dict[int, float] = {}  # run -> when stop(run) arrived
         self._lock = threading.Lock()  # one of train / add / load at a time (stop and pid never wait)
 
@@ -219,14 +219,16 @@ class SpotActor:
         return os.getpid()
 
     def train(self, run: int) -> dict[str, float]:
-        """Train until stop(run). Returns steps, seconds trained while the phase lasted (until stop arrived) and the
-        overrun after it (the step in progress when stop arrived: the pre-emption latency), on this actor's clock."""
+        """Train until stop(run). Returns steps, seconds trained while the phase lasted (until stop arrived; less the
+        duty cycle's rests), the rests, and the overrun after it (the step in progress when stop arrived: the
+        pre-emption latency), on this actor's clock."""
         with self._lock:
-            t0 = time.perf_counter()
+            t0, rest0 = time.perf_counter(), self.spot.total_rest_s
             steps = self.spot.train_until(lambda: run in self._stopped) if self.spot.has_data else 0
-            t1 = time.perf_counter()
+            t1, rest = time.perf_counter(), self.spot.total_rest_s - rest0
             stop_at = min(self._stopped.get(run, t1), t1)
-            return {"steps": steps, "seconds": max(0.0, stop_at - t0), "overrun_s": t1 - max(stop_at, t0)}
+            return {"steps": steps, "seconds": max(0.0, stop_at - t0 - rest), "rest_s": rest,
+                    "overrun_s": t1 - max(stop_at, t0)}
 
     def stop(self, run: int) -> None:
         self._stopped.setdefault(run, time.perf_counter())
@@ -405,7 +407,7 @@ class RayRolloutWorkers:
         self.spot: RemoteSpot | None = None
         if spot is not None and cfg.spot_training:  # without spot training the learner keeps its (idle) drafter
             self._spot_args = (policy.config, policy.dtype, spot.drafter.config, spot.trainer.cfg, spot.buffer_tokens,
-                               cfg.threads)
+                               cfg.threads, spot.duty)
             self.spot = RemoteSpot(self._new_spot(self.drafter_ref), spot.drafter, self._respawn_spot)
         self.controller = RemoteController(self) if spot is not None else None
         self.ray.get([a.pid.remote() for a in self.actors])  # fail here, not mid-step, if an actor cannot start
@@ -414,9 +416,10 @@ class RayRolloutWorkers:
         self.policy_ref = None  # loaded by every actor (see refresh_weights)
 
     def _new_spot(self, drafter_ref: Any) -> Any:
-        config, dtype, drafter_config, train_cfg, buffer_tokens, threads = self._spot_args
+        config, dtype, drafter_config, train_cfg, buffer_tokens, threads, duty = self._spot_args
         return self._Spot.options(num_cpus=0, max_concurrency=2).remote(
-            config, self._weights(fresh=False), dtype, drafter_config, drafter_ref, train_cfg, buffer_tokens, threads)
+            config, self._weights(fresh=False), dtype, drafter_config, drafter_ref, train_cfg, buffer_tokens, threads,
+            duty)
 
     def _respawn_spot(self, mirror: Drafter) -> Any:
         """The spot actor died: a new one from the drafter the workers last received (its optimizer state and buffer

@@ -148,9 +148,7 @@ class RolloutWorkers:
                 if last:
                     phase_done.set()
                 elif spot is not None:
-                    t_spot = time.perf_counter()
-                    reports[w].spot_steps = spot.train_while_idle(phase_done)
-                    reports[w].spot_train_s = time.perf_counter() - t_spot
+                    reports[w].spot_steps, reports[w].spot_train_s = spot.train_while_idle(phase_done)
             except BaseException as e:  # surfaced in the caller's thread
                 errors.append(e)
                 phase_done.set()

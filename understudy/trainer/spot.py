@@ -21,10 +21,12 @@ from understudy.drafter.model import Drafter
 from understudy.drafter.train import DrafterTrainConfig, DrafterTrainer, Sample, evaluate
 from understudy.engine.model import Transformer
 
+REST_POLL_S = 0.01  # how often a resting spot trainer checks whether the phase ended
+
 
 class SpotDrafterTrainer:
     def __init__(self, drafter: Drafter, target: Transformer, cfg: DrafterTrainConfig, buffer_tokens: int,
-                 heldout_fraction: float = 0.125) -> None:
+                 heldout_fraction: float = 0.125, duty: float = 1.0) -> None:
         self.drafter = drafter  # the copy being trained (rollout engines hold their own copies)
         self.target = target
         self.trainer = DrafterTrainer(drafter, cfg)
@@ -33,7 +35,10 @@ class SpotDrafterTrainer:
         self.buffer_tokens = buffer_tokens
         self.heldout_fraction = heldout_fraction
         self._lock = threading.Lock()
+        self.duty = duty  # share of an idle window spent computing (TrainConfig.spot_duty)
         self.total_train_s = 0.0
+        self.total_rest_s = 0.0  # duty-cycle rests inside idle windows
+        self.last_step_s = 0.0  # duration of the latest training step (paces the next one)
         self.last_metrics: dict[str, float] = {}
 
     # ---- data ------------------------------------------------------------------------------------------------
@@ -51,22 +56,48 @@ class SpotDrafterTrainer:
         return bool(self.buffer)
 
     # ---- training --------------------------------------------------------------------------------------------
-    def train_while_idle(self, phase_done: threading.Event) -> int:
-        """Train until `phase_done` is set (the last rollout worker finished). Returns steps taken here."""
+    def train_while_idle(self, phase_done: threading.Event) -> tuple[int, float]:
+        """Train until `phase_done` is set (the last rollout worker finished). Returns (steps, seconds computing)
+        taken here: 0 for a worker that finds another one already training, or nothing to train on."""
         if not self.has_data or not self._lock.acquire(blocking=False):
             phase_done.wait()  # nothing to do, or another idle worker is already training
-            return 0
+            return 0, 0.0
         try:
-            return self.train_until(phase_done.is_set)
+            before = self.total_train_s
+            steps = self.train_until(phase_done.is_set)
+            return steps, self.total_train_s - before
         finally:
             self._lock.release()
 
     def train_until(self, should_stop: Callable[[], bool]) -> int:
-        """Train step after step until should_stop() (checked between steps). Returns steps taken."""
+        """Train step after step until should_stop() (checked between steps). Returns steps taken.
+
+        With duty < 1 each step is preceded by a rest of (1/duty - 1) x the previous step's duration (it ends early,
+        with no step, if should_stop()), so the trainer computes about `duty` of any idle window, its first step
+        included. Where the spot trainer shares memory bandwidth with a worker still decoding (a CPU node), that
+        worker's slowdown scales with it (docs/ray.md, "Spot duty cycle")."""
         t0 = time.perf_counter()
-        steps = self.trainer.train(list(self.buffer), should_stop=should_stop,
-                                   on_step=lambda m: self.last_metrics.update(m))
-        self.total_train_s += time.perf_counter() - t0
+        rested = 0.0
+        step_start = t0
+
+        def paced_stop() -> bool:  # called before every step
+            nonlocal rested, step_start
+            if self.duty < 1.0 and self.last_step_s > 0 and not should_stop():
+                now = time.perf_counter()
+                until = now + self.last_step_s * (1.0 / self.duty - 1.0)
+                while not should_stop() and time.perf_counter() < until:
+                    time.sleep(min(REST_POLL_S, max(0.0, until - time.perf_counter())))
+                rested += time.perf_counter() - now
+            step_start = time.perf_counter()
+            return should_stop()
+
+        def on_step(m: dict[str, float]) -> None:
+            self.last_metrics.update(m)
+            self.last_step_s = time.perf_counter() - step_start
+
+        steps = self.trainer.train(list(self.buffer), should_stop=paced_stop, on_step=on_step)
+        self.total_train_s += time.perf_counter() - t0 - rested
+        self.total_rest_s += rested
         return steps
 
     def train_for(self, seconds: float) -> int:

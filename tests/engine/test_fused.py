@@ -1,0 +1,126 @@
+"""The fused native decoder of quantised models (quant.FusedDecoder): the same computation as the op-by-op
+layers, rows independent of their batch and width (what keeps speculation exactly lossless), clear errors."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from understudy.engine import qkernels, quant
+from understudy.engine.loader import load_model
+
+pytestmark = pytest.mark.skipif(qkernels.load() is None, reason=f"native kernels: {qkernels.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def qmodel(request, tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), dtype="float32", quantize=request.param).model
+
+
+def _prefill(model, rows: list[list[int]], capacity: int = 128):
+    """Each row prefilled op by op into its own slot (longer than FUSED_MAX_TOKENS, so both paths share it)."""
+    cache = model.allocate_cache(len(rows), capacity)
+    with torch.inference_mode():
+        for b, toks in enumerate(rows):
+            assert len(toks) > quant.FUSED_MAX_TOKENS
+            model(torch.tensor([toks]), torch.arange(len(toks)).unsqueeze(0), cache, kv_len=len(toks), slot_start=b)
+    return cache
+
+
+def _rows(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def _step(model, cache, tokens: torch.Tensor, start: torch.Tensor, slot_start: int = 0) -> torch.Tensor:
+    T = tokens.shape[1]
+    positions = start.unsqueeze(1) + torch.arange(T).unsqueeze(0)
+    with torch.inference_mode():
+        return model(tokens, positions, cache, kv_len=int(positions.max()) + 1, slot_start=slot_start)
+
+
+def test_attached_to_quantised_models_only(qmodel, tiny_llama):
+    assert isinstance(qmodel.fused, quant.FusedDecoder)
+    assert tiny_llama.model.fused is None
+
+
+def test_fused_equals_the_op_by_op_layers(qmodel):
+    """Ragged rows (different lengths), a width-5 verification then a width-1 step: hidden states and the keys/
+    values written agree with the op-by-op path to float32 rounding."""
+    V = qmodel.config.vocab_size
+    rows = _rows(V, [40, 57, 45])
+    start = torch.tensor([len(r) for r in rows])
+    drafts = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(1))
+    fused_cache, ref_cache = _prefill(qmodel, rows), _prefill(qmodel, rows)
+    fused = qmodel.fused
+    try:
+        got = [_step(qmodel, fused_cache, drafts, start), _step(qmodel, fused_cache, drafts[:, :1], start + 5)]
+        qmodel.fused = None
+        want = [_step(qmodel, ref_cache, drafts, start), _step(qmodel, ref_cache, drafts[:, :1], start + 5)]
+    finally:
+        qmodel.fused = fused
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    for kg, kw in zip(fused_cache.k + fused_cache.v, ref_cache.k + ref_cache.v, strict=True):
+        torch.testing.assert_close(kg, kw, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(got[0], _step(qmodel, _prefill(qmodel, _rows(V, [40, 57, 45], seed=3)), drafts, start))
+
+
+def test_a_row_is_bitwise_the_same_at_any_width_batch_or_slot(qmodel):
+    """Verification of w tokens gives, for each of them, exactly what w width-1 steps give, and a row's result does
+    not depend on the other rows of its batch: greedy speculation reproduces plain decoding bit for bit."""
+    V = qmodel.config.vocab_size
+    rows = _rows(V, [41, 50])
+    start = torch.tensor([len(r) for r in rows])
+    drafts = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(2))
+    wide = _step(qmodel, _prefill(qmodel, rows), drafts, start)  # [2, 6, H]: both rows, width 6
+    cache = _prefill(qmodel, rows)
+    for b in range(2):  # each row alone, one token at a time, in its own slot
+        for t in range(6):
+            one = _step(qmodel, cache, drafts[b:b + 1, t:t + 1], start[b:b + 1] + t, slot_start=b)
+            assert torch.equal(one[0, 0], wide[b, t]), (b, t)
+
+
+def test_replaced_tensors_are_followed(qmodel):
+    """The loader replaces the norms after quantising (out of the file's memory map), and an engine may allocate a
+    new cache: the pointer table must follow both, never read a freed tensor."""
+    V = qmodel.config.vocab_size
+    rows = _rows(V, [40])
+    norm = qmodel.layers[0].post_attention_layernorm
+    old = norm.weight
+    want = _step(qmodel, _prefill(qmodel, rows), torch.tensor([[5, 6]]), torch.tensor([40]))
+    try:
+        norm.weight = torch.nn.Parameter(old.detach() * 2.0)
+        gc.collect()
+        got = _step(qmodel, _prefill(qmodel, rows), torch.tensor([[5, 6]]), torch.tensor([40]))
+        fused = qmodel.fused
+        qmodel.fused = None
+        ref = _step(qmodel, _prefill(qmodel, rows), torch.tensor([[5, 6]]), torch.tensor([40]))
+        qmodel.fused = fused
+    finally:
+        norm.weight = old
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_step(qmodel, _prefill(qmodel, rows), torch.tensor([[5, 6]]), torch.tensor([40])), want)
+
+
+def test_long_forwards_and_grad_mode_run_op_by_op(qmodel):
+    cache = qmodel.allocate_cache(1, 128)
+    x = torch.zeros(1, quant.FUSED_MAX_TOKENS + 1, qmodel.config.hidden_size)
+    pos = torch.arange(x.shape[1]).unsqueeze(0)
+    with torch.inference_mode():
+        assert qmodel.fused(qmodel, x, pos, cache, 0) is None
+    with torch.no_grad():
+        assert qmodel.fused(qmodel, x[:, :2], pos[:, :2], cache, 0) is not None
+    with torch.enable_grad():
+        assert qmodel.fused(qmodel, x[:, :2], pos[:, :2], cache, 0) is None
+
+
+def test_a_position_outside_the_cache_is_refused_by_name(qmodel):
+    cache = qmodel.allocate_cache(1, 16)
+    with pytest.raises(ValueError, match="KV cache"):
+        _step(qmodel, cache, torch.tensor([[1, 2]]), torch.tensor([15]))
+    with pytest.raises(ValueError, match="slots"):
+        _step(qmodel, cache, torch.tensor([[1]]), torch.tensor([3]), slot_start=1)
