@@ -10,6 +10,7 @@ Modes:
   tlt-nospot  the same rollouts with no spot training; its workers get the tlt run's drafter after every step, so
               the two differ only in whether spot training runs beside the rollout: the interference it costs
   off         speculation off (the baseline of every speed-up)
+  MODE-int8, MODE-int4  any of the above with quantised rollouts (rollout_quantize): e.g. off,off-int8
 
 With --executor ray each run's rollout workers and spot trainer are Ray actors (processes; the learner is this
 process). The embedded cluster is given `workers x modes` logical CPUs: only one run's actors compute at a time.
@@ -37,9 +38,12 @@ from understudy.trainer.config import load_config
 from understudy.trainer.grpo import GRPOTrainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = {"tlt": {"speculation": True, "spot_training": True},
-         "tlt-nospot": {"speculation": True, "spot_training": False},
-         "off": {"speculation": False}}
+BASE_MODES = {"tlt": {"speculation": True, "spot_training": True},
+              "tlt-nospot": {"speculation": True, "spot_training": False},
+              "off": {"speculation": False}}
+# each mode also with quantised rollouts: "off-int8", "tlt-int4", ... (rollout_quantize; the update stays float)
+MODES = {**BASE_MODES, **{f"{name}-{q}": {**over, "rollout_quantize": q} for name, over in BASE_MODES.items()
+                          for q in ("int8", "int4")}}
 
 
 def run(config: Path, steps: int, warmup: int, eval_every: int, out_dir: Path, modes: list[str],

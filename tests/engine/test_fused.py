@@ -124,3 +124,27 @@ def test_a_position_outside_the_cache_is_refused_by_name(qmodel):
         _step(qmodel, cache, torch.tensor([[1, 2]]), torch.tensor([15]))
     with pytest.raises(ValueError, match="slots"):
         _step(qmodel, cache, torch.tensor([[1]]), torch.tensor([3]), slot_start=1)
+
+
+def test_engines_in_threads_share_a_model_safely(qmodel):
+    """Two threads decode on one model with their own caches (the RL rollout workers do): each gets exactly what it
+    gets alone."""
+    import threading
+
+    V = qmodel.config.vocab_size
+    rows = _rows(V, [40, 48], seed=5)
+    toks = torch.randint(0, V, (2, 30), generator=torch.Generator().manual_seed(6))
+
+    def decode(b: int) -> torch.Tensor:
+        cache = _prefill(qmodel, [rows[b]])
+        return torch.cat([_step(qmodel, cache, toks[b:b + 1, t:t + 1], torch.tensor([len(rows[b]) + t]))
+                          for t in range(30)], dim=1)
+
+    alone = [decode(0), decode(1)]
+    out: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda b=b: out.__setitem__(b, decode(b))) for b in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert torch.equal(out[0], alone[0]) and torch.equal(out[1], alone[1])

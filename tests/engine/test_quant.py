@@ -257,3 +257,41 @@ def test_a_prebuilt_kernel_library_is_used_without_a_compiler(tmp_path):
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                        env={**env, "UNDERSTUDY_KERNEL_LIB": str(other)}, timeout=300)
     assert r.stdout.strip().startswith("none:no C++ compiler") and "another version of the kernels" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int8g"])
+def test_requantize_in_place_equals_a_fresh_layer(fmt):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(96, 64, generator=g), torch.randn(96, 64, generator=g)
+    layer = quant.quantize_linear(nn.Linear(64, 96, bias=False).requires_grad_(False), fmt)
+    with torch.no_grad():
+        layer.requantize_(a)
+        ptrs = [t.data_ptr() for t in layer.buffers()]
+        layer.requantize_(b)
+    ref = nn.Linear(64, 96, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        ref.weight.copy_(b)
+    fresh = quant.quantize_linear(ref, fmt)
+    assert [t.data_ptr() for t in layer.buffers()] == ptrs
+    for (name, got), (_, want) in zip(layer.named_buffers(), fresh.named_buffers(), strict=True):
+        assert torch.equal(got, want), name
+    with pytest.raises(ConfigError, match="shape"):
+        layer.requantize_(torch.randn(64, 64))
+
+
+def test_load_float_weights_matches_quantising_the_float_model(tiny_llama_dir, tiny_prompts):
+    """A quantised copy refreshed from changed float weights decodes exactly as a copy made from them."""
+    lm = load_model(str(tiny_llama_dir), dtype="float32")
+    copy = quant.quantized_copy(lm.model, "int8")
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.mul_(1.01)
+    quant.load_float_weights(copy, lm.model.state_dict())
+    fresh = quant.quantized_copy(lm.model, "int8")
+    toks = torch.tensor([tiny_prompts[0]])
+    with torch.inference_mode():
+        assert torch.equal(copy.logits(copy(toks)), fresh.logits(fresh(toks)))
+    sd = lm.model.state_dict()
+    del sd["layers.0.mlp.w2.weight"]
+    with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.w2"):
+        quant.load_float_weights(copy, sd)

@@ -94,6 +94,19 @@ def test_proxy_admission_counts_every_sequence_and_the_child_env_drops_keys():
     assert "UNDERSTUDY_API_KEY" not in env and "UNDERSTUDY_ADMIN_KEY" not in env and env["PATH"] == "/bin"
 
 
+def test_the_vllm_child_preloads_intel_openmp_where_its_environment_has_it(tmp_path):
+    from understudy.server.backends.vllm_process import vllm_env
+
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    assert "LD_PRELOAD" not in vllm_env({"PATH": "/bin"}, python=python)  # no runtime there: nothing preloaded
+    iomp = tmp_path / "venv" / "lib" / "libiomp5.so"
+    iomp.parent.mkdir()
+    iomp.write_bytes(b"")
+    assert vllm_env({"PATH": "/bin"}, python=python)["LD_PRELOAD"] == str(iomp)
+    assert vllm_env({"LD_PRELOAD": "/mine.so"}, python=python)["LD_PRELOAD"] == "/mine.so"  # the user's wins
+
+
 def test_vllm_errors_and_metrics_are_translated():
     from understudy.server.backends.vllm_process import parse_vllm_metrics
     from understudy.server.routes_vllm import translate_error

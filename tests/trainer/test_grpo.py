@@ -245,3 +245,35 @@ def test_spot_duty_must_be_a_share():
         TrainConfig(spot_duty=0.0)
     with pytest.raises(TrainConfigError, match="spot_duty"):
         TrainConfig(spot_duty=1.5)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_rollouts_follow_the_learners_updates(rl_assets, tmp_path, quantize):
+    """rollout_quantize: the workers decode a quantised copy of the float policy. Before and after a GRPO step their
+    speculative greedy output equals plain greedy decoding of a fresh quantised copy of the learner's weights; the
+    learner stays float, the copy is re-quantised in place (its buffers keep their storage)."""
+    from understudy.engine.quant import is_quantized
+
+    t = GRPOTrainer(cfg_for(rl_assets, tmp_path, steps=1, rollout_quantize=quantize), progress=False)
+    lm = rl_assets["lm"]
+    reqs = [RolloutRequest(p, SamplingParams(max_tokens=20, temperature=0.0)) for p in rl_assets["prompts"][:8]]
+
+    def fresh() -> list[list[int]]:
+        return RolloutWorkers(t.policy, lm.eos_token_ids, 2, 4, 512, 0, None, quantize=quantize).run(reqs).responses
+
+    assert is_quantized(t.workers.policy) and not is_quantized(t.policy)
+    before = t.workers.run(reqs).responses
+    assert before == fresh()
+    ptr = t.workers.policy.layers[0].attn.wqkv.qweight.data_ptr()
+    t.train_step()
+    after = t.workers.run(reqs).responses
+    assert after == fresh()
+    assert after != before  # lr 1e-3 moved the policy, and the quantised copy followed it
+    assert t.workers.policy.layers[0].attn.wqkv.qweight.data_ptr() == ptr
+
+
+def test_rollout_quantize_is_checked():
+    with pytest.raises(TrainConfigError, match="rollout_quantize"):
+        TrainConfig(rollout_quantize="int3")
+    with pytest.raises(TrainConfigError, match="rollout_quantize"):
+        TrainConfig(rollout_quantize="int8", dtype="bfloat16")

@@ -70,6 +70,26 @@ def test_ray_rollouts_equal_the_local_executor_and_plain_greedy(ray_cluster, rl_
         remote.close()
 
 
+def test_quantized_rollout_actors_follow_the_learner(ray_cluster, rl_assets, drafter_dir, tmp_path):
+    """rollout_quantize on Ray: each actor quantises its own copy and re-quantises the learner's float weights after
+    an update; its speculative greedy output equals plain greedy decoding of a local quantised copy."""
+    remote = _trainer(rl_assets, tmp_path / "ray", drafter_dir, executor="ray", rollout_quantize="int8")
+    reqs = _greedy_requests(rl_assets)
+
+    def local() -> list[list[int]]:
+        return RolloutWorkers(remote.policy, rl_assets["lm"].eos_token_ids, 2, 4, 512, 0, None,
+                              quantize="int8").run(reqs).responses
+
+    try:
+        before = remote.workers.run(reqs).responses
+        assert before == local()
+        remote.train_step()
+        after = remote.workers.run(reqs).responses
+        assert after == local() and after != before
+    finally:
+        remote.close()
+
+
 def test_a_grpo_step_with_ray_workers_trains_the_drafter_on_idle_capacity(ray_cluster, rl_assets, drafter_dir, tmp_path):
     """Full TLT steps: from the second on there is buffer data, so the spot-trainer actor trains while the first
     worker to finish is idle; its drafter reaches the rollout actors and the controller state comes back from them.

@@ -373,6 +373,9 @@ def train(
     executor: Annotated[str | None, typer.Option("--executor", help="local (threads) or ray (actors; docs/ray.md)")] = None,
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Ray cluster to join (auto, HOST:6379); implies --executor ray")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="none | int8 | int4: rollouts decode with a weight-only quantised copy of the policy, "
+                           "re-quantised after every update (the update itself stays in float)")] = None,
 ) -> None:
     """GRPO with TLT-accelerated rollouts; publishes policy + drafter pairs and saves the policy as it goes."""
     from understudy.trainer.config import load_config
@@ -380,7 +383,7 @@ def train(
     if ray_address and executor is None:
         executor = "ray"
     cfg = load_config(config, {"steps": steps, "out_dir": out_dir, "registry": registry, "speculation": speculation,
-                               "executor": executor, "ray_address": ray_address})
+                               "executor": executor, "ray_address": ray_address, "rollout_quantize": quantize})
     if cfg.executor == "ray":  # the learner is an actor; the driver restarts it from its checkpoint if it dies
         from understudy.trainer import ray_driver
 

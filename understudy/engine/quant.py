@@ -182,6 +182,25 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def _encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored buffers for a float weight [N, K]."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Quantise a new float weight (and bias) into the existing buffers, in place: their storage stays, so
+        anything holding their pointers (the fused decoder) stays valid. Used by quantised RL rollouts after each
+        policy update."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ConfigError(f"requantize: weight of shape {tuple(weight.shape)}, this layer is "
+                              f"[{self.out_features}, {self.in_features}]")
+        if (bias is None) != (self.bias is None):
+            raise ConfigError("requantize: the new weights must have a bias exactly where this layer has one")
+        for name, t in self._encode(weight.detach().float()).items():
+            getattr(self, name).copy_(t)
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias.detach())
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"backend={self.backend}")
@@ -193,13 +212,14 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype) -> None:
         super().__init__()
         self._setup(weight, bias, act_dtype)
+        for name, t in self._encode(weight).items():
+            self.register_buffer(name, t)
+
+    def _encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         q, scales = quantize_int8(weight)
         if self._lib is not None:
-            self.register_buffer("qweight", qkernels.pack_int8(q))  # [NS, K, 32]
-            self.register_buffer("scales", qkernels.pad_vector(scales))  # [NS*32]
-        else:
-            self.register_buffer("qweight", q)  # [N, K]
-            self.register_buffer("scales", scales.to(self.act_dtype))
+            return {"qweight": qkernels.pack_int8(q), "scales": qkernels.pad_vector(scales)}  # [NS, K, 32], [NS*32]
+        return {"qweight": q, "scales": scales.to(self.act_dtype)}  # [N, K], [N]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], self._input(x)
@@ -234,18 +254,20 @@ class GroupedLinear(QuantizedLinear):
             raise ConfigError(f"grouped quantisation has 4 or 8 bits, got {bits}")
         self._setup(weight, bias, act_dtype)
         self.bits, self.group = bits, group
-        codes, scale, minimum = (quantize_int4 if bits == 4 else quantize_int8_groups)(weight, group)
+        for name, t in self._encode(weight).items():
+            self.register_buffer(name, t)
+
+    def _encode(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes, scale, minimum = (quantize_int4 if self.bits == 4 else quantize_int8_groups)(weight, self.group)
         if self._lib is not None:
-            pack = qkernels.pack_int4 if bits == 4 else qkernels.pack_codes8
-            self.register_buffer("qweight", pack(codes))  # [NS, K*bits/8, 32]
-            self.register_buffer("scale", qkernels.pack_groups(scale))  # [NS, K/group, 32] float16
-            self.register_buffer("minimum", qkernels.pack_groups(minimum))
-        elif bits == 4:
+            pack = qkernels.pack_int4 if self.bits == 4 else qkernels.pack_codes8
+            return {"qweight": pack(codes),  # [NS, K*bits/8, 32]
+                    "scale": qkernels.pack_groups(scale),  # [NS, K/group, 32] float16
+                    "minimum": qkernels.pack_groups(minimum)}
+        if self.bits == 4:
             packed, scale_zeros = torch_int4_pack(codes, scale, minimum, self.act_dtype)
-            self.register_buffer("qweight", packed)
-            self.register_buffer("scale_zeros", scale_zeros)
-        else:
-            self.register_buffer("dequantized", dequantize_int4(codes, scale, minimum).to(self.act_dtype))
+            return {"qweight": packed, "scale_zeros": scale_zeros}
+        return {"dequantized": dequantize_int4(codes, scale, minimum).to(self.act_dtype)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, x2 = x.shape[:-1], self._input(x)
@@ -329,8 +351,37 @@ def quantize_model(model: Transformer, quantize: str, group: int = INT4_GROUP_SI
     return len(targets)
 
 
+def quantized_copy(model: Transformer, quantize: str) -> Transformer:
+    """A quantised copy of a float CPU model (the float model is untouched): what quantised RL rollouts decode with.
+    Refresh it after the float model changes with load_float_weights(copy, model.state_dict())."""
+    check_mode(quantize)
+    twin = Transformer(model.config, max_positions=model.rotary.cos.shape[0]).to(model.dtype)
+    twin.load_state_dict(model.state_dict())
+    twin.requires_grad_(False)
+    quantize_model(twin, quantize)
+    return twin
+
+
+@torch.no_grad()
+def load_float_weights(qmodel: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """Load a float state dict (a float model's names and shapes) into a quantised model, in place: quantised layers
+    re-quantise their new weights into their existing buffers, everything else is copied."""
+    quantised = {name: m for name, m in qmodel.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, m in quantised.items():
+        if f"{name}.weight" not in state:
+            raise ConfigError(f"load_float_weights: the state dict has no {name}.weight for quantised layer {name}")
+        m.requantize_(state[f"{name}.weight"], state.get(f"{name}.bias"))
+    rest = {k: v for k, v in state.items() if k.rsplit(".", 1)[0] not in quantised}
+    missing, unexpected = qmodel.load_state_dict(rest, strict=False)
+    missing = [k for k in missing if k.rsplit(".", 1)[0] not in quantised]
+    if missing or unexpected:
+        raise ConfigError(f"load_float_weights: state dict does not match the model (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+
+
 # ---- the decoder stack in one native call ------------------------------------------------------------------------
 FUSED_MAX_TOKENS = 32  # tokens per row the fused path takes (decode steps, verification); longer prefills go op by op
+MAX_FUSED_TABLES = 16  # pointer tables kept per model (one per engine cache in use)
 _LAYER_FIELDS = 36  # wq_decoder_forward's table: norm1, norm2, 4 linears x 8 fields, k cache, v cache
 
 
@@ -343,11 +394,13 @@ class FusedDecoder:
     width-1 step and in a width-(k+1) verification, at any batch size: speculation stays exactly lossless.
     Taken for cached forwards of up to FUSED_MAX_TOKENS tokens per row with grad off; everything else (long
     prefills, training) runs op by op. Holds no reference to the model (it is passed in), nor to the library; its
-    pointer table is checked against the model's and the cache's tensors on every call (~180 pointers)."""
+    pointer tables are looked up by the model's and the cache's tensors on every call (~180 pointers), so engines
+    in several threads may share one model."""
 
     def __init__(self) -> None:
-        self.table = torch.zeros(0, _LAYER_FIELDS, dtype=torch.int64)  # [L, 36]: weight and cache pointers
-        self.key: tuple[int, ...] = ()  # the pointers the table was built from
+        # pointer tables [L, 36] (weights and cache), one per (weights, cache) combination: engines in threads share
+        # a model, each with its own cache, and must never see each other's table
+        self.tables: dict[tuple[int, ...], torch.Tensor] = {}
 
     @classmethod
     def for_model(cls, model: Transformer) -> FusedDecoder | None:
@@ -383,18 +436,21 @@ class FusedDecoder:
                         m.minimum.data_ptr(), bias]
         return row
 
-    def _refresh(self, model: Transformer, cache: KVCache) -> bool:
-        """Point the table at the model's and the cache's current tensors, which may be replaced (the loader copies
-        the norms out of the file's memory map after quantising; an engine may allocate a new cache). False if the
-        cache is not contiguous."""
+    def _table(self, model: Transformer, cache: KVCache) -> torch.Tensor | None:
+        """The table pointing at the model's and the cache's current tensors, which may be replaced (the loader
+        copies the norms out of the file's memory map after quantising; an engine may allocate a new cache). None if
+        the cache is not contiguous."""
         rows = [[*self._layer_fields(layer), k.data_ptr(), v.data_ptr()]
                 for layer, k, v in zip(model.layers, cache.k, cache.v, strict=True)]
         key = tuple(p for row in rows for p in row)
-        if key != self.key:
+        table = self.tables.get(key)
+        if table is None:
             if not all(t.is_contiguous() for t in (*cache.k, *cache.v)):
-                return False
-            self.table, self.key = torch.tensor(rows, dtype=torch.int64), key
-        return True
+                return None
+            if len(self.tables) >= MAX_FUSED_TABLES:  # stale combinations (freed caches, replaced weights)
+                self.tables.clear()
+            table = self.tables[key] = torch.tensor(rows, dtype=torch.int64)
+        return table
 
     def __call__(self, model: Transformer, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                  slot_start: int) -> torch.Tensor | None:
@@ -407,7 +463,8 @@ class FusedDecoder:
         lib = qkernels.load()
         if lib is None:
             return None
-        if not self._refresh(model, cache):
+        table = self._table(model, cache)  # held here for the call: another thread may clear the dict
+        if table is None:
             return None
         c = model.config
         out = x.reshape(B * T, H).clone()
@@ -416,7 +473,7 @@ class FusedDecoder:
         cos, sin = model.rotary.cos, model.rotary.sin
         rc = lib.wq_decoder_forward(out.data_ptr(), B, T, pos.data_ptr(), c.num_layers, H, c.num_heads,
                                     c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps, cos.data_ptr(),
-                                    sin.data_ptr(), cos.shape[0], self.table.data_ptr(), slot_start, S, C)
+                                    sin.data_ptr(), cos.shape[0], table.data_ptr(), slot_start, S, C)
         if rc == -1:
             raise ValueError(f"position {int(pos.max())} (slots {slot_start}..{slot_start + B - 1}) is outside the "
                              f"rotary table ({cos.shape[0]}), the KV cache ({C} positions) or its {S} slots")

@@ -49,6 +49,8 @@ class TrainConfig:
     num_draft_tokens: int = 4  # largest K the adaptive controller may pick
     controller_arms: tuple[int, ...] = (0, 2, 4)  # K arms of the adaptive rollout controller (0 = off)
     rollout_workers: int = 2  # rollout engines; the share of a worker that finishes early trains the drafter
+    rollout_quantize: str = "none"  # none | int8 | int4: rollouts decode a weight-only quantised copy of the policy
+    # (CPU), re-quantised after every update; log-probs and the update stay in float (docs/performance.md)
     spot_training: bool = True  # train the drafter on idle rollout capacity
     spot_duty: float = 1.0  # share of the idle window the spot trainer computes; below 1 it rests between steps
     # (rest = step time x (1/duty - 1)), so a worker still decoding on the same memory system loses less bandwidth
@@ -87,6 +89,9 @@ class TrainConfig:
             (0 < self.temperature <= 2, "temperature must be in (0, 2] (GRPO samples)"),
             (self.lr > 0 and self.drafter_lr > 0, "lr and drafter_lr must be > 0"),
             (self.rollout_workers >= 1, "rollout_workers must be >= 1"),
+            (self.rollout_quantize in ("none", "int8", "int4"), "rollout_quantize must be none, int8 or int4"),
+            (self.rollout_quantize == "none" or (self.device == "cpu" and self.dtype == "float32"),
+             "rollout_quantize needs device = \"cpu\" and dtype = \"float32\" (the kernels are CPU float32)"),
             (0 < self.spot_duty <= 1, "spot_duty must be in (0, 1] (1 = train through the whole idle window)"),
             (0 <= self.num_draft_tokens <= 16, "num_draft_tokens must be in [0, 16]"),
             (len(set(self.controller_arms)) >= 2, "controller_arms needs at least two distinct K (e.g. [0, 4])"),

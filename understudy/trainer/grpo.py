@@ -104,7 +104,8 @@ class GRPOTrainer:
             self.workers = RolloutWorkers(
                 self.policy, self.lm.eos_token_ids, cfg.rollout_workers, max_batch, max_len,
                 cfg.num_draft_tokens if cfg.tlt else 0, self.controller,
-                drafter_factory=self._drafter_copy if cfg.tlt else None, threads=cfg.threads)
+                drafter_factory=self._drafter_copy if cfg.tlt else None, threads=cfg.threads,
+                quantize=cfg.rollout_quantize)
         self.step = 0
         self.last_published: int | None = None  # registry version this run published last (parent of the next)
         self.run_id: str | None = None  # this run's identity in the registry's notes (lineage.py)

@@ -46,6 +46,7 @@ from understudy.drafter.model import Drafter
 from understudy.drafter.train import DrafterTrainConfig
 from understudy.engine.bandit import AdaptiveController, BanditConfig
 from understudy.engine.model import Transformer
+from understudy.engine.quant import is_quantized, load_float_weights, quantize_model
 from understudy.errors import UnderstudyError
 from understudy.trainer import crashpoints
 from understudy.trainer.config import TrainConfig
@@ -150,10 +151,12 @@ class RolloutActor:
     def __init__(self, worker: int, model_config: Any, policy_state: dict[str, torch.Tensor], dtype: torch.dtype,
                  eos_token_ids: tuple[int, ...], max_batch: int, max_model_len: int, num_draft_tokens: int,
                  drafter_config: Any, drafter_state: dict[str, torch.Tensor] | None, bandit: BanditConfig | None,
-                 threads: int) -> None:
+                 threads: int, quantize: str = "none") -> None:
         torch.set_num_threads(threads)
         self.worker = worker
         self.model = _build_policy(model_config, policy_state, dtype)
+        if quantize != "none":  # decode a quantised policy: the float copy is not kept (weights arrive as floats)
+            quantize_model(self.model, quantize)
         drafter = None
         if drafter_config is not None:
             drafter = Drafter(drafter_config)
@@ -180,7 +183,10 @@ class RolloutActor:
 
     def load_policy(self, wire: dict[str, tuple[str, Any]]) -> None:
         with torch.no_grad():
-            self.model.load_state_dict(from_wire(wire))
+            if is_quantized(self.model):
+                load_float_weights(self.model, from_wire(wire))
+            else:
+                self.model.load_state_dict(from_wire(wire))
         self.engine.refresh_weights()
 
     def load_drafter(self, wire: dict[str, tuple[str, Any]]) -> None:
@@ -436,7 +442,8 @@ class RayRolloutWorkers:
         opts.update(crash_env(fresh=fresh_env))
         return self._Rollout.options(**opts).remote(
             w, self.policy.config, self._weights(fresh=False), self.policy.dtype, self.eos, self.max_batch, self.max_model_len,
-            self.num_draft_tokens, self.drafter_config, self.drafter_ref, self.bandit, self.cfg.threads)
+            self.num_draft_tokens, self.drafter_config, self.drafter_ref, self.bandit, self.cfg.threads,
+            self.cfg.rollout_quantize)
 
     # ---- weights between steps -----------------------------------------------------------------------------------
     def refresh_weights(self) -> None:

@@ -22,6 +22,7 @@ from understudy.engine.config import EngineConfig
 from understudy.engine.controller import SpeculationController
 from understudy.engine.engine import Engine
 from understudy.engine.model import Transformer
+from understudy.engine.quant import load_float_weights, quantized_copy
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.spec_metrics import SpecDecodeStats
 
@@ -98,11 +99,13 @@ class RolloutWorkers:
 
     def __init__(self, policy: Transformer, eos_token_ids: tuple[int, ...], num_workers: int, max_batch: int,
                  max_model_len: int, num_draft_tokens: int, controller: SpeculationController | None,
-                 drafter_factory: Any = None, threads: int = 1) -> None:
-        """drafter_factory: () -> Drafter, one copy per worker (None = no speculation)."""
-        self.policy = policy
+                 drafter_factory: Any = None, threads: int = 1, quantize: str = "none") -> None:
+        """drafter_factory: () -> Drafter, one copy per worker (None = no speculation). quantize: the workers decode
+        a quantised copy of `policy` (shared by them), re-quantised by refresh_weights."""
+        self.source = policy  # the learner's float policy
+        self.policy = policy if quantize == "none" else quantized_copy(policy, quantize)
         self.controller = controller
-        self.engines = [rollout_engine(policy, eos_token_ids, max_batch, max_model_len, num_draft_tokens, controller,
+        self.engines = [rollout_engine(self.policy, eos_token_ids, max_batch, max_model_len, num_draft_tokens, controller,
                                        drafter_factory() if drafter_factory is not None else None, threads)
                         for _ in range(num_workers)]
 
@@ -113,6 +116,8 @@ class RolloutWorkers:
             reload_drafter(eng, sd)
 
     def refresh_weights(self) -> None:
+        if self.policy is not self.source:  # quantised rollouts: re-quantise the learner's new weights in place
+            load_float_weights(self.policy, self.source.state_dict())
         for eng in self.engines:
             eng.refresh_weights()
 

