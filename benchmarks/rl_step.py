@@ -160,7 +160,7 @@ def plot(res: dict[str, Any], png: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colors = {"tlt": "tab:blue", "tlt-nospot": "tab:orange", "off": "tab:gray"}
     for name in res["history"]:
-        color = colors[name]
+        color = colors.get(name, f"C{3 + list(res['modes']).index(name)}")  # the quantised-rollout modes
         rows = res["history"][name][1:]
         axes[0].plot([m["step"] for m in rows], [m["reward_mean"] for m in rows], color=color, label=name)
         ev = [m for m in res["history"][name] if "eval_accuracy" in m]
