@@ -53,7 +53,7 @@ class TrainConfig:
     # (CPU), re-quantised after every update; log-probs and the update stay in float (docs/performance.md)
     spot_training: bool = True  # train the drafter on idle rollout capacity
     spot_duty: float = 1.0  # share of the idle window the spot trainer computes; below 1 it rests between steps
-    # (rest = step time x (1/duty - 1)), so a worker still decoding on the same memory system loses less bandwidth
+    # (rest = last step time x (1/duty - 1)), meant to leave more memory bandwidth to a worker still decoding
     drafter_init: str | None = None  # drafter folder to start from (None = fresh)
     drafter_warmup_s: float = 0.0  # before step 1: self-distil the drafter on the initial policy's own rollouts
     drafter_lr: float = 1e-3  # drafter AdamW learning rate

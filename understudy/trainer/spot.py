@@ -74,8 +74,9 @@ class SpotDrafterTrainer:
 
         With duty < 1 each step is preceded by a rest of (1/duty - 1) x the previous step's duration (it ends early,
         with no step, if should_stop()), so the trainer computes about `duty` of any idle window, its first step
-        included. Where the spot trainer shares memory bandwidth with a worker still decoding (a CPU node), that
-        worker's slowdown scales with it (docs/ray.md, "Spot duty cycle")."""
+        included. It is meant for nodes where the spot trainer shares memory bandwidth with a worker still decoding
+        (CPU nodes): that worker's slowdown should scale with it, which the 2-vCPU VM's measurement noise did not
+        let us confirm (docs/ray.md, "Spot duty cycle"; docs/results.md)."""
         t0 = time.perf_counter()
         rested = 0.0
         step_start = t0
