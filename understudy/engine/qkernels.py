@@ -55,8 +55,8 @@ namespace {
 
 constexpr int SB = 32;  // outputs per super-block: its weights are one contiguous stream, 32 codes per k
 // Software prefetch this far ahead in the weight stream (one 64-byte line per two 32-byte rows). Measured at M = 1
-// on a 576x3072 int8 weight streamed from DRAM: 7.0 -> 10.3 GB/s (a plain sum reads 11.8 GB/s); the hardware
-// prefetcher alone ramps up too slowly on streams of a few hundred KB. Prefetching changes no arithmetic.
+// on a 576x3072 int8 weight streamed from DRAM: 7.0 -> 10.3 GB/s (a plain sum reads 11.8 GB/s); presumably the
+// hardware prefetcher ramps up too slowly on streams of a few hundred KB. Prefetching changes no arithmetic.
 constexpr int64_t PREFETCH_BYTES = 2048;
 
 // Scale, add the bias and store a tile (NV blocks of 8 outputs from n0, MT rows); the accumulators arrive spilled
