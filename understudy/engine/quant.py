@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -364,8 +366,9 @@ def quantized_copy(model: Transformer, quantize: str) -> Transformer:
 
 @torch.no_grad()
 def load_float_weights(qmodel: Transformer, state: dict[str, torch.Tensor]) -> None:
-    """Load a float state dict (a float model's names and shapes) into a quantised model, in place: quantised layers
-    re-quantise their new weights into their existing buffers, everything else is copied."""
+    """Load a float state dict (a float model's names and shapes) into a model, in place: quantised layers
+    re-quantise their new weights into their existing buffers, everything else is copied (for a float model, this
+    is a strict load_state_dict)."""
     quantised = {name: m for name, m in qmodel.named_modules() if isinstance(m, QuantizedLinear)}
     for name, m in quantised.items():
         if f"{name}.weight" not in state:
@@ -393,13 +396,18 @@ class FusedDecoder:
     (docs/performance.md). Each row is computed alone in a fixed order, so its result is bitwise the same in a
     width-1 step and in a width-(k+1) verification, at any batch size: speculation stays exactly lossless.
     Taken for cached forwards of up to FUSED_MAX_TOKENS tokens per row with grad off; everything else (long
-    prefills, training) runs op by op. Holds no reference to the model (it is passed in), nor to the library; its
-    pointer tables are looked up by the model's and the cache's tensors on every call (~180 pointers), so engines
-    in several threads may share one model."""
+    prefills, training) runs op by op. The model is passed in on every call (a weak reference says which one the
+    weight pointers came from). Pointer tables exist per KV cache, so engines in several threads may share one
+    model; every call checks that the weights it points at are still the model's (identity of each tensor in its
+    module, ~10 us) and looks its cache up by the cache's pointers."""
 
     def __init__(self) -> None:
-        # pointer tables [L, 36] (weights and cache), one per (weights, cache) combination: engines in threads share
-        # a model, each with its own cache, and must never see each other's table
+        self.model: weakref.ref[Transformer] | None = None  # the model the weight pointers were read from
+        # (module's parameter/buffer dict, name, tensor) for every weight pointer: replaced if one is no longer there
+        self.weight_refs: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+        self.weight_rows: list[list[int]] = []  # per layer: the table's 34 weight fields
+        # pointer tables [L, 36] (weights and cache), one per cache: engines in threads share a model, each with its
+        # own cache, and must never see each other's table
         self.tables: dict[tuple[int, ...], torch.Tensor] = {}
 
     @classmethod
@@ -425,31 +433,46 @@ class FusedDecoder:
         return True
 
     @staticmethod
-    def _layer_fields(layer: nn.Module) -> list[int]:
-        row = [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()]
+    def _layer_fields(layer: nn.Module, refs: list[tuple[dict[str, Any], str, torch.Tensor]]) -> list[int]:
+        """The table's weight fields of one layer; every tensor read is recorded in `refs`."""
+
+        def ptr(module: nn.Module, name: str) -> int:
+            store = module._parameters if name in module._parameters else module._buffers
+            t = store.get(name)
+            if t is None:  # no bias
+                return 0
+            refs.append((store, name, t))
+            return t.data_ptr()
+
+        row = [ptr(layer.input_layernorm, "weight"), ptr(layer.post_attention_layernorm, "weight")]
         for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2):
-            bias = m.bias.data_ptr() if m.bias is not None else 0
             if isinstance(m, Int8Linear):
-                row += [0, 8, 0, m.out_features, m.qweight.data_ptr(), m.scales.data_ptr(), 0, bias]
+                row += [0, 8, 0, m.out_features, ptr(m, "qweight"), ptr(m, "scales"), 0, ptr(m, "bias")]
             else:
-                row += [1, m.bits, m.group, m.out_features, m.qweight.data_ptr(), m.scale.data_ptr(),
-                        m.minimum.data_ptr(), bias]
+                row += [1, m.bits, m.group, m.out_features, ptr(m, "qweight"), ptr(m, "scale"), ptr(m, "minimum"),
+                        ptr(m, "bias")]
         return row
 
     def _table(self, model: Transformer, cache: KVCache) -> torch.Tensor | None:
-        """The table pointing at the model's and the cache's current tensors, which may be replaced (the loader
-        copies the norms out of the file's memory map after quantising; an engine may allocate a new cache). None if
-        the cache is not contiguous."""
-        rows = [[*self._layer_fields(layer), k.data_ptr(), v.data_ptr()]
-                for layer, k, v in zip(model.layers, cache.k, cache.v, strict=True)]
-        key = tuple(p for row in rows for p in row)
+        """The table pointing at the model's weights and the cache's tensors, either of which may be replaced (the
+        loader copies the norms out of the file's memory map after quantising; an engine may allocate a new cache).
+        None if the cache is not contiguous."""
+        if self.model is None or self.model() is not model or \
+                not all(store.get(name) is t for store, name, t in self.weight_refs):
+            refs: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+            self.weight_rows = [self._layer_fields(layer, refs) for layer in model.layers]
+            self.weight_refs, self.model = refs, weakref.ref(model)
+            self.tables = {}  # tables of the old weights (replaced, not cleared: another thread may read it)
+        k_ptrs, v_ptrs = [t.data_ptr() for t in cache.k], [t.data_ptr() for t in cache.v]
+        key = (*k_ptrs, *v_ptrs)
         table = self.tables.get(key)
         if table is None:
             if not all(t.is_contiguous() for t in (*cache.k, *cache.v)):
                 return None
-            if len(self.tables) >= MAX_FUSED_TABLES:  # stale combinations (freed caches, replaced weights)
-                self.tables.clear()
-            table = self.tables[key] = torch.tensor(rows, dtype=torch.int64)
+            if len(self.tables) >= MAX_FUSED_TABLES:  # stale caches (freed, reallocated)
+                self.tables = {}
+            table = self.tables[key] = torch.tensor([[*w, k, v] for w, k, v in zip(self.weight_rows, k_ptrs, v_ptrs,
+                                                                                   strict=True)], dtype=torch.int64)
         return table
 
     def __call__(self, model: Transformer, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,

@@ -46,7 +46,7 @@ from understudy.drafter.model import Drafter
 from understudy.drafter.train import DrafterTrainConfig
 from understudy.engine.bandit import AdaptiveController, BanditConfig
 from understudy.engine.model import Transformer
-from understudy.engine.quant import is_quantized, load_float_weights, quantize_model
+from understudy.engine.quant import load_float_weights, quantize_model
 from understudy.errors import UnderstudyError
 from understudy.trainer import crashpoints
 from understudy.trainer.config import TrainConfig
@@ -182,11 +182,7 @@ class RolloutActor:
                 "spec": spec_diff(self.engine.stats, before)}
 
     def load_policy(self, wire: dict[str, tuple[str, Any]]) -> None:
-        with torch.no_grad():
-            if is_quantized(self.model):
-                load_float_weights(self.model, from_wire(wire))
-            else:
-                self.model.load_state_dict(from_wire(wire))
+        load_float_weights(self.model, from_wire(wire))  # re-quantised where this actor decodes a quantised copy
         self.engine.refresh_weights()
 
     def load_drafter(self, wire: dict[str, tuple[str, Any]]) -> None:
