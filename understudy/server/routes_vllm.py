@@ -136,7 +136,7 @@ async def proxy_post(state: VllmState, request: Request, path: str) -> Response:
     body, sequences = await read_body(request, state, path)
     state.scheduler.enter(sequences)  # Draining (503) / Overloaded (429)
     try:
-        proc = state.backend.lease()
+        proc = await state.backend.acquire()
     except BaseException:
         state.scheduler.exit(sequences)
         raise
@@ -259,7 +259,7 @@ def _status_of(obj: dict[str, Any]) -> int:
 # ---- routes -------------------------------------------------------------------------------------------------------
 @router.get("/v1/models")
 async def list_models(state: VState) -> JSONResponse:
-    proc = state.backend.lease()
+    proc = await state.backend.acquire()
     try:
         assert state.client is not None
         r = await state.client.get(f"{proc.url}/v1/models")

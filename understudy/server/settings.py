@@ -108,6 +108,10 @@ class ServerSettings(BaseSettings):
                            description="vLLM's loopback port (0 = a free one; else blue/green use it and port + 1)")
     vllm_args: str = Field("", description="Extra vLLM server arguments (shell-quoted), appended to its command")
     vllm_startup_timeout_s: float = Field(600.0, gt=0, description="A vLLM process not healthy by then has failed")
+    vllm_swap: Literal["in-place", "blue-green"] = Field(
+        "in-place", description="How a pair swap reaches vLLM: in-place (load the new weights into the running "
+        "process through vLLM's collective_rpc; blue/green only when speculation turns on or off) | blue-green "
+        "(always start a new process and switch to it)")
 
     log_unknown_fields: bool = Field(True, description="Log request fields this server ignores")
 

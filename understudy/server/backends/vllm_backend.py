@@ -3,12 +3,22 @@
 Serving: one *active* vLLM process (vllm_process.py) serves the target folder with the current drafter exported
 to vLLM's `eagle` layout; the proxy (server/routes_vllm.py) leases it per request, counting requests in flight.
 
-Hot swap (`BlueGreenSwapManager`, same rules as the native `HotSwapManager`: the registry's alias events and admin
-commands, family + checksum validation, failures keep the old drafter, canary): export the new version, start a
-second ("green") vLLM with it, wait until its /health is OK, switch the proxy's target atomically, report the
-new version, then let the requests in flight on the old ("blue") process finish and stop it. A version is
-reported (header, metrics, admin API) only after the switch; the header of each response names the process that
-actually served it.
+Hot swap (`VllmSwapManager`, same rules as the native `HotSwapManager`: the registry's alias events and admin
+commands, family + checksum validation, failures keep the old pair, canary). Two ways, chosen per swap:
+- **in place** (the default, `--vllm-swap in-place`), whenever the running process can take the new pair: same
+  shapes (a pair's policy is of the target's family, so always) and speculation on both sides or on neither. Our
+  worker extension (vllm_worker_ext.py) loads the new weights into the running vLLM through its `/collective_rpc`,
+  between `/pause` and `/resume`. A drafter-only swap pauses with mode "keep": requests in flight stay in vLLM's
+  queue and continue with the new drafter (speculation is lossless, so their output does not change), and the
+  stall is the load itself. A policy swap drains first, as the native engine does: new requests wait at the proxy
+  until every request in flight has finished on the old weights, then vLLM pauses (clearing its prefix cache,
+  which holds the old weights' KV), loads, and resumes. Either way the process keeps its KV cache allocation,
+  compiled state and port: no second process, no start-up.
+- **blue/green** otherwise (speculation switched on or off, or `--vllm-swap blue-green`): export the new version,
+  start a second ("green") vLLM with it, wait until its /health is OK, switch the proxy's target atomically, then
+  let the requests in flight on the old ("blue") process finish and stop it.
+A version is reported (header, metrics, admin API) only once it serves; the header of each response names the
+pair of the process that served it, as it was when the response started.
 
 Metrics: the proxy measures requests, TTFT, inter-chunk latency and e2e from the SSE stream; the active process's
 spec-decode, token and queue counters are scraped from its /metrics and re-exported under `understudy:` names
@@ -49,6 +59,7 @@ from understudy.fsutil import remove_folder
 from understudy.registry.store import Registry
 from understudy.server.backends import open_registry
 from understudy.server.backends.vllm_process import (
+    WORKER_EXT,
     VllmError,
     VllmLaunch,
     VllmProcess,
@@ -110,12 +121,20 @@ class VllmBackend:
     """The vLLM processes: the active one the proxy leases, and the retiring ones still finishing requests."""
 
     def __init__(self, launch: VllmLaunch, metrics: ServerMetrics, port: int = 0, startup_timeout_s: float = 600.0,
-                 retire_timeout_s: float = 600.0, root: Path | None = None) -> None:
-        self.launch, self.metrics = launch, metrics
+                 retire_timeout_s: float = 600.0, root: Path | None = None, in_place: bool = False) -> None:
+        self.metrics = metrics
         self.startup_timeout_s, self.retire_timeout_s = startup_timeout_s, retire_timeout_s
         base = root or cache_dir() / "vllm"
         self.run_dir = base / f"run-{os.getpid()}-{int(time.time())}"  # exported drafters (removed at stop)
         self.log_dir = base / "logs"  # vLLM logs (kept)
+        if in_place:  # the worker extension, under the module name vLLM's interpreter imports it by
+            ext_dir = self.run_dir / "worker_ext"
+            ext_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(__file__).with_name("vllm_worker_ext.py"),
+                            ext_dir / (WORKER_EXT.split(".")[0] + ".py"))
+            launch = dataclasses.replace(launch, worker_ext_dir=ext_dir)
+        self.launch = launch
+        self._held = False  # an in-place policy swap holds new leases (see lease())
         self._exports: list[Path] = []  # exported drafter folders still on disk, oldest first
         self.active: VllmProcess | None = None
         self.retiring: list[VllmProcess] = []
@@ -202,9 +221,12 @@ class VllmBackend:
         with self._lock:
             self._procs.discard(proc)
 
-    def lease(self) -> VllmProcess:
-        """The active process for one request (release() it when the request is done)."""
+    def lease(self) -> VllmProcess | None:
+        """The active process for one request (release() it when the request is done); None while an in-place
+        policy swap holds new requests (acquire() waits that out)."""
         with self._lock:
+            if self._held:
+                return None
             proc = self.active
             if proc is None or not proc.alive:
                 log_hint = f"; see {proc.log_path}" if proc is not None else ""
@@ -214,9 +236,107 @@ class VllmBackend:
             proc.in_flight += 1
             return proc
 
+    async def acquire(self) -> VllmProcess:
+        """lease(), waiting while an in-place policy swap drains and loads (that wait is the swap's stall)."""
+        while (proc := self.lease()) is None:
+            await asyncio.sleep(0.005)
+        return proc
+
     def release(self, proc: VllmProcess) -> None:
         with self._lock:
             proc.in_flight -= 1
+
+    # ---- in-place swaps -----------------------------------------------------------------------------------------
+    def can_swap_in_place(self, drafter_dir: Path | None) -> bool:
+        """Whether the active process can take a pair with this drafter without a restart: it runs our worker
+        extension, and speculation stays on (or off) across the swap (vLLM's speculative config is fixed at
+        start-up). Drafter shapes need no check: one target family exports one drafter shape."""
+        proc = self.active
+        return (self.launch.worker_ext_dir is not None and proc is not None and proc.alive
+                and (proc.drafter_dir is None) == (drafter_dir is None))
+
+    def swap_in_place(self, label: str, drafter_dir: Path | None, policy_label: str, model_dir: Path,
+                      drain_timeout_s: float) -> dict[str, float]:
+        """Load a new pair into the active process; returns {"drain_s", "load_s", "stall_s"}.
+
+        A new policy: hold new leases, wait until every request in flight has finished (at most drain_timeout_s:
+        past that the swap fails and nothing changed), pause vLLM clearing its caches, load the target (and the
+        drafter), resume, then report the new pair and release the hold. A new drafter only: pause with mode
+        "keep" (requests in flight wait in vLLM and go on with the new drafter), load, resume. If a load fails
+        half-way, the old pair's weights are loaded back; if even that fails the process is replaced by a fresh
+        one on the old pair, so a half-loaded model never serves."""
+        proc = self.active
+        assert proc is not None
+        new_policy = policy_label != proc.policy_label or model_dir != proc.model_dir
+        new_drafter = drafter_dir is not None and drafter_dir != proc.drafter_dir
+        t0 = time.monotonic()
+        drain_s = 0.0
+        try:
+            if new_policy:
+                with self._lock:
+                    self._held = True
+                while proc.in_flight > 0:
+                    if time.monotonic() - t0 > drain_timeout_s or self._closing.is_set():
+                        raise VllmError(f"{proc.in_flight} requests still in flight after {drain_timeout_s:.0f} s "
+                                        "(--request-timeout): the policy swap gave up; the old pair keeps serving")
+                    time.sleep(0.005)
+                drain_s = time.monotonic() - t0
+            t1 = time.monotonic()
+            with httpx.Client(timeout=httpx.Timeout(drain_timeout_s, connect=10.0), trust_env=False) as http:
+                mode = "wait" if new_policy else "keep"
+                self._post(http, proc, f"/pause?mode={mode}&clear_cache={'true' if new_policy else 'false'}")
+                try:
+                    self._load_pair(http, proc, model_dir if new_policy else None,
+                                    drafter_dir if new_drafter or (new_policy and drafter_dir) else None)
+                except Exception as e:
+                    self._restore(http, proc, new_policy, e)
+                    raise
+                finally:
+                    if proc.alive:
+                        self._post(http, proc, "/resume")
+            load_s = time.monotonic() - t1
+            with self._lock:
+                proc.label, proc.drafter_dir, proc.policy_label, proc.model_dir = label, drafter_dir, policy_label, \
+                    model_dir
+        finally:
+            with self._lock:
+                self._held = False
+        return {"drain_s": drain_s, "load_s": load_s, "stall_s": time.monotonic() - t0}
+
+    def _load_pair(self, http: httpx.Client, proc: VllmProcess, model_dir: Path | None,
+                   drafter_dir: Path | None) -> None:
+        # the target first: a drafter shares its embedding and LM head, which then already hold the new weights
+        if model_dir is not None:
+            self._rpc(http, proc, "understudy_load_target", str(model_dir))
+        if drafter_dir is not None:
+            self._rpc(http, proc, "understudy_load_drafter", str(drafter_dir))
+
+    def _restore(self, http: httpx.Client, proc: VllmProcess, new_policy: bool, why: Exception) -> None:
+        """After a failed load: the old pair's weights back into the process, or a fresh process on the old pair."""
+        log.error("in-place load into vLLM (pid %s) failed (%s); restoring pair (drafter %s, policy %s)", proc.pid,
+                  why, proc.label, proc.policy_label)
+        try:
+            self._load_pair(http, proc, proc.model_dir if new_policy else None, proc.drafter_dir)
+            return
+        except Exception as e:  # the process may hold a mix of two versions: never serve from it again
+            log.error("restoring the old weights failed too (%s): starting a fresh vLLM on the old pair", e)
+        fresh = self.spawn(proc.label, proc.drafter_dir, model_dir=proc.model_dir, policy=proc.policy_label)
+        self.switch(fresh)
+
+    @staticmethod
+    def _post(http: httpx.Client, proc: VllmProcess, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            r = http.post(f"{proc.url}{path}", json=body)
+        except httpx.HTTPError as e:
+            raise VllmError(f"vLLM (pid {proc.pid}) {path}: {type(e).__name__}: {e}; see {proc.log_path}") from e
+        if r.status_code != 200:
+            raise VllmError(f"vLLM (pid {proc.pid}) {path} answered {r.status_code}: {r.text[:500]}; see "
+                            f"{proc.log_path}")
+        return r.json() if r.content else None
+
+    def _rpc(self, http: httpx.Client, proc: VllmProcess, method: str, *args: str) -> Any:
+        """One method of our worker extension on every vLLM worker (vLLM passes string arguments only)."""
+        return self._post(http, proc, "/collective_rpc", {"method": method, "args": list(args)})
 
     def begin_close(self) -> None:
         """No new processes from now on; a start-up in progress gives up (and stops its process)."""
@@ -260,7 +380,7 @@ class VllmBackend:
 
     def describe(self) -> dict[str, Any]:
         def one(p: VllmProcess) -> dict[str, Any]:
-            return {"drafter_version": p.label, "pid": p.pid, "url": p.url, "alive": p.alive,
+            return {"drafter_version": p.label, "policy_version": p.policy_label, "pid": p.pid, "url": p.url, "alive": p.alive,
                     "in_flight": p.in_flight, "log": str(p.log_path), "started_s": p.started_s}
 
         with self._lock:
@@ -268,17 +388,20 @@ class VllmBackend:
 
 
 # ---- hot swap ----------------------------------------------------------------------------------------------------
-class BlueGreenSwapManager(SwapManager):
-    """HotSwapManager's rules; a swap starts a new vLLM process with the new pair (the policy's weights as its
-    model, the drafter exported for vLLM) and switches to it once healthy; the old process finishes what it holds."""
+class VllmSwapManager(SwapManager):
+    """HotSwapManager's rules; a swap loads the new pair into the running vLLM process when it can (in place), else
+    starts a new process with it (the policy's weights as its model, the drafter exported for vLLM) and switches
+    to it once healthy, while the old process finishes what it holds (blue/green)."""
 
     SCRAPE_EVERY_S = 1.0
 
     def __init__(self, backend: VllmBackend, fingerprint: str, metrics: ServerMetrics, registry: Registry | None,
-                 **kw: Any) -> None:
+                 drain_timeout_s: float = 600.0, **kw: Any) -> None:
         super().__init__(fingerprint, metrics, registry, **kw)
         self.backend = backend
+        self.drain_timeout_s = drain_timeout_s
         self._next_scrape = 0.0
+        self._last: tuple[str, dict[str, float] | None] = ("", None)  # how the last swap went (for its record)
 
     def _load(self, version: int, target: Path | None) -> Path:
         assert self.registry is not None
@@ -290,14 +413,32 @@ class BlueGreenSwapManager(SwapManager):
         assert self.registry is not None
         return None if policy is None else self.registry.checkout_policy(policy, self.fingerprint)
 
-    def _install(self, new: _Served) -> None:  # slow; raises (nothing changed) if it cannot start
+    def _install(self, new: _Served) -> None:  # slow; raises (the old pair keeps serving) if it cannot
+        if self.backend.can_swap_in_place(new.drafter):
+            model_dir = new.target if new.target is not None else self.backend.launch.model_dir
+            timings = self.backend.swap_in_place(new.label, new.drafter, new.policy_label, model_dir,
+                                                 self.drain_timeout_s)
+            self._last = ("in place", timings)
+            return
         proc = self.backend.spawn(new.label, new.drafter, model_dir=new.target, policy=new.policy_label)
         self.backend.switch(proc)
+        self._last = ("blue/green", None)
 
     def _after_swap(self, rec: SwapRecord) -> None:
+        how, timings = self._last
+        if timings is not None:
+            rec.stall_s = round(timings["stall_s"], 4)
+            rec.reason += f" (in place: {timings['load_s']:.2f} s load"
+            if rec.to_policy != rec.from_policy:
+                rec.drain_s = round(timings["drain_s"], 4)
+                self.metrics.policy_drain.labels(self.metrics.model_name).observe(rec.drain_s)
+                rec.reason += f" after a {timings['drain_s']:.2f} s drain"
+            rec.reason += ")"
+            self.metrics.swap_stall.labels(self.metrics.model_name).observe(rec.stall_s)
+            return
         active = self.backend.active
-        if active is not None and active.started_s is not None:
-            rec.reason += f" (new vLLM process healthy after {active.started_s:.1f} s)"
+        if how == "blue/green" and active is not None and active.started_s is not None:
+            rec.reason += f" (blue/green: new vLLM process healthy after {active.started_s:.1f} s)"
 
     def _tick(self) -> None:
         """Feed the canary from the active process's spec-decode counters (about once a second)."""
@@ -321,7 +462,7 @@ class VllmState:
     backend: VllmBackend
     scheduler: ProxyAdmission
     metrics: ServerMetrics
-    hotswap: BlueGreenSwapManager
+    hotswap: VllmSwapManager
     served_model_name: str
     first: tuple[str, Path | None]  # the drafter label and exported folder the first process serves
     client: httpx.AsyncClient | None = None
@@ -398,9 +539,9 @@ def build_vllm_state(s: ServerSettings) -> VllmState:
     first = choose_initial_drafter(s.drafter, target.fingerprint, registry, follow, s.allow_drafter_drift)
     label, version, folder = first.label, first.version, first.path
     backend = VllmBackend(launch, metrics, port=s.vllm_port, startup_timeout_s=s.vllm_startup_timeout_s,
-                          retire_timeout_s=s.request_timeout_s)
+                          retire_timeout_s=s.request_timeout_s, in_place=s.vllm_swap == "in-place")
     exported = backend.export(label, folder) if folder is not None else None
-    hotswap = BlueGreenSwapManager(backend, target.fingerprint, metrics, registry,
+    hotswap = VllmSwapManager(backend, target.fingerprint, metrics, registry, drain_timeout_s=s.request_timeout_s,
                                    follow=follow if registry is not None else None,
                                    watch_interval_s=s.watch_interval_s, canary_window=s.canary_window,
                                    canary_margin=s.canary_margin, allow_drift=s.allow_drafter_drift)

