@@ -2,6 +2,10 @@
 
     step = [apply pending drafter swap] -> admit + prefill -> propose -> verify -> accept -> emit -> free slots
 
+A request with a grammar (SamplingParams.grammar: the server's response_format, engine/structured.py) has its
+logits masked before greedy choice or sampling, at prefill and at every verification position (each with the
+grammar state after the drafts before it), so speculation stays lossless under the grammar.
+
 Continuous batching: requests join (prefill) and leave between steps. Live sequences occupy KV slots
 0..B-1 contiguously (a finished sequence's slot is refilled by moving the last one), so every forward works
 on plain views of the caches. `add_request`, `abort` and `set_drafter` are safe to call from another thread:
@@ -35,6 +39,7 @@ from understudy.engine.sampling import (
     probs_from_logits,
 )
 from understudy.engine.spec_metrics import SpecDecodeStats
+from understudy.engine.structured import GrammarMatcher, apply_bitmask, new_bitmask
 from understudy.engine.verify import VerifyOutput, verify
 from understudy.errors import InputError
 
@@ -97,6 +102,7 @@ class Sequence:
     stop_ids: frozenset[int]
     slot: int = -1
     epoch: int = 0  # the policy (target weights) this request runs on: the engine's epoch when it was added
+    matcher: GrammarMatcher | None = None  # the request's grammar state (sampling.grammar), None = unconstrained
 
     @property
     def num_output(self) -> int:
@@ -238,6 +244,10 @@ class Engine:
             raise RequestError(f"prompt token ids must be integers in [0, {V})", param="prompt")
         if any(t >= V for t, _ in sampling.logit_bias):
             raise RequestError(f"logit_bias keys must be token ids in [0, {V})", param="logit_bias")
+        if sampling.grammar is not None and sampling.grammar.vocab_size != V:
+            raise RequestError(f"the response_format grammar was compiled for a vocabulary of "
+                               f"{sampling.grammar.vocab_size} tokens, this model has {V}; compile it for this "
+                               "model's tokenizer", param="response_format")
         total = len(prompt_ids) + sampling.max_tokens
         if total > self.config.max_model_len:
             raise RequestError(
@@ -249,7 +259,8 @@ class Engine:
             stop.update(self.eos_token_ids)
         seq = Sequence(request_id=request_id, prompt_len=len(prompt_ids), sampling=sampling,
                        generator=make_generator(sampling.seed, self.model.device), token_ids=list(prompt_ids),
-                       stop_ids=frozenset(stop))
+                       stop_ids=frozenset(stop),
+                       matcher=sampling.grammar.matcher() if sampling.grammar is not None else None)
         with self._ids_lock:
             if request_id in self._ids:
                 raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
@@ -340,8 +351,12 @@ class Engine:
         self.hidden_buf[seq.slot, :p] = hidden[0]
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         s = seq.sampling
-        raw = logits.clone() if (s.logprobs is not None and s.logit_bias) else logits
+        raw = logits.clone() if (s.logprobs is not None and (s.logit_bias or seq.matcher)) else logits
         apply_logit_bias(logits, s.logit_bias)
+        if seq.matcher is not None:  # a broken grammar raises here: this request fails alone
+            mask = new_bitmask(1, vocab_size=logits.shape[-1])
+            seq.matcher.fill_masks([], mask)
+            apply_bitmask(logits, mask)
         if s.greedy:
             token = int(logits[0].argmax())
         else:
@@ -425,13 +440,47 @@ class Engine:
         out = verify(self.model, self.cache, batch, proposal)
         raw = out.logits
         biased = [b for b, s in enumerate(self.running) if s.sampling.logit_bias]
-        if biased:
+        constrained = [b for b, s in enumerate(self.running) if s.matcher is not None]
+        if biased or constrained:
             logits = raw.clone()  # logprobs stay the model's own distribution, as OpenAI reports them
             for b in biased:
                 apply_logit_bias(logits[b], self.running[b].sampling.logit_bias)
         else:
             logits = raw
-        return out, rejection_sample(logits, proposal, batch)
+        failed = self._apply_grammars(logits, proposal, constrained) if constrained else {}
+        result = rejection_sample(logits, proposal, batch)
+        result.failed.update(failed)
+        return out, result
+
+    def _apply_grammars(self, logits: torch.Tensor, proposal: DraftProposal, rows: list[int]) -> dict[int, str]:
+        """Mask the constrained rows' verification logits [B, k+1, V] in place: position i of row b gets the
+        grammar state after its drafts 1..i (lossless: a forbidden draft has target probability 0 and is
+        rejected; positions past a forbidden draft or the row's last draft are never read, and stay unmasked).
+        Returns the rows whose grammar failed (each fails alone; its logits are left unmasked)."""
+        B, k1, V = logits.shape
+        masks = new_bitmask(len(rows), k1, vocab_size=V)
+        drafts = proposal.token_ids.tolist()
+        n_drafts = proposal.num_drafts.tolist()
+        failed: dict[int, str] = {}
+        used: list[int] = []  # flat positions b * k1 + i whose mask was written, and their rows in `masks`
+        for j, b in enumerate(rows):
+            matcher = self.running[b].matcher
+            assert matcher is not None
+            try:
+                n = matcher.fill_masks(drafts[b][:n_drafts[b]], masks[j])
+            except Exception as e:
+                log.exception("the grammar of %s failed; failing that request only", self.running[b].request_id)
+                failed[b] = f"constrained decoding failed: {e}"
+                continue
+            used.extend(j * k1 + i for i in range(n))  # positions past a rejected draft are never read
+        if used:
+            src = torch.tensor(used, dtype=torch.long)
+            flat = torch.tensor([rows[u // k1] * k1 + u % k1 for u in used], dtype=torch.long, device=logits.device)
+            view = logits.view(B * k1, V)
+            sub = view.index_select(0, flat)
+            apply_bitmask(sub, masks.view(-1, masks.shape[-1]).index_select(0, src))
+            view.index_copy_(0, flat, sub)
+        return failed
 
     def _fail(self, seq: Sequence, why: str) -> StepOutput:
         """Finish one request with an error; it is freed at the end of the step like any finished one."""
@@ -447,12 +496,19 @@ class Engine:
         for t in tokens:
             seq.token_ids.append(t)
             new.append(t)
+            if seq.matcher is not None and not seq.matcher.advance(t):
+                return self._fail(seq, f"token {t} left the response_format grammar ({seq.matcher.error})")
             if t in seq.stop_ids:
                 reason, stop_id = "stop", t
+                break
+            if seq.matcher is not None and seq.matcher.stopped:  # the grammar is complete: only EOS could follow
+                reason = "stop"
                 break
             if seq.num_output >= seq.sampling.max_tokens:
                 reason = "length"
                 break
+        if seq.matcher is not None:
+            seq.matcher.settle()  # drafts consumed for the masks but not emitted
         lps = self._logprobs(seq, new, logits) if logits is not None else None
         seq_done = reason is not None
         hidden = None

@@ -11,10 +11,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from understudy.errors import InputError
+
+if TYPE_CHECKING:
+    from understudy.engine.structured import Grammar
 
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 100.0
@@ -39,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     logprobs: int | None = None  # None = none; 0 = the sampled token's; n = plus the n most likely
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), as OpenAI's logit_bias
+    grammar: Grammar | None = None  # constrained decoding (engine.structured): only tokens it allows are drawn
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:

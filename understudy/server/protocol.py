@@ -6,13 +6,17 @@ send new OpenAI fields all the time); wrong types and out-of-range values are 40
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from understudy.engine.sampling import MAX_LOGIT_BIAS, SamplingParams
+
+if TYPE_CHECKING:
+    from understudy.engine.structured import Grammar
 
 MAX_N = 8
 MAX_STOP = 4
@@ -32,6 +36,67 @@ class _Request(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+
+
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema, as OpenAI defines it. `schema` is kept under its own name when the request is
+    forwarded (the vLLM backend), so the field passes through unchanged."""
+
+    model_config = ConfigDict(extra="allow", serialize_by_alias=True)
+    name: str | None = Field(default=None, validate_default=True)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced (constrained decoding), strict or not
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_the_missing_schema(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "schema" not in data:  # so that the error is located at "schema"
+            data = {**data, "schema": None}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str:
+        if v is None or not _SCHEMA_NAME.fullmatch(v):
+            raise ValueError("give the schema a name: 1 to 64 letters, digits, '_' or '-' (e.g. \"grid_risk\")")
+        return v
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, v: dict[str, Any] | None) -> dict[str, Any]:
+        if v is None:
+            raise ValueError('give the JSON Schema the answer must match, as an object (e.g. {"type": "object", '
+                             '"properties": {...}, "required": [...]})')
+        return v
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}."""
+
+    model_config = ConfigDict(extra="allow", serialize_by_alias=True)
+    type: str | None = Field(default=None, validate_default=True)
+    json_schema: JsonSchemaFormat | None = Field(default=None, validate_default=True)
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: str | None) -> str:
+        if v is None:
+            raise ValueError("give the type: 'text', 'json_object' or 'json_schema'")
+        if v not in RESPONSE_FORMAT_TYPES:
+            raise ValueError(f"unknown type {v[:40]!r}: use 'text', 'json_object' or 'json_schema'")
+        return v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _json_schema(cls, v: JsonSchemaFormat | None, info: ValidationInfo) -> JsonSchemaFormat | None:
+        if v is None and info.data.get("type") == "json_schema":
+            raise ValueError('required when type is "json_schema": give {"name": ..., "schema": {...}}')
+        return v
 
 
 class ChatMessage(BaseModel):
@@ -70,6 +135,7 @@ class _SamplingFields(_Request):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # ---- Understudy extensions (not in OpenAI's API) ----
     top_k: int | None = Field(default=None, ge=0, le=1000)
     ignore_eos: bool = False
@@ -109,12 +175,23 @@ class _SamplingFields(_Request):
     def stops(self) -> list[str]:
         return list(self.stop or [])  # type: ignore[arg-type]
 
-    def sampling(self, max_tokens: int, logprobs: int | None, index: int) -> SamplingParams:
+    def output_format(self) -> tuple[str, dict[str, Any] | None]:
+        """What response_format asks for: ("text", None), ("json_object", None) or ("json_schema", schema)."""
+        rf = self.response_format
+        if rf is None or rf.type is None or rf.type == "text":
+            return "text", None
+        if rf.type == "json_schema":
+            assert rf.json_schema is not None and rf.json_schema.schema_ is not None  # validated
+            return "json_schema", rf.json_schema.schema_
+        return rf.type, None
+
+    def sampling(self, max_tokens: int, logprobs: int | None, index: int,
+                 grammar: Grammar | None = None) -> SamplingParams:
         seed = None if self.seed is None else (self.seed + index) % (MAX_SEED + 1)
         bias = tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
                               top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, seed=seed,
-                              ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=bias)
+                              ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=bias, grammar=grammar)
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -262,7 +262,8 @@ def expand_chat(state: ServerState, req: ChatCompletionRequest, rid: str) -> lis
     budget = token_budget(state, len(ids), req.token_budget(),
                           "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens",
                           "messages")
-    return [Choice(i, f"{rid}-{i}", ids, req.sampling(budget, req.engine_logprobs(), i), req.stops())
+    grammar = state.grammar(*req.output_format())  # compiled here, once for the n choices; a bad schema -> 400
+    return [Choice(i, f"{rid}-{i}", ids, req.sampling(budget, req.engine_logprobs(), i, grammar), req.stops())
             for i in range(req.n)]
 
 
@@ -271,6 +272,7 @@ def expand_completion(state: ServerState, req: CompletionRequest, prompts: list[
     choices: list[Choice] = []
     vocab = state.target.config.vocab_size
     tokens = PromptBudget(state)
+    grammar = state.grammar(*req.output_format())  # one grammar for every prompt and choice; a bad schema -> 400
     for p_idx, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             ids = encode_text(state.tokenizer, prompt)
@@ -285,7 +287,7 @@ def expand_completion(state: ServerState, req: CompletionRequest, prompts: list[
         echo = (prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)) if req.echo else ""
         for i in range(req.n):
             idx = p_idx * req.n + i
-            choices.append(Choice(idx, f"{rid}-{idx}", ids, req.sampling(budget, req.engine_logprobs(), idx),
+            choices.append(Choice(idx, f"{rid}-{idx}", ids, req.sampling(budget, req.engine_logprobs(), idx, grammar),
                                   req.stops(), prefix_text=echo))
     return choices
 

@@ -19,6 +19,7 @@ from understudy.engine.config import EngineConfig
 from understudy.engine.controller import FixedController, SpeculationController
 from understudy.engine.engine import Engine, StepOutput, StepStats
 from understudy.engine.loader import LoadedModel, load_model, resolve_dtype
+from understudy.engine.structured import Grammar, StructuredOutputs
 from understudy.registry.store import Registry
 from understudy.server.backends import open_registry
 from understudy.server.hotswap import (
@@ -45,11 +46,22 @@ class ServerState:
     metrics: ServerMetrics
     hotswap: HotSwapManager
     served_model_name: str
+    structured: StructuredOutputs  # response_format: compiles grammars for the served tokenizer
     ready: bool = False
 
     @property
     def tokenizer(self) -> Any:
         return self.target.tokenizer
+
+    def grammar(self, kind: str, schema: dict[str, Any] | None) -> Grammar | None:
+        """The grammar of a response_format (kind "text": none). Compiles on the caller's thread, before the
+        request is queued: a schema that cannot be enforced raises GrammarError (400 naming the field)."""
+        if kind == "json_object":
+            return self.structured.json_object()
+        if kind == "json_schema":
+            assert schema is not None
+            return self.structured.json_schema(schema)
+        return None
 
     def drafter_label(self) -> str:
         return self.hotswap.served.label
@@ -228,7 +240,8 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     if s.drafter and version is not None:
         hotswap.pinned = version
     scheduler.step_hooks += [metrics.on_step, hotswap.on_step]
+    structured = StructuredOutputs(target.tokenizer, target.config.vocab_size, target.eos_token_ids)
     return ServerState(settings=s, target=target, engine=engine, scheduler=scheduler, metrics=metrics,
-                       hotswap=hotswap, served_model_name=name)
+                       hotswap=hotswap, served_model_name=name, structured=structured)
 
 
