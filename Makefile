@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install vllm serve test test-fast lint bench clean
+.PHONY: install vllm serve demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ vllm: $(VLLM_STAMP)
 
 serve: install
 	$(BIN)/understudy serve --model smollm2-135m --ensure-drafter --fallback-proposer ngram
+
+# The whole loop in one command, measured: serve, SFT, GRPO + TLT publishing pairs under Locust, on/off, report.
+# MINUTES scales the budget; DEMO_ARGS passes more (e.g. --out DIR --users 4). Report: runs/demo-grid-risk-*/report.md
+MINUTES ?= 40
+DEMO_ARGS ?=
+demo: install
+	$(BIN)/understudy demo grid-risk --minutes $(MINUTES) $(DEMO_ARGS)
 
 test: install vllm
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

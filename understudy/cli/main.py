@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from understudy.cli.demo import demo_app
 from understudy.clients import cli_client
 from understudy.errors import UnderstudyError, UserError
 from understudy.registry.cli import drafters_app
@@ -25,6 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 drafter_app = typer.Typer(no_args_is_help=True, help="Train and export the EAGLE-style drafter.")
 app.add_typer(drafter_app, name="drafter")
 app.add_typer(drafters_app, name="drafters")
+app.add_typer(demo_app, name="demo")  # understudy demo grid-risk: the whole loop, measured (understudy/cli/demo.py)
 cli_client.register(app, drafters_app)  # chat, complete; drafters current|pin|follow (a live server)
 
 
