@@ -261,12 +261,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vllm_swap-"))
     try:
         modes = [run_mode(args, m.strip(), work) for m in args.modes.split(",")]
-    finally:
-        logs = RESULTS / "vllm_swap-logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        for f in work.glob("server-*.log"):
-            shutil.copy(f, logs / f.name)
-        shutil.rmtree(work, ignore_errors=True)
+    finally:  # the server logs stay (small); the models, registries and drafters go
+        for d in work.iterdir():
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+        print(f"server logs: {work}")
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine(), "modes": modes}
     path = args.out or RESULTS / f"vllm_swap-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
