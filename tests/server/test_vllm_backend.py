@@ -429,6 +429,29 @@ def test_the_vllm_backend_enforces_the_native_limits(vllm_server, path, extra, p
 
 
 @on_vllm
+def test_response_format_reaches_vllm_and_its_grammar_holds(vllm_server):
+    """response_format passes through the proxy to vLLM's own structured output: a random tiny model writes nothing
+    but the schema's document (vLLM's grammar, not luck; vLLM's grammar allows any whitespace between tokens, which
+    a random model may pad until its budget ends), and a bad format is our 400."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "grid line"}], "max_tokens": 40,
+            "temperature": 0, "response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "verdict", "schema": schema}}}
+    r = httpx.post(f"{vllm_server.url}/v1/chat/completions", json=body, headers=API, timeout=300)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    compact = "".join(choice["message"]["content"].split())
+    assert compact.startswith('{"ok":'), choice  # the grammar's only key, first
+    rest = compact[len('{"ok":'):]
+    assert "true}".startswith(rest) or "false}".startswith(rest), choice
+    assert choice["finish_reason"] == ("stop" if rest in ("true}", "false}") else "length"), choice
+    r = httpx.post(f"{vllm_server.url}/v1/chat/completions", headers=API, timeout=60,
+                   json={**body, "response_format": {"type": "xml"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.type", r.text
+
+
+@on_vllm
 def test_unknown_fields_are_dropped_and_the_child_has_no_keys(vllm_server):
     body = {"model": "tiny", "prompt": "grid", "max_tokens": 3, "temperature": 0, "min_tokens": 3,
             "not_an_openai_field": {"x": 1}}
