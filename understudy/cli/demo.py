@@ -692,6 +692,9 @@ def grid_risk(
                    "process, the accuracy evaluations) exceed the phases' shares: the run takes longer than "
                    "--minutes, and GRPO gets its one guaranteed step", err=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C stops the run even when this process inherited SIGINT ignored (a shell starts background jobs so,
+    # and Python then installs no handler of its own)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     status, error = "failed", None
     try:
         run.execute()
@@ -707,7 +710,7 @@ def grid_risk(
         try:
             run.teardown()
         finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGINT, previous_int)
             signal.signal(signal.SIGTERM, previous)
         try:
             summary = build_summary(run, status, error)
