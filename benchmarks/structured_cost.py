@@ -32,19 +32,10 @@ from understudy.engine.loader import load_model
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.structured import StructuredOutputs, apply_bitmask, new_bitmask
 from understudy.engine.text import encode_prompt
-from understudy.trainer.tasks.grid_risk import GridRiskTask
+from understudy.trainer.tasks.grid_risk import GridRiskTask, answer_schema
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GRID_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "verdict": {"enum": ["secure", "overload"]},
-        "overloaded": {"type": "array", "items": {"enum": ["L1", "L2", "L3", "L4"]}, "maxItems": 4},
-        "n_minus_1_ok": {"type": "boolean"},
-    },
-    "required": ["verdict", "overloaded", "n_minus_1_ok"],
-    "additionalProperties": False,
-}
+GRID_SCHEMA = answer_schema()
 
 
 CLOCK = time.thread_time  # CPU time of this thread (torch runs on it with one thread): robust to a busy machine

@@ -24,18 +24,10 @@ from understudy.engine.structured import (
     apply_bitmask,
     new_bitmask,
 )
+from understudy.trainer.tasks.grid_risk import answer_schema
 
 # The grid-risk answer as a tool would parse it (docs/structured-output.md)
-GRID_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "verdict": {"enum": ["secure", "overload"]},
-        "overloaded": {"type": "array", "items": {"enum": ["L1", "L2", "L3", "L4"]}, "maxItems": 4},
-        "n_minus_1_ok": {"type": "boolean"},
-    },
-    "required": ["verdict", "overloaded", "n_minus_1_ok"],
-    "additionalProperties": False,
-}
+GRID_SCHEMA = answer_schema()
 MAX_TOKENS = 160
 
 

@@ -13,18 +13,10 @@ import openai
 import pytest
 
 from tests.server.conftest import ServerProcess
+from understudy.trainer.tasks.grid_risk import answer_schema
 
 KEY = {"authorization": "Bearer sk-test"}
-GRID_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "verdict": {"enum": ["secure", "overload"]},
-        "overloaded": {"type": "array", "items": {"enum": ["L1", "L2", "L3", "L4"]}, "maxItems": 4},
-        "n_minus_1_ok": {"type": "boolean"},
-    },
-    "required": ["verdict", "overloaded", "n_minus_1_ok"],
-    "additionalProperties": False,
-}
+GRID_SCHEMA = answer_schema()
 GRID_FORMAT = {"type": "json_schema", "json_schema": {"name": "grid_risk", "schema": GRID_SCHEMA, "strict": True}}
 MSG = [{"role": "user", "content": "N-1 check: L2 trips (flow -80). Is the grid secure?"}]
 

@@ -91,5 +91,21 @@ class GridRiskTask(BaseTask):
         return "overload " + " ".join(f"L{n}" for n in nums)
 
 
+def answer_schema(num_lines: int = 4) -> dict[str, Any]:
+    """The grid-risk verdict as JSON a tool parses (the server's `response_format`, docs/structured-output.md):
+    the verdict, the overloaded lines, and whether the N-1 check passed."""
+    lines = [f"L{i + 1}" for i in range(num_lines)]
+    return {
+        "type": "object",
+        "properties": {
+            "verdict": {"enum": ["secure", "overload"]},
+            "overloaded": {"type": "array", "items": {"enum": lines}, "maxItems": num_lines},
+            "n_minus_1_ok": {"type": "boolean"},
+        },
+        "required": ["verdict", "overloaded", "n_minus_1_ok"],
+        "additionalProperties": False,
+    }
+
+
 def _tenths(x: Fraction) -> str:
     return f"{float(x):.1f}"  # 0.4, -0.3, -1.0 (LODFs are multiples of 0.1)
