@@ -288,15 +288,8 @@ def test_drafter_published_swaps_in_blue_green_under_load_and_runs_inside_vllm(v
                                 for h in admin_state(vllm_server)["history"]), 30)
     assert admin_state(vllm_server)["version"] == "none"
     old_pid = active_pid(vllm_server)
-    with chat_load(vllm_server.url) as load:
-        # streams on the old process first, counted rather than timed: on a busy machine the first streams can
-        # take longer than any fixed sleep, and then every stream would lease the new process
-        assert wait_for(lambda: load.ok >= 2, 600), (load.ok, load.failed)
-        v1 = reg.publish(vllm_assets["drafter"]).version
-        reg.promote(v1, "serving")
-        assert wait_for(lambda: admin_state(vllm_server)["version"] == str(v1), 900), vllm_server.tail()
-        switched = time.monotonic()  # the new process is the proxy's target from before this point
-        assert wait_for(lambda: sum(t > switched for t in load.started) >= 2, 600), (load.ok, load.failed)
+    v1 = reg.publish(vllm_assets["drafter"]).version
+    load, switched = promote_under_load(vllm_server, v1, lambda st: st["version"] == str(v1), 900)
     assert load.failed == 0 and load.ok >= 4, (load.ok, load.non_2xx, load.truncated, load.errors)
     # streams complete out of order (one sent to the retiring process just before the switch may finish last):
     # judge by send time; every stream sent after the switch was served by v1
@@ -334,6 +327,21 @@ def check_acceptance_matches(before: dict[str, float], after: dict[str, float], 
     return accepted
 
 
+def promote_under_load(srv: ServerProcess, version: int, serving, timeout: float) -> tuple[StreamLoad, float]:  # type: ignore[no-untyped-def]
+    """Streaming users; once 2 streams completed on the old pair, move `serving` to `version`; wait until the admin
+    state satisfies `serving`, then for 2 streams sent after that. Returns the load and the switch time: streams
+    complete out of order, so callers judge "after the switch" by send time."""
+    with chat_load(srv.url) as load:
+        # streams on the old pair first, counted rather than timed: on a busy machine the first streams can take
+        # longer than any fixed sleep, and then every stream would go to the new pair
+        assert wait_for(lambda: load.ok >= 2, 600), (load.ok, load.failed)
+        srv.registry.promote(version, "serving")  # type: ignore[attr-defined]
+        assert wait_for(lambda: serving(admin_state(srv)), timeout), srv.tail()
+        switched = time.monotonic()  # the new pair serves every request leased from here on
+        assert wait_for(lambda: sum(t > switched for t in load.started) >= 2, 600), (load.ok, load.failed)
+    return load, switched
+
+
 def active_pid(srv: ServerProcess) -> int:
     return httpx.get(f"{srv.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
 
@@ -345,13 +353,8 @@ def test_in_place_drafter_swap_under_load_without_failed_requests(vllm_server, v
     reg = vllm_server.registry
     v1 = int(admin_state(vllm_server)["version"])
     pid = active_pid(vllm_server)
-    with chat_load(vllm_server.url) as load:
-        assert wait_for(lambda: load.ok >= 2, 600), (load.ok, load.failed)
-        v2 = reg.publish(vllm_assets["drafter-2"]).version
-        reg.promote(v2, "serving")
-        assert wait_for(lambda: admin_state(vllm_server)["version"] == str(v2), 600), vllm_server.tail()
-        switched = time.monotonic()
-        assert wait_for(lambda: sum(t > switched for t in load.started) >= 2, 600), (load.ok, load.failed)
+    v2 = reg.publish(vllm_assets["drafter-2"]).version
+    load, switched = promote_under_load(vllm_server, v2, lambda st: st["version"] == str(v2), 600)
     seen = [v for v in load.versions if v != "?"]
     print(f"\nduring the swap: {load.ok} streams ok, {load.failed} failed; served by " +
           ", ".join(f"v{v}: {seen.count(v)}" for v in dict.fromkeys(seen)))
@@ -401,12 +404,7 @@ def test_a_pair_swap_loads_the_policy_into_vllm_in_place_without_failed_requests
     p = reg.publish_policy(policy_dir, family_fingerprint=plm.fingerprint, target=plm.config.family_shape()).version
     d = reg.publish(vllm_assets["drafter"], policy=p).version  # declared for p: the swap's mechanics are under test
     pid = active_pid(vllm_server)
-    with chat_load(vllm_server.url) as load:
-        assert wait_for(lambda: load.ok >= 2, 600), (load.ok, load.failed)
-        reg.promote(d, "serving")
-        assert wait_for(lambda: admin_state(vllm_server)["policy"] == str(p), 900), vllm_server.tail()
-        switched = time.monotonic()
-        assert wait_for(lambda: sum(t > switched for t in load.started) >= 2, 600), (load.ok, load.failed)
+    load, switched = promote_under_load(vllm_server, d, lambda st: st["policy"] == str(p), 900)
     assert load.failed == 0, (load.non_2xx, load.truncated, load.errors)
     after = [x for t, x in zip(load.started, load.policies, strict=True) if t > switched]
     assert load.policies[0] == "base" and after and set(after) == {str(p)}, (load.policies, after)

@@ -58,15 +58,6 @@ class UnderstudyWorker:
                            is_checkpoint_format=True)
         return {"seconds": time.perf_counter() - t0, "tensors": len(weights)}
 
-    def understudy_weight_digest(self, which: str) -> str:
-        """A cheap fingerprint of the loaded weights ("target" | "drafter"): sum of float64 sums per tensor."""
-        import torch
-
-        model = self.model_runner.get_model() if which == "target" else self.model_runner.drafter.model  # type: ignore[attr-defined]
-        with torch.no_grad():
-            total = sum(float(p.detach().double().sum()) for p in model.parameters())
-        return f"{total:.6e}"
-
 
 def _count(model: Any) -> int:
     return sum(1 for _ in model.parameters())
