@@ -230,3 +230,20 @@ def test_cli_drafters_live_server(client, server, server_assets):  # noqa: F811
     assert r.returncode == 0 and json.loads(r.stdout)["following"] == "latest", r.stderr
     r = cli("drafters", "current", "--server", server.url, "--admin-key", "wrong")
     assert r.returncode == 2 and "admin key" in r.stderr
+
+
+def test_cli_speculation_off_pins_k_and_auto_hands_it_back(client, server):  # noqa: F811
+    admin = ["--server", server.url, "--admin-key", "adm-test"]
+    try:
+        r = cli("speculation", "off", *admin)
+        assert r.returncode == 0 and r.stdout.startswith("speculation: off (pinned K=0)"), (r.stdout, r.stderr)
+        assert client.controller()["pinned_k"] == 0
+        r = cli("speculation", *admin, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["pinned_k"] == 0, r.stderr
+        r = cli("speculation", "twice", *admin)
+        assert r.returncode == 2 and "off, auto or a number" in r.stderr
+        r = cli("speculation", "auto", *admin)
+        assert r.returncode == 0 and r.stdout.startswith("speculation: controller chooses"), r.stderr
+        assert client.controller()["pinned_k"] is None
+    finally:
+        client.pin_speculation(None)

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from understudy.engine.bandit import AdaptiveController, BanditConfig
+from understudy.engine.controller import OperatorOverride
 
 
 def simulate(ctrl: AdaptiveController, speed: dict[int, dict[int, float]], steps: int, noise: float = 0.1, seed: int = 0):
@@ -86,3 +87,24 @@ def test_epsilon_config_validation():
         BanditConfig(epsilon=0.1, epsilon_min=0.2)
     with pytest.raises(ValueError, match="epsilon_decay_pulls"):
         BanditConfig(epsilon_decay_pulls=-1)
+
+
+def test_operator_override_pins_k_and_leaves_the_bandit_as_it_was() -> None:
+    inner = AdaptiveController(BanditConfig(arms=(0, 2, 4), min_samples=1, epsilon=0.0, epsilon_min=0.0), max_k=4)
+    ctl = OperatorOverride(inner, max_k=4)
+    for k in (0, 2, 4):  # one sample per arm: K=2 is the fastest
+        ctl.observe(1, k, {0: 1, 2: 3, 4: 2}[k], 1.0)
+    assert ctl.choose(1) == 2 and ctl.state()["pinned_k"] is None
+    before = inner.state_dict()
+    ctl.pin(0)
+    assert [ctl.choose(b) for b in (1, 8, 64)] == [0, 0, 0]
+    ctl.observe(1, 0, 100, 1.0)  # a pinned step teaches the bandit nothing
+    assert inner.state_dict() == before and ctl.state()["pinned_k"] == 0
+    ctl.pin(3)  # any K up to the server's maximum, not only an arm
+    assert ctl.choose(1) == 3
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match="between 0 and 4"):
+            ctl.pin(bad)
+    assert ctl.choose(1) == 3  # a refused pin changes nothing
+    ctl.pin(None)
+    assert ctl.choose(1) == 2 and ctl.state()["pinned_k"] is None

@@ -206,3 +206,43 @@ def test_a_pair_swap_under_streaming_load_fails_no_request_and_serves_the_policy
     assert httpx.get(f"{srv.url}/health", timeout=30).json()["policy_version"] == str(p)
     reg.promote(base_pair[0], "serving")
     assert wait_for(lambda: admin_state(srv.url)["policy"] == "base", 300), srv.tail()
+
+
+def test_the_operator_turns_speculation_off_and_back_on_without_a_restart(swap_server):
+    """POST /admin/controller: K pinned at 0 makes no drafts from the next step on (the no-speculation baseline
+    on the same server and pair), greedy text unchanged; null hands K back; bad values name the field."""
+    srv, _, _ = swap_server
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "grid line flow risk"}], "max_tokens": 24,
+            "temperature": 0}
+
+    def chat() -> str:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    def pin(k, headers=ADMIN):  # type: ignore[no-untyped-def]
+        return httpx.post(f"{srv.url}/admin/controller", json={"k": k}, headers=headers, timeout=30)
+
+    try:
+        d0 = drafts_total(srv.url)
+        spec_text = chat()
+        assert drafts_total(srv.url) > d0, "the fixed K=3 controller drafts before any pin"
+        r = pin(0)
+        assert r.status_code == 200 and r.json()["pinned_k"] == 0, r.text
+        assert httpx.get(f"{srv.url}/admin/controller", headers=ADMIN, timeout=30).json()["pinned_k"] == 0
+        d1 = drafts_total(srv.url)
+        assert chat() == spec_text, "speculation is lossless: greedy text is the same with it off"
+        assert drafts_total(srv.url) == d1, "pinned off, no step drafts"
+        for bad, status in ((-1, 400), (4, 400), ("two", 400)):  # the server's maximum K is 3
+            r = pin(bad)
+            assert r.status_code == status and r.json()["error"]["param"] == "k", r.text
+        r = httpx.post(f"{srv.url}/admin/controller", json={}, headers=ADMIN, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "k", r.text
+        assert pin(None, headers={}).status_code == 401
+        assert httpx.get(f"{srv.url}/admin/controller", headers=ADMIN, timeout=30).json()["pinned_k"] == 0, \
+            "refused requests leave the pin as it was"
+        r = pin(None)
+        assert r.status_code == 200 and r.json()["pinned_k"] is None, r.text
+        assert chat() == spec_text and drafts_total(srv.url) > d1, "handed back: the controller drafts again"
+    finally:
+        pin(None)

@@ -451,7 +451,7 @@ def test_response_format_reaches_vllm_and_its_grammar_holds(vllm_server):
 
 
 @on_vllm
-def test_unknown_fields_are_dropped_and_the_child_has_no_keys(vllm_server):
+def test_unknown_fields_are_dropped_the_child_has_no_keys_and_k_cannot_be_pinned(vllm_server):
     body = {"model": "tiny", "prompt": "grid", "max_tokens": 3, "temperature": 0, "min_tokens": 3,
             "not_an_openai_field": {"x": 1}}
     r = httpx.post(f"{vllm_server.url}/v1/completions", json=body, headers=API, timeout=120)
@@ -459,6 +459,8 @@ def test_unknown_fields_are_dropped_and_the_child_has_no_keys(vllm_server):
     pid = httpx.get(f"{vllm_server.url}/health", timeout=30).json()["vllm"]["active"]["pid"]
     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert not [e for e in env if e.startswith((b"UNDERSTUDY_API_KEY=", b"UNDERSTUDY_ADMIN_KEY="))]
+    r = httpx.post(f"{vllm_server.url}/admin/controller", json={"k": 0}, headers=ADMIN, timeout=30)
+    assert r.status_code == 409 and "-k 0" in r.json()["error"]["message"], r.text  # vLLM fixes K at start-up
 
 
 @on_vllm

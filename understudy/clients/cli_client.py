@@ -192,10 +192,50 @@ def follow_cmd(alias: Annotated[str, typer.Argument(help="Registry alias to foll
         echo_state(c.follow(alias), as_json)
 
 
+def echo_controller(state: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(state, indent=2, default=str))
+        return
+    pinned = state.get("pinned_k")
+    how = "controller chooses" if pinned is None else ("off (pinned K=0)" if pinned == 0 else f"pinned at K={pinned}")
+    typer.echo(f"speculation: {how}; controller {state.get('kind')}"
+               + (f", arms {state['arms']}" if state.get("arms") else f", K {state.get('k')}"))
+    for bucket, b in (state.get("buckets") or {}).items():
+        typer.echo(f"  batch {bucket}: K={b.get('current_k')}, pulls {b.get('pulls')}, "
+                   f"tokens/s {b.get('median_tokens_per_s')}")
+
+
+def speculation_cmd(
+    setting: Annotated[str | None, typer.Argument(
+        help="off (K=0), auto (the controller chooses), or a K to pin; omit to show the state")] = None,
+    server: ServerOpt = DEFAULT_SERVER, admin_key: AdminKeyOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Show or set a live server's speculation: `off` measures the no-speculation baseline on the same server and
+    pair, `auto` hands K back to the adaptive controller, `N` pins K=N (native backend)."""
+    k: int | None
+    if setting is None:
+        with _client(server, admin_key=admin_key) as c:
+            echo_controller(c.controller(), as_json)
+        return
+    if setting == "off":
+        k = 0
+    elif setting == "auto":
+        k = None
+    elif setting.isdigit():
+        k = int(setting)
+    else:
+        raise typer.BadParameter(f"{setting!r}: say off, auto or a number of draft tokens (0, 1, 2, ...)",
+                                 param_hint="SETTING")
+    with _client(server, admin_key=admin_key) as c:
+        echo_controller(c.pin_speculation(k), as_json)
+
+
 def register(app: typer.Typer, drafters_app: typer.Typer) -> None:
-    """Add `chat` and `complete` to the top-level app and `current`/`pin`/`follow` to `understudy drafters`."""
+    """Add `chat`, `complete` and `speculation` to the top-level app and `current`/`pin`/`follow` to
+    `understudy drafters`."""
     app.command("chat")(chat_cmd)
     app.command("complete")(complete_cmd)
+    app.command("speculation")(speculation_cmd)
     drafters_app.command("current")(current_cmd)
     drafters_app.command("pin")(pin_cmd)
     drafters_app.command("follow")(follow_cmd)

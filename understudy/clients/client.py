@@ -322,6 +322,11 @@ class UnderstudyClient(_Base):
     def controller(self) -> Response:
         return self._json("GET", "/admin/controller", admin=True)
 
+    def pin_speculation(self, k: int | None) -> Response:
+        """Every step uses K = k (0: speculation off) until `pin_speculation(None)` hands K back to the
+        controller. Native backend only (the vLLM backend answers 409)."""
+        return self._json("POST", "/admin/controller", admin=True, json={"k": k})
+
 
 # ---- async ----------------------------------------------------------------------------------------------------
 class AsyncStream:
@@ -458,6 +463,9 @@ class AsyncUnderstudyClient(_Base):
 
     async def controller(self) -> Response:
         return await self._json("GET", "/admin/controller", admin=True)
+
+    async def pin_speculation(self, k: int | None) -> Response:
+        return await self._json("POST", "/admin/controller", admin=True, json={"k": k})
 
 
 class _LazyModelStream(AsyncStream):

@@ -37,3 +37,35 @@ class FixedController:
 
     def state(self) -> dict[str, Any]:
         return {"kind": "fixed", "k": self.k}
+
+
+class OperatorOverride:
+    """A controller with an operator's hand on it: `pin(k)` makes every step use K = k (0 = speculation off)
+    until `pin(None)` hands the choice back. While pinned, the wrapped controller neither chooses nor observes,
+    so what it learnt stays as it was (a pinned K need not be one of its arms). Thread-safe: the admin API pins
+    from the event loop while the engine thread chooses."""
+
+    def __init__(self, inner: SpeculationController, max_k: int) -> None:
+        self.inner, self.max_k = inner, max_k
+        self.pinned: int | None = None
+
+    def pin(self, k: int | None) -> None:
+        if k is not None and not 0 <= k <= self.max_k:
+            raise ValueError(f"k must be between 0 and {self.max_k} (the server's num_speculative_tokens), got {k}")
+        self.pinned = k  # one attribute store: atomic for the engine thread's next choose()
+
+    def choose(self, batch_size: int) -> int:
+        k = self.pinned
+        return k if k is not None else self.inner.choose(batch_size)
+
+    def observe(self, batch_size: int, k: int, num_tokens: int, seconds: float) -> None:
+        if self.pinned is None:
+            self.inner.observe(batch_size, k, num_tokens, seconds)
+
+    def reset(self) -> None:
+        reset = getattr(self.inner, "reset", None)
+        if callable(reset):
+            reset()
+
+    def state(self) -> dict[str, Any]:
+        return {**self.inner.state(), "pinned_k": self.pinned}

@@ -1,5 +1,5 @@
 """Admin API (separate key; 404 unless --admin-key is set): drafter versions, the one serving, pin, follow,
-rollback, and the speculation controller's state. Swap commands run on the hot-swap thread, never the engine's."""
+rollback, and the speculation controller's state and override. Swap commands run on the hot-swap thread, never the engine's."""
 
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=
 class PinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int | str = Field(description="version number, 'vN', or an alias name (resolved once)")
+
+
+class SpeculationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    k: int | None = Field(ge=0, description="draft tokens per step from the next step on (0: speculation off); "
+                                            "null: the speculation controller chooses again")
 
 
 class FollowRequest(BaseModel):
@@ -66,3 +72,10 @@ async def rollback(state: State) -> dict[str, Any]:
 @router.get("/controller")
 async def controller(state: State) -> dict[str, Any]:
     return state.controller_state()
+
+
+@router.post("/controller")
+async def pin_speculation(body: SpeculationRequest, state: State) -> dict[str, Any]:
+    """Pin K for every step (`{"k": 0}`: speculation off, e.g. to measure its baseline on the same server and
+    pair), or hand the choice back to the controller (`{"k": null}`)."""
+    return state.pin_speculation(body.k)

@@ -56,6 +56,8 @@ class BackendState(Protocol):
 
     def controller_state(self) -> dict[str, Any]: ...
 
+    def pin_speculation(self, k: int | None) -> dict[str, Any]: ...  # POST /admin/controller; APIError if it can't
+
 
 def open_registry(s: ServerSettings) -> Registry | None:
     path = s.registry or str(default_registry_path())

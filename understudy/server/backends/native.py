@@ -16,12 +16,13 @@ from typing import Any
 from understudy.drafter.model import Drafter, load_drafter
 from understudy.engine.bandit import AdaptiveController, BanditConfig
 from understudy.engine.config import EngineConfig
-from understudy.engine.controller import FixedController, SpeculationController
+from understudy.engine.controller import FixedController, OperatorOverride, SpeculationController
 from understudy.engine.engine import Engine, StepOutput, StepStats
 from understudy.engine.loader import LoadedModel, load_model, resolve_dtype
 from understudy.engine.structured import Grammar, StructuredOutputs
 from understudy.registry.store import Registry
 from understudy.server.backends import open_registry
+from understudy.server.errors import APIError
 from understudy.server.hotswap import (
     SwapError,
     SwapManager,
@@ -96,6 +97,20 @@ class ServerState:
 
     def controller_state(self) -> dict[str, Any]:
         return self.engine.controller.state()
+
+    def pin_speculation(self, k: int | None) -> dict[str, Any]:
+        """The operator's override (POST /admin/controller): every step uses K = k from the next one on (0: off),
+        or, with None, the controller chooses again. The controller's arms keep what they learnt."""
+        ctl = self.engine.controller
+        if not isinstance(ctl, OperatorOverride):
+            raise APIError(409, "this server's controller cannot be pinned", code="not_pinnable")
+        try:
+            ctl.pin(k)
+        except ValueError as e:
+            raise APIError(400, f"k: {e}", param="k") from e
+        log.info("speculation %s by the operator", "handed back to the controller" if k is None
+                 else ("off" if k == 0 else f"pinned at K={k}"))
+        return {**ctl.state(), "proposer": self.engine.proposer.name if self.engine.proposer is not None else "none"}
 
 
 class HotSwapManager(SwapManager):
@@ -195,11 +210,15 @@ class HotSwapManager(SwapManager):
             self._observe(stats.spec.num_drafts, stats.spec.num_accepted_tokens)
 
 
-def build_controller(s: ServerSettings) -> SpeculationController:
+def build_controller(s: ServerSettings) -> OperatorOverride:
+    """The configured controller, under the operator's override (`POST /admin/controller`)."""
+    inner: SpeculationController
     if s.controller == "fixed" or s.num_speculative_tokens == 0:
-        return FixedController(s.num_speculative_tokens)
-    arms = tuple(sorted({a for a in s.controller_arms if a <= s.num_speculative_tokens} | {0}))
-    return AdaptiveController(BanditConfig(arms=arms), max_k=s.num_speculative_tokens)
+        inner = FixedController(s.num_speculative_tokens)
+    else:
+        arms = tuple(sorted({a for a in s.controller_arms if a <= s.num_speculative_tokens} | {0}))
+        inner = AdaptiveController(BanditConfig(arms=arms), max_k=s.num_speculative_tokens)
+    return OperatorOverride(inner, max_k=s.num_speculative_tokens)
 
 
 def load_policy(path: Path, base: LoadedModel, what: str) -> LoadedModel:

@@ -517,6 +517,11 @@ class VllmState:
         """vLLM drafts a fixed K per step (no adaptive controller on this backend)."""
         return {"kind": "fixed", "k": self.backend.launch.num_speculative_tokens, "backend": "vllm"}
 
+    def pin_speculation(self, k: int | None) -> dict[str, Any]:
+        raise APIError(409, "the vLLM backend cannot change K while it serves: vLLM fixes its speculative config "
+                            "when it starts; restart the server with -k 0 (off) or -k N, or use the native "
+                            "backend", code="not_pinnable")
+
 
 def build_launch(s: ServerSettings, target: TargetInfo, served_name: str) -> VllmLaunch:
     dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if s.device.startswith("cuda") else "float32")
