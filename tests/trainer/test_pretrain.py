@@ -122,3 +122,14 @@ def test_a_solution_the_task_itself_rejects_is_never_trained_on():
         example_ids(tok, task, task.sample(random.Random(0)))
     ids, prompt_len = example_ids(tok, GridRiskTask(num_lines=3), GridRiskTask(num_lines=3).sample(random.Random(0)))
     assert 0 < prompt_len < len(ids) and ids[-1] == tok.eos_token_id
+
+
+def test_examples_longer_than_the_window_are_refused_by_name_and_the_constant_answer_line_is_measured():
+    from understudy.trainer.pretrain import _sample_examples, constant_answer_baseline
+    from understudy.trainer.tasks import GridRiskTask
+
+    task, tok = GridRiskTask(num_lines=3), make_char_tokenizer()
+    with pytest.raises(TaskError, match=r"longer than max_seq_len 40 tokens.*raise --max-seq-len"):
+        _sample_examples(task, tok, random.Random(0), 4, 40)  # every grid-risk example is > 40 characters
+    problems = [Problem("", a, {}) for a in ("secure", "secure", "overload L1", "secure", "overload L1 L3")]
+    assert constant_answer_baseline(task, problems) == ("secure", 0.6)  # what the format alone can score

@@ -15,7 +15,10 @@ def test_grid_risk_answers_sets_of_lines():
     p = Problem("...", "overload L3", {"flows": [120, -80, 60], "ratings": [150, 100, 90], "trip": 1,
                                        "lodf": ["0.4", "-1.0", "-0.5"], "overloaded": ["L3"]})
     sol = t.solution(p)
-    assert sol == "L1: 120+0.4*-80=88, limit 150, ok\nL3: 60+-0.5*-80=100, limit 90, over\nanswer: overload L3"
+    assert sol == "L1: 0.4*-80=-32, 120-32=88, 88<=150 ok\nL3: -0.5*-80=40, 60+40=100, 100>90 over\nanswer: overload L3"
+    neg = Problem("...", "overload L1", {"flows": [-70, 50], "ratings": [100, 60], "trip": 1, "lodf": ["-0.8", "-1.0"]})
+    assert t.solution(neg) == "L1: -0.8*50=-40, -70-40=-110, 110>100 over\nanswer: overload L1"
+    assert t.reward(p, sol) == 1.0
     assert t.reward(p, "answer: Overload l3") == 1.0
     assert t.reward(p, "answer: secure") == 0.0 and t.reward(p, "answer: overload L1 L3") == 0.0
     two = Problem("...", "overload L1 L3", {})

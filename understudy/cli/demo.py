@@ -14,8 +14,8 @@ Phases, each with a share of the budget (`SHARES`; the machine's speed decides h
      one, self-distilled on the SFT policy's answers: `demo adapt-drafter`), which moves `latest`
   e. `understudy train` (GRPO + TLT), one step per invocation (`--resume`), each publishing a (policy, drafter)
      pair, until the training share of the budget is spent
-  f. speculation on vs off on the final pair: Locust on the same prompts against the server that served the run,
-     then against a server started with the same flags, pinned to the same pair, with `-k 0`
+  f. speculation on vs off on the final pair, on the server that served the run: Locust on the same prompts in
+     alternating windows (on, off, on, off), K pinned at 0 for the off ones through the admin API
   g. `understudy drafter eval` of the drafters (co-trained, SFT-adapted, generic) on the held-out prompts
   h. every child stopped (also on Ctrl-C, SIGTERM or a failing phase), then OUT/summary.json and OUT/report.md
      with its plots (understudy/cli/demo_report.py)
@@ -62,7 +62,8 @@ from understudy.errors import UserError
 
 TASK = "grid-risk"
 K = 4  # the server's largest draft length (ServerSettings.num_speculative_tokens) and the evaluated L(K)
-MAX_NEW_TOKENS = 128  # response budget of the accuracy evaluations (`understudy sft` evaluates with 128) and rollouts
+SPEC_WINDOWS = 2  # on/off pairs of Locust windows in the speculation phase (on, off, on, off)
+MAX_NEW_TOKENS = 160  # response budget of the accuracy evaluations (also given to `understudy sft`) and rollouts
 # the seeds: GRPOTrainer draws its held-out problems from Random(seed + 10_007), pretrain() from Random(seed +
 # 7_919); `understudy sft --seed seed + SFT_SEED_OFFSET` therefore evaluates on the trainer's held-out problems
 GRPO_EVAL_OFFSET, SFT_EVAL_OFFSET = 10_007, 7_919
@@ -97,7 +98,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", locust_max_tokens=96, heldout_prompts=48, sft_lr=1e-4, sft_batch=8, grpo_prompts=4,
+    "full": Profile("full", locust_max_tokens=96, heldout_prompts=48, sft_lr=3e-4, sft_batch=8, grpo_prompts=4,
                     grpo_group=4, grpo_lr=1e-6, drafter_lr=3e-4, generic_tokens=128, drafter_eval_prompts=16,
                     drafter_eval_tokens=96, min_load_s=30.0),
     "tiny": Profile("tiny", locust_max_tokens=32, heldout_prompts=16, sft_lr=1e-3, sft_batch=8, grpo_prompts=2,
@@ -465,7 +466,11 @@ class DemoRun:
             self.children.run("sft", _py(
                 "sft", "--out", str(out), "--model", self.model_arg, "--task", TASK, "--max-minutes", f"{minutes:.3f}",
                 "--lr", str(p.sft_lr), "--batch-size", str(p.sft_batch), "--eval-problems", str(self.plan.eval_problems),
-                "--seed", str(self.plan.sft_seed)), timeout_s=minutes * 60 * 3 + 1800, stdout=result, what="SFT")
+                "--max-new-tokens", str(MAX_NEW_TOKENS), "--seed", str(self.plan.sft_seed),
+                # one thread: the serving server has the other core (a 1-thread competitor: 18.6 s per SFT step
+                # with 1 thread, 22.8 s with 2, SmolLM2, batch 8)
+                "--threads", "1"),
+                timeout_s=minutes * 60 * 3 + 1800, stdout=result, what="SFT")
             self.res.sft = _last_json(result)
 
     def adapt_phase(self) -> None:
@@ -519,6 +524,9 @@ class DemoRun:
 
     # ---- speculation on vs off --------------------------------------------------------------------------------
     def spec_phase(self) -> None:
+        """On vs off on the run's own server and final pair: the operator's switch (POST /admin/controller) pins
+        K at 0 for the off windows and hands K back to the adaptive controller for the on windows. The windows
+        alternate (on, off, on, off) so that a drift of the shared box's load falls on both modes alike."""
         assert self.poller is not None
         self.poller.poll_once()
         state = self.poller.last_state or {}
@@ -527,26 +535,43 @@ class DemoRun:
         if not version.isdigit():
             raise DemoError(f"the server serves no registry pair at the end (drafter {version!r}); see "
                             f"{self.children.log_path('server')}")
-        seconds = max(self.plan.profile.min_load_s, self.plan.share_s("spec_each"))
+        seconds = max(2 * self.plan.profile.min_load_s, self.plan.share_s("spec_each"))
+        window = seconds / SPEC_WINDOWS
         p, load = self.plan.profile, self.out / "load"
-        with self.phase("speculation on: the run's server, final pair", seconds):
-            self.warm_up(self.url)
-            self.res.locust_runs.append({"phase": "spec-on", **run_locust_once(
-                self.children, LOCUSTFILE, self.url, self.api_key, self.plan.users, p.locust_max_tokens, self.prompts,
-                load / "events-spec-on.jsonl", seconds, "locust-spec-on")})
+        self.warm_up(self.url)
+        pulls: list[dict[str, Any]] = []
+        try:
+            for w in range(SPEC_WINDOWS):
+                for mode, k in (("on", None), ("off", 0)):
+                    with self.phase(f"speculation {mode}, window {w + 1} of {SPEC_WINDOWS}", window):
+                        before = self.pin_speculation(k)
+                        self.res.locust_runs.append({"phase": f"spec-{mode}", "window": w, **run_locust_once(
+                            self.children, LOCUSTFILE, self.url, self.api_key, self.plan.users, p.locust_max_tokens,
+                            self.prompts, load / f"events-spec-{mode}.jsonl", window, f"locust-spec-{mode}-{w}")})
+                        if mode == "on":
+                            pulls.append(arm_pulls_between(before, self.controller_state()))
+        finally:
+            with contextlib.suppress(Exception):  # the server may be gone already (the error says why)
+                self.pin_speculation(None)
         self.poller.stop()
-        self.poller.poll_once()
-        with self.phase("speculation off: the same flags and pair, -k 0", seconds):
-            self.children.stop(self.server, grace_s=180)
-            off, url = self.start_server("server-spec-off", ["--drafter", version, "-k", "0"])
-            self.warm_up(url)
-            self.res.locust_runs.append({"phase": "spec-off", **run_locust_once(
-                self.children, LOCUSTFILE, url, self.api_key, self.plan.users, p.locust_max_tokens, self.prompts,
-                load / "events-spec-off.jsonl", seconds, "locust-spec-off")})
-            self.children.stop(off, grace_s=180)
-        self.res.spec = {"seconds_each": round(seconds), "pair": self.res.final_pair,
-                         "on": "the server of the whole run (adaptive K up to 4, the final pair)",
-                         "off": "a server with the same flags, pinned to the same pair, -k 0"}
+        self.poller.poll_once()  # the server's last swap records, then its cores go to the drafter evaluations
+        self.children.stop(self.server, grace_s=180)
+        self.res.spec = {"seconds_each": round(seconds), "windows": SPEC_WINDOWS, "pair": self.res.final_pair,
+                         "on": "the run's server, K chosen by its adaptive controller (arms 0, 2, 4)",
+                         "off": "the same server and pair, K pinned at 0 (POST /admin/controller)",
+                         "on_arm_pulls": pulls}
+
+    def pin_speculation(self, k: int | None) -> dict[str, Any]:
+        from understudy.clients.client import UnderstudyClient
+
+        with UnderstudyClient(self.url, api_key=self.api_key, admin_key=self.admin_key, timeout=20) as c:
+            return dict(c.pin_speculation(k))
+
+    def controller_state(self) -> dict[str, Any]:
+        from understudy.clients.client import UnderstudyClient
+
+        with UnderstudyClient(self.url, api_key=self.api_key, admin_key=self.admin_key, timeout=20) as c:
+            return dict(c.controller())
 
     # ---- drafter acceptance -----------------------------------------------------------------------------------
     def eval_jobs(self) -> list[dict[str, Any]]:
@@ -618,6 +643,17 @@ class DemoRun:
         self.children.stop_all()
         if self.load is not None and self.load.is_alive():
             self.load.join(30)
+
+
+def arm_pulls_between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Steps the adaptive controller ran with each K between two of its states, per batch-size bucket."""
+    out: dict[str, dict[str, int]] = {}
+    for bucket, b in (after.get("buckets") or {}).items():
+        was = ((before.get("buckets") or {}).get(bucket) or {}).get("pulls") or {}
+        delta = {k: int(n) - int(was.get(k, 0)) for k, n in (b.get("pulls") or {}).items()}
+        if any(delta.values()):
+            out[bucket] = delta
+    return out
 
 
 def _spread(items: list[Any]) -> list[Any]:
@@ -744,6 +780,8 @@ def build_summary(run: DemoRun, status: str, error: str | None) -> dict[str, Any
     headline = {
         "accuracy_before": greedy[0]["greedy"] if greedy and greedy[0]["stage"] == "base" else None,
         "accuracy_after": greedy[-1]["greedy"] if greedy and greedy[-1]["stage"] == "GRPO" else None,
+        "constant_answer": res.sft.get("constant_answer"),
+        "constant_answer_accuracy": res.sft.get("constant_answer_accuracy"),
         "cotrained_acceptance_length": _role(evals, "final co-trained"),
         "generic_acceptance_length": _role(evals, "final generic"),
         "tpot_p50_ms_spec_on": spec_on["tpot_ms"]["p50"], "tpot_p50_ms_spec_off": spec_off["tpot_ms"]["p50"],

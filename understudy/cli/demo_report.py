@@ -218,12 +218,14 @@ def _headline(s: dict[str, Any]) -> list[str]:
     rows = [
         [f"greedy held-out accuracy before training (base model, {acc['problems']} problems)", _f(h["accuracy_before"])],
         [f"greedy held-out accuracy after training ({final})", _f(h["accuracy_after"])],
+        [f"... the best constant answer on the same problems (`answer: {h.get('constant_answer')}`: the format and "
+         "nothing else)", _f(h.get("constant_answer_accuracy"))],
         [f"acceptance length L({s['k']}) on held-out grid-risk prompts: co-trained drafter of the last published pair",
          _f(h["cotrained_acceptance_length"])],
         ["... the generic drafter, on the same policy", _f(h["generic_acceptance_length"])],
         [f"served TPOT p50, speculation on (final pair: drafter v{pair.get('drafter_version')}, policy "
          f"{pair.get('policy')})", f"{_ms(h['tpot_p50_ms_spec_on'])} ({on.get('ok', 0)} requests)"],
-        ["served TPOT p50, speculation off (same pair, -k 0)",
+        ["served TPOT p50, speculation off (same server and pair, K pinned at 0)",
          f"{_ms(h['tpot_p50_ms_spec_off'])} ({off.get('ok', 0)} requests)"],
         [f"failed requests during the run, across {h['pair_swaps']} successful pair swaps "
          f"({len(sw['swaps'])} swap records)", f"**{h['failed_requests_across_swaps']}** of {sw['requests']}"],
@@ -292,10 +294,15 @@ def _spec(s: dict[str, Any], rep: Any, events: dict[str, list[dict[str, Any]]]) 
     if not sp.get("pair"):
         return [*lines, "Not measured: the run stopped before this phase.", ""]
     ratio = sp.get("tpot_p50_ratio_off_over_on")
+    pulls = [f"- On window {w + 1}, steps the adaptive controller ran with each K: " + ("; ".join(
+        f"batch {b}: " + ", ".join(f"K={k} {n}" for k, n in arms.items() if n) for b, arms in p.items()) or "none")
+        for w, p in enumerate(sp.get("on_arm_pulls") or [])]
     lines += [f"Final pair: drafter v{sp['pair'].get('drafter_version')} with policy {sp['pair'].get('policy')}. "
-              f"On: {sp['on']}. Off: {sp['off']}. Each ran {sp['seconds_each']} s of Locust with the same users and "
-              f"prompts after two warm-up requests. TPOT p50 off / on = {_f(ratio)} (above 1: speculation made each "
-              "token faster; below 1: slower).", "", "![speculation](plots/spec_onoff.png)", ""]
+              f"On: {sp['on']}. Off: {sp['off']}. Each mode ran {sp['seconds_each']} s of Locust with the same users "
+              f"and prompts, in {sp.get('windows', 1)} windows alternating on and off (a drift of the box's load falls "
+              f"on both), after two warm-up requests. TPOT p50 off / on = {_f(ratio)} (above 1: speculation made "
+              "each token faster; below 1: slower).", "", *pulls, *([""] if pulls else []),
+              "![speculation](plots/spec_onoff.png)", ""]
     runs = [(label, events[key]) for label, key in (("on", "spec-on"), ("off", "spec-off")) if events[key]]
     if len(runs) == 2:
         rows = rep.analyze(runs)

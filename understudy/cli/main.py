@@ -435,10 +435,14 @@ def sft(
     task: Annotated[str, typer.Option("--task", help="A task that writes and checks worked solutions")] = "grid-risk",
     max_minutes: Annotated[float, typer.Option("--max-minutes", help="Training time (evaluation excluded)")] = 10.0,
     steps: Annotated[int | None, typer.Option("--steps")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate")] = 1e-4,
+    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate (docs/trainer-tasks.md)")] = 3e-4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per optimizer step")] = 8,
     eval_problems: Annotated[int, typer.Option("--eval-problems", help="Held-out problems, before and after")] = 64,
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="Longest prompt + solution (tokens)")] = 384,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Response budget of the accuracy evaluations (grid-risk solutions: about 120)")] = 160,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="torch threads (default: every core; 1 beside a server using the other core)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Supervised fine-tuning on a task's worked solutions (written and checked by the task): the warm start
@@ -448,10 +452,12 @@ def sft(
 
     cfg = PretrainConfig(task=task, init=model, max_minutes=max_minutes, steps=steps, lr=lr, batch_size=batch_size,
                          warmup_steps=5, eval_every=0, eval_problems=eval_problems,
-                         final_eval_problems=eval_problems, max_seq_len=max_seq_len, seed=seed, num_threads=None)
+                         final_eval_problems=eval_problems, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
+                         seed=seed, num_threads=threads)
     report = run_pretrain(cfg, out)
     typer.echo(json.dumps({k: report.get(k) for k in ("out", "steps", "tokens", "train_seconds", "initial_accuracy",
-                                                      "accuracy", "initial_format_rate", "format_rate")}))
+                                                      "accuracy", "constant_answer", "constant_answer_accuracy",
+                                                      "initial_format_rate", "format_rate")}))
 
 
 # ---- entry point --------------------------------------------------------------------------------------------

@@ -169,13 +169,25 @@ def evaluate(model: Transformer, tokenizer: Any, task: Task, problems: list[Prob
     by_kind: dict[str, list[float]] = {}
     for p, r in zip(problems, rewards, strict=True):
         by_kind.setdefault(str(p.meta.get("kind", task.name)), []).append(r)
+    best, best_acc = constant_answer_baseline(task, problems)
     return {
         "accuracy": sum(rewards) / len(rewards),
+        "constant_answer": best, "constant_answer_accuracy": best_acc,
         "format_rate": sum(answer_line(r) is not None for r in responses) / len(responses),
         "mean_response_chars": sum(map(len, responses)) / len(responses),
         "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "examples": [{"prompt": p.prompt, "response": r} for p, r in zip(problems[:3], responses[:3], strict=True)],
     }
+
+
+def constant_answer_baseline(task: Task, problems: list[Problem]) -> tuple[str | None, float]:
+    """The best accuracy one fixed reply (`answer: X`, X one of the set's answers) scores on these problems: what
+    a policy that learnt the format and nothing else can reach. An accuracy is only evidence of learning the task
+    above this line (grid-risk: `secure` scores about 1 - p_overload)."""
+    scores = {a: sum(task.reward(p, f"answer: {a}") for p in problems) / len(problems)
+              for a in sorted({str(p.answer) for p in problems})}
+    best = max(scores, key=scores.__getitem__, default=None)
+    return best, (scores[best] if best is not None else 0.0)
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------
@@ -190,10 +202,16 @@ def _solvable_task(cfg: PretrainConfig) -> SolvableTask:
 def _sample_examples(task: SolvableTask, tokenizer: Any, rng: random.Random, n: int,
                      max_seq_len: int) -> list[tuple[list[int], int]]:
     out: list[tuple[list[int], int]] = []
+    skipped = 0
     while len(out) < n:
         ids, prompt_len = example_ids(tokenizer, task, task.sample(rng))
         if len(ids) <= max_seq_len:  # an over-long example is skipped, not truncated
             out.append((ids, prompt_len))
+            continue
+        skipped += 1
+        if skipped > 100 * n and skipped > 50 * len(out):
+            raise TaskError(f"task {task.name!r}: {skipped} of {skipped + len(out)} examples are longer than "
+                            f"max_seq_len {max_seq_len} tokens (the last: {len(ids)}); raise --max-seq-len")
     return out
 
 

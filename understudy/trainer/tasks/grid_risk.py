@@ -19,9 +19,9 @@ class GridRiskTask(BaseTask):
     Post-contingency flow of line l: F_l + LODF_l * F_k; it is overloaded when |flow| > rating. Flows are
     multiples of 10 MW and LODFs multiples of 0.1, so every flow is an integer. Answer: `answer: secure` or
     `answer: overload L2 L4` (every overloaded line, any order). Prompt and solution, e.g.:
-        N-1 check: L2 trips (flow -80).        L1: 120+0.4*-80=88, limit 150, ok
-        L1 flow 120 rating 150 lodf 0.4        L3: 60+-0.3*-80=84, limit 90, ok
-        L3 flow 60 rating 90 lodf -0.3         answer: secure
+        N-1 check: L2 trips (flow -80).        L1: 0.4*-80=-32, 120-32=88, 88<=150 ok
+        L1 flow 120 rating 150 lodf 0.4        L3: -0.3*-80=24, -60+24=-36, 36<=90 ok
+        L3 flow -60 rating 90 lodf -0.3        answer: secure
         Reply answer: secure or answer: overload L<n>...
     """
 
@@ -64,14 +64,19 @@ class GridRiskTask(BaseTask):
         return Problem(prompt="\n".join(rows), answer=answer, meta=meta)
 
     def solution(self, problem: Problem) -> str:
+        """One operation per number written: the shift LODF * F_k, the post-contingency flow F_l + shift, its
+        magnitude against the rating, the verdict (about 120 SmolLM2 tokens for 4 lines). (Written as one `F_l+LODF*F_k=post` expression, SmolLM2-135M
+        after 115 SFT steps copied every operand right but got 10% of the flows right: docs/trainer-tasks.md.)"""
         m = problem.meta
         fk, lines = m["flows"][m["trip"]], []
         for i, f in enumerate(m["flows"]):
             if i == m["trip"]:
                 continue
-            post = int(f + Fraction(m["lodf"][i]) * fk)
-            verdict = "over" if abs(post) > m["ratings"][i] else "ok"
-            lines.append(f"L{i + 1}: {f}+{m['lodf'][i]}*{fk}={post}, limit {m['ratings'][i]}, {verdict}")
+            shift = int(Fraction(m["lodf"][i]) * fk)
+            post, rating = f + shift, m["ratings"][i]
+            over = abs(post) > rating
+            lines.append(f"L{i + 1}: {m['lodf'][i]}*{fk}={shift}, {f}{shift:+d}={post}, "
+                         f"{abs(post)}{'>' if over else '<='}{rating} {'over' if over else 'ok'}")
         lines.append(f"answer: {problem.answer}")
         return "\n".join(lines)
 
