@@ -421,10 +421,14 @@ class DemoRun:
                 time.sleep(0.5)
         raise DemoError(f"the server ({name}) was not ready within 900 s; see {self.children.log_path(name)}")
 
-    def admin_state(self) -> dict[str, Any]:
+    def admin(self) -> Any:
+        """A client of the run's server with the admin key (a context manager)."""
         from understudy.clients.client import UnderstudyClient
 
-        with UnderstudyClient(self.url, api_key=self.api_key, admin_key=self.admin_key, timeout=20) as c:
+        return UnderstudyClient(self.url, api_key=self.api_key, admin_key=self.admin_key, timeout=20)
+
+    def admin_state(self) -> dict[str, Any]:
+        with self.admin() as c:
             return dict(c.current_drafter())
 
     def warm_up(self, url: str, n: int = 2) -> None:
@@ -562,15 +566,11 @@ class DemoRun:
                          "on_arm_pulls": pulls}
 
     def pin_speculation(self, k: int | None) -> dict[str, Any]:
-        from understudy.clients.client import UnderstudyClient
-
-        with UnderstudyClient(self.url, api_key=self.api_key, admin_key=self.admin_key, timeout=20) as c:
+        with self.admin() as c:
             return dict(c.pin_speculation(k))
 
     def controller_state(self) -> dict[str, Any]:
-        from understudy.clients.client import UnderstudyClient
-
-        with UnderstudyClient(self.url, api_key=self.api_key, admin_key=self.admin_key, timeout=20) as c:
+        with self.admin() as c:
             return dict(c.controller())
 
     # ---- drafter acceptance -----------------------------------------------------------------------------------

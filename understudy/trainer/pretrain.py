@@ -169,10 +169,8 @@ def evaluate(model: Transformer, tokenizer: Any, task: Task, problems: list[Prob
     by_kind: dict[str, list[float]] = {}
     for p, r in zip(problems, rewards, strict=True):
         by_kind.setdefault(str(p.meta.get("kind", task.name)), []).append(r)
-    best, best_acc = constant_answer_baseline(task, problems)
     return {
         "accuracy": sum(rewards) / len(rewards),
-        "constant_answer": best, "constant_answer_accuracy": best_acc,
         "format_rate": sum(answer_line(r) is not None for r in responses) / len(responses),
         "mean_response_chars": sum(map(len, responses)) / len(responses),
         "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
@@ -295,7 +293,9 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
         final = evaluate(model, tokenizer, task, eval_set[:cfg.final_eval_problems], cfg.max_new_tokens,
                          cfg.max_seq_len)
     tail = losses[-min(20, len(losses)):]
+    constant, constant_acc = constant_answer_baseline(task, eval_set[:cfg.final_eval_problems])  # the set's, once
     metrics: dict[str, Any] = {
+        "constant_answer": constant, "constant_answer_accuracy": constant_acc,
         "out": str(out), "params": sum(p.numel() for p in model.parameters()), "steps": len(losses),
         "tokens": tokens, "train_seconds": train_s(), "phase_seconds": dict(times.seconds),
         "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "eval_history": history, **final,

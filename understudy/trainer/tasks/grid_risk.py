@@ -65,8 +65,9 @@ class GridRiskTask(BaseTask):
 
     def solution(self, problem: Problem) -> str:
         """One operation per number written: the shift LODF * F_k, the post-contingency flow F_l + shift, its
-        magnitude against the rating, the verdict (about 120 SmolLM2 tokens for 4 lines). (Written as one `F_l+LODF*F_k=post` expression, SmolLM2-135M
-        after 115 SFT steps copied every operand right but got 10% of the flows right: docs/trainer-tasks.md.)"""
+        magnitude against the rating, the verdict (about 120 SmolLM2 tokens for 4 lines). Written as one
+        `F_l+LODF*F_k=post` expression per line, SmolLM2-135M after 115 SFT steps copied every operand right but
+        got 10% of the flows right (docs/trainer-tasks.md)."""
         m = problem.meta
         fk, lines = m["flows"][m["trip"]], []
         for i, f in enumerate(m["flows"]):
