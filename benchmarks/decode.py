@@ -3,6 +3,7 @@ prompt lookup) as the peer -- same prompts, same machine, same run. Every speed 
 baseline measured in this run (speedup = tokens/s over the engine's plain tokens/s).
 
     python benchmarks/decode.py --drafter DIR [--dtypes bfloat16,float32] [--batch-sizes 1,4,16]
+    python benchmarks/decode.py --model POLICY_DIR --drafter DIR --prompts grid.jsonl   # a policy's own domain
 
 In-domain prompts are the shipped set's `heldout` split (same kinds as training, never trained on);
 out-of-domain prompts are its `ood` split (code, stories, trivia). Writes JSON to benchmarks/results/.
@@ -140,12 +141,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (medians are reported)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", type=Path, default=None,
+                    help="JSONL prompt file: its 'heldout' rows are the in-domain prompts and its 'ood' rows, if any, "
+                         "the out-of-domain ones (default: the shipped set)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.ks = [int(k) for k in str(args.ks).split(",")]
     torch.set_num_threads(args.threads)
-    domains = {"in-domain": load_prompts(splits=("heldout",)), "out-of-domain": load_prompts(splits=("ood",))}
-    results: dict[str, Any] = {"config": vars(args) | {"out": str(args.out)}, "machine": machine_info(), "cells": []}
+    rows_all = load_prompts(args.prompts)
+    domains = {name: [r for r in rows_all if r["split"] == split]
+               for name, split in (("in-domain", "heldout"), ("out-of-domain", "ood"))}
+    domains = {name: rows for name, rows in domains.items() if rows}
+    if not domains:
+        raise SystemExit(f"--prompts {args.prompts}: no rows with split 'heldout' or 'ood' to measure on")
+    results: dict[str, Any] = {"config": vars(args) | {"out": str(args.out), "prompts": str(args.prompts)}, "machine": machine_info(), "cells": []}
     for dtype in args.dtypes.split(","):
         lm = load_model(args.model, dtype=dtype)
         drafter = load_drafter(Path(args.drafter), lm.model, lm.fingerprint) if args.drafter else None

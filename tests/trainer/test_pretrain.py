@@ -110,6 +110,27 @@ def test_sft_fine_tunes_an_existing_model_on_checked_solutions_and_keeps_its_fam
     assert saved["config"]["init"] == str(tiny_llama_dir) and "initial_accuracy" in saved
 
 
+def test_sft_of_the_top_layers_only_leaves_the_rest_bitwise_unchanged(tiny_llama_dir, tmp_path):
+    base = load_model(str(tiny_llama_dir), dtype="float32")
+    n = len(base.model.layers)
+    cfg = PretrainConfig(task="grid-risk", task_kwargs={"num_lines": 3}, init=str(tiny_llama_dir), steps=3,
+                         max_minutes=None, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=0, eval_problems=2,
+                         final_eval_problems=2, max_new_tokens=8, max_seq_len=256, train_layers=1)
+    m = pretrain(cfg, tmp_path / "top1", progress=False)
+    tuned = load_model(str(tmp_path / "top1"), dtype="float32")
+    before, after = base.model.state_dict(), tuned.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = {k for k in before if k.startswith((f"layers.{n - 1}.", "norm."))}
+    assert changed and changed <= trainable, sorted(changed)  # the top layer moved, nothing below it did
+    assert any(k.startswith(f"layers.{n - 1}.") for k in changed) and m["steps"] == 3
+    with pytest.raises(ValueError, match="train_layers"):
+        PretrainConfig(init=str(tiny_llama_dir), train_layers=0)
+    with pytest.raises(ValueError, match=f"train_layers {n + 1} > the {n} decoder layers"):
+        pretrain(PretrainConfig(task="grid-risk", init=str(tiny_llama_dir), steps=1, max_minutes=None,
+                                train_layers=n + 1), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_solution_the_task_itself_rejects_is_never_trained_on():
     from understudy.trainer.tasks import GridRiskTask
 

@@ -31,9 +31,14 @@ from understudy.engine.loader import save_model
 from understudy.engine.model import Transformer, enable_cpu_packing
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt, encode_text
+from understudy.errors import UnderstudyError
 from understudy.trainer.chartok import make_char_tokenizer
 from understudy.trainer.tasks import Problem, SolvableTask, Task, TaskError, answer_line, get_task
 from understudy.trainer.timing import PhaseTimes
+
+
+class PretrainConfigError(UnderstudyError, ValueError):
+    """A PretrainConfig (or `understudy pretrain` / `sft` option) that cannot work; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -64,19 +69,24 @@ class PretrainConfig:
     max_new_tokens: int = 128  # generation budget per evaluation problem
     seed: int = 0  # model init, data and evaluation problems
     num_threads: int | None = 1  # torch threads on CPU (one is fastest on 2-core CPUs: docs/performance.md)
+    train_layers: int | None = None  # with `init`: train only the top N decoder layers and the final norm (the
+    #                                  embedding / LM head and the layers below stay frozen, so the backward pass
+    #                                  stops at layer L-N); None trains every weight
 
     def __post_init__(self) -> None:
         if self.steps is None and self.max_minutes is None:
-            raise ValueError("set steps, max_minutes or both: training needs a stopping rule")
+            raise PretrainConfigError("set steps, max_minutes or both: training needs a stopping rule")
         if (self.steps is not None and self.steps < 1) or (self.max_minutes is not None and self.max_minutes <= 0):
-            raise ValueError(f"steps must be >= 1 and max_minutes > 0, got {self.steps}, {self.max_minutes}")
+            raise PretrainConfigError(f"steps must be >= 1 and max_minutes > 0, got {self.steps}, {self.max_minutes}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into num_heads {self.num_heads} "
+            raise PretrainConfigError(f"hidden_size {self.hidden_size} must split into num_heads {self.num_heads} "
                              "heads of even width")
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("need batch_size >= 1, lr > 0 and 0 <= min_lr_ratio <= 1")
+            raise PretrainConfigError("need batch_size >= 1, lr > 0 and 0 <= min_lr_ratio <= 1")
         if min(self.eval_problems, self.final_eval_problems, self.max_new_tokens) < 1 or self.eval_every < 0:
-            raise ValueError("eval_problems, final_eval_problems and max_new_tokens must be >= 1, eval_every >= 0")
+            raise PretrainConfigError("eval_problems, final_eval_problems and max_new_tokens must be >= 1, eval_every >= 0")
+        if self.train_layers is not None and self.train_layers < 1:
+            raise PretrainConfigError(f"train_layers must be >= 1 (or None to train every layer), got {self.train_layers}")
 
 
 # ---- model and data -----------------------------------------------------------------------------------------
@@ -136,8 +146,9 @@ def lr_at(cfg: PretrainConfig, step: int, progress: float) -> float:
 
 
 def make_optimizer(cfg: PretrainConfig, model: Transformer) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() == 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
@@ -240,7 +251,14 @@ def _initial_model(cfg: PretrainConfig) -> tuple[Transformer, Any]:
     lm = load_model(cfg.init, dtype="float32")
     if lm.tokenizer.eos_token_id is None:
         raise TaskError(f"{cfg.init}: its tokenizer has no eos token, which every worked solution must end with")
-    lm.model.requires_grad_(True)
+    lm.model.requires_grad_(cfg.train_layers is None)
+    if cfg.train_layers is not None:
+        layers = lm.model.layers
+        if cfg.train_layers > len(layers):
+            raise PretrainConfigError(f"train_layers {cfg.train_layers} > the {len(layers)} decoder layers of {cfg.init}")
+        for layer in layers[len(layers) - cfg.train_layers:]:
+            layer.requires_grad_(True)
+        lm.model.norm.requires_grad_(True)
     return lm.model, lm.tokenizer
 
 
