@@ -123,8 +123,10 @@ def test_sft_of_the_top_layers_only_leaves_the_rest_bitwise_unchanged(tiny_llama
     trainable = {k for k in before if k.startswith((f"layers.{n - 1}.", "norm."))}
     assert changed and changed <= trainable, sorted(changed)  # the top layer moved, nothing below it did
     assert any(k.startswith(f"layers.{n - 1}.") for k in changed) and m["steps"] == 3
-    with pytest.raises(ValueError, match="train_layers"):
+    with pytest.raises(ValueError, match="train_layers=0"):
         PretrainConfig(init=str(tiny_llama_dir), train_layers=0)
+    with pytest.raises(ValueError, match="needs init"):
+        PretrainConfig(train_layers=2)  # a fresh model from scratch has nothing to freeze
     with pytest.raises(ValueError, match=f"train_layers {n + 1} > the {n} decoder layers"):
         pretrain(PretrainConfig(task="grid-risk", init=str(tiny_llama_dir), steps=1, max_minutes=None,
                                 train_layers=n + 1), tmp_path / "bad", progress=False)

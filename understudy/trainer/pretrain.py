@@ -80,13 +80,15 @@ class PretrainConfig:
             raise PretrainConfigError(f"steps must be >= 1 and max_minutes > 0, got {self.steps}, {self.max_minutes}")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
             raise PretrainConfigError(f"hidden_size {self.hidden_size} must split into num_heads {self.num_heads} "
-                             "heads of even width")
+                                      "heads of even width")
         if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise PretrainConfigError("need batch_size >= 1, lr > 0 and 0 <= min_lr_ratio <= 1")
         if min(self.eval_problems, self.final_eval_problems, self.max_new_tokens) < 1 or self.eval_every < 0:
-            raise PretrainConfigError("eval_problems, final_eval_problems and max_new_tokens must be >= 1, eval_every >= 0")
-        if self.train_layers is not None and self.train_layers < 1:
-            raise PretrainConfigError(f"train_layers must be >= 1 (or None to train every layer), got {self.train_layers}")
+            raise PretrainConfigError("eval_problems, final_eval_problems and max_new_tokens must be >= 1, "
+                                      "eval_every >= 0")
+        if self.train_layers is not None and (self.train_layers < 1 or self.init is None):
+            raise PretrainConfigError(f"train_layers={self.train_layers}: it must be >= 1 and needs init (the model to "
+                                      "fine-tune); leave it unset to train every weight")
 
 
 # ---- model and data -----------------------------------------------------------------------------------------
@@ -255,7 +257,8 @@ def _initial_model(cfg: PretrainConfig) -> tuple[Transformer, Any]:
     if cfg.train_layers is not None:
         layers = lm.model.layers
         if cfg.train_layers > len(layers):
-            raise PretrainConfigError(f"train_layers {cfg.train_layers} > the {len(layers)} decoder layers of {cfg.init}")
+            raise PretrainConfigError(f"train_layers {cfg.train_layers} > the {len(layers)} decoder layers of "
+                                      f"{cfg.init}")
         for layer in layers[len(layers) - cfg.train_layers:]:
             layer.requires_grad_(True)
         lm.model.norm.requires_grad_(True)
