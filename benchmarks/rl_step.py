@@ -1,6 +1,6 @@
 """RL step time with TLT (speculative rollouts + spot drafter training) vs speculation off, and vs TLT without spot
-training: same config, seed and data, steps interleaved (tlt, tlt-nospot, off, tlt, ...) in one process so machine
-noise hits all alike.
+training: same config, seed and data, steps interleaved in one process so machine noise hits all alike (tlt,
+tlt-nospot, off, then off, tlt-nospot, tlt: every other step in reverse, so no mode always runs first).
 
     python benchmarks/rl_step.py --config configs/arith-tiny.toml [--steps 20] [--executor ray]
         [--length-profile long-tail] [--modes tlt,tlt-nospot,off] [--out benchmarks/results/...]
@@ -70,10 +70,14 @@ def run(config: Path, steps: int, warmup: int, eval_every: int, out_dir: Path, m
         if mirror:
             runs["tlt-nospot"].workers.load_drafter_weights(runs["tlt"].spot.drafter)
         for step in range(1, steps + 1):
-            for name, t in runs.items():  # interleaved: the same noise for all
+            order = list(runs.items())
+            if step % 2 == 0:  # every other step in reverse, so that running first or second is no one mode's lot
+                order.reverse()
+            for name, t in order:  # interleaved: the same noise for all
                 t0 = time.perf_counter()
                 m = t.train_step()
                 m["step_seconds"] = time.perf_counter() - t0
+                m["position"] = [n for n, _ in order].index(name)
                 if (eval_every and step % eval_every == 0) or step == steps:
                     m.update(t.evaluate())
                 hist[name].append(m)
@@ -109,11 +113,14 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
         vals = [secs(m, key) for m in rows(name)]
         return statistics.median(vals) if vals else float("nan")
 
+    def ratios(a: str, b: str, key: str) -> list[float]:
+        ra = {m["step"]: m for m in rows(a)}
+        return [secs(ra[m["step"]], key) / secs(m, key) for m in rows(b) if m["step"] in ra]
+
     def paired(a: str, b: str, key: str) -> float:
         """Median over steps of a's time / b's time (the steps ran back to back: a per-step pairing)."""
-        ra = {m["step"]: m for m in rows(a)}
-        ratios = [secs(ra[m["step"]], key) / secs(m, key) for m in rows(b) if m["step"] in ra]
-        return statistics.median(ratios) if ratios else float("nan")
+        r = ratios(a, b, key)
+        return statistics.median(r) if r else float("nan")
 
     phases = ("rollout", "reward", "update", "drafter_sync")
     s: dict[str, Any] = {name: {p: med(name, p) for p in (*phases, "step_seconds")} for name in hist}
@@ -129,6 +136,9 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
         s["run_speedup_including_warmup"] = total["off"] / total["tlt"] if total["tlt"] else float("nan")
     if "tlt" in hist and "tlt-nospot" in hist:
         s["spot_interference"] = paired("tlt", "tlt-nospot", "rollout")  # 1.0 = spot training costs the rollout nothing
+        r = ratios("tlt", "tlt-nospot", "rollout")
+        s["spot_interference_ratios"] = r
+        s["spot_interference_ci95"] = bootstrap_median_ci(r)
         s["rollout_speedup_nospot"] = s["off"]["rollout"] / s["tlt-nospot"]["rollout"] if "off" in s else None
     for name in hist:
         r = rows(name)
@@ -149,6 +159,17 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
     if "tlt" in hist:
         s["drafter_warmup"] = {k: v for k, v in hist["tlt"][0].items() if k.startswith("drafter_warmup")}
     return s
+
+
+def bootstrap_median_ci(values: list[float], n: int = 10_000, seed: int = 0) -> list[float] | None:
+    """95% percentile-bootstrap interval of the median (seeded: the same data give the same interval)."""
+    import random
+
+    if len(values) < 3:
+        return None
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return [meds[int(0.025 * n)], meds[int(0.975 * n) - 1]]
 
 
 def plot(res: dict[str, Any], png: Path) -> None:
@@ -200,7 +221,8 @@ def print_table(res: dict[str, Any]) -> None:
               f"the drafter warm-up x{s['run_speedup_including_warmup']:.2f}")
     if "spot_interference" in s:
         print(f"spot training's cost to the rollout: tlt / tlt-nospot rollout time x{s['spot_interference']:.3f} "
-              f"(median of per-step ratios; 1.000 = none)")
+              f"(median of {len(s['spot_interference_ratios'])} per-step ratios; 1.000 = none; bootstrap 95% "
+              f"interval of the median {_fmt(s['spot_interference_ci95'])})")
     for name in names:
         print(f"{name}: held-out accuracy first->last: greedy {s[name]['eval_accuracy_first_last']}, "
               f"sampled {s[name]['eval_accuracy_sampled_first_last']}; "

@@ -73,6 +73,10 @@ def test_demo_runs_the_whole_loop_and_reports_it(demo_assets, tmp_path):
     for name in ("accuracy", "acceptance", "latency", "spec_onoff"):
         assert f"](plots/{name}.png)" in md and (out / "plots" / f"{name}.png").stat().st_size > 5_000
     assert all(v is not None for v in s["headline"].values()), s["headline"]
+    h = s["headline"]  # the skill beyond the constant answer, from `understudy sft`'s own evaluation
+    assert 0 < h["problems_where_constant_fails"] <= s["accuracy"]["problems"]
+    assert h["accuracy_where_constant_fails_sft"] == s["sft"]["accuracy_where_constant_fails"]
+    assert f"{h['problems_where_constant_fails']} of those problems that the constant answer gets wrong" in md
 
     # one held-out problem set, measured before SFT, after it, and at every GRPO step
     stages = [c["stage"] for c in s["accuracy"]["curve"]]

@@ -103,6 +103,10 @@ def test_sft_fine_tunes_an_existing_model_on_checked_solutions_and_keeps_its_fam
     m = pretrain(cfg, tmp_path / "sft", progress=False)
     assert m["steps"] == 40 and m["final_loss"] < 0.6 * m["initial_loss"], (m["initial_loss"], m["final_loss"])
     assert 0.0 <= m["initial_accuracy"] <= 1.0 and 0.0 <= m["initial_format_rate"] <= 1.0  # measured before step 1
+    fails = m["problems_where_constant_fails"]  # 8 problems: the constant answer is right on 8 - fails of them
+    assert m["constant_answer_accuracy"] == (8 - fails) / 8
+    if fails:  # the reported split agrees with the overall accuracy: right where the constant fails <= right
+        assert m["accuracy_where_constant_fails"] * fails <= m["accuracy"] * 8 + 1e-9
     base, tuned = load_model(str(tiny_llama_dir), dtype="float32"), load_model(str(tmp_path / "sft"), dtype="float32")
     assert tuned.fingerprint == base.fingerprint  # the same family: a policy version its drafters pair with
     assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
@@ -148,7 +152,11 @@ def test_a_solution_the_task_itself_rejects_is_never_trained_on():
 
 
 def test_examples_longer_than_the_window_are_refused_by_name_and_the_constant_answer_line_is_measured():
-    from understudy.trainer.pretrain import _sample_examples, constant_answer_baseline
+    from understudy.trainer.pretrain import (
+        _sample_examples,
+        accuracy_where_constant_fails,
+        constant_answer_baseline,
+    )
     from understudy.trainer.tasks import GridRiskTask
 
     task, tok = GridRiskTask(num_lines=3), make_char_tokenizer()
@@ -156,3 +164,7 @@ def test_examples_longer_than_the_window_are_refused_by_name_and_the_constant_an
         _sample_examples(task, tok, random.Random(0), 4, 40)  # every grid-risk example is > 40 characters
     problems = [Problem("", a, {}) for a in ("secure", "secure", "overload L1", "secure", "overload L1 L3")]
     assert constant_answer_baseline(task, problems) == ("secure", 0.6)  # what the format alone can score
+    # the skill beyond the constant: the mean reward on the two problems that `secure` gets wrong
+    assert accuracy_where_constant_fails(task, problems, [1.0, 1.0, 1.0, 0.0, 0.0], "secure") == 0.5
+    assert accuracy_where_constant_fails(task, problems, [1.0, 1.0, 0.0, 1.0, 0.0], "secure") == 0.0
+    assert accuracy_where_constant_fails(task, problems[:2], [1.0, 1.0], "secure") is None  # never wrong there

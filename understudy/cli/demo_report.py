@@ -220,6 +220,9 @@ def _headline(s: dict[str, Any]) -> list[str]:
         [f"greedy held-out accuracy after training ({final})", _f(h["accuracy_after"])],
         [f"... the best constant answer on the same problems (`answer: {h.get('constant_answer')}`: the format and "
          "nothing else)", _f(h.get("constant_answer_accuracy"))],
+        [f"greedy accuracy on the {h.get('problems_where_constant_fails', '?')} of those problems that the constant "
+         "answer gets wrong (what the format alone cannot buy): base model -> SFT policy",
+         f"{_f(h.get('accuracy_where_constant_fails_before'))} -> {_f(h.get('accuracy_where_constant_fails_sft'))}"],
         [f"acceptance length L({s['k']}) on held-out grid-risk prompts: co-trained drafter of the last published pair",
          _f(h["cotrained_acceptance_length"])],
         ["... the generic drafter, on the same policy", _f(h["generic_acceptance_length"])],

@@ -459,7 +459,10 @@ def sft(
     report = run_pretrain(cfg, out)
     typer.echo(json.dumps({k: report.get(k) for k in ("out", "steps", "tokens", "train_seconds", "initial_accuracy",
                                                       "accuracy", "constant_answer", "constant_answer_accuracy",
-                                                      "initial_format_rate", "format_rate")}))
+                                                      "problems_where_constant_fails",
+                                                      "initial_accuracy_where_constant_fails",
+                                                      "accuracy_where_constant_fails", "initial_format_rate",
+                                                      "format_rate")}))
 
 
 # ---- entry point --------------------------------------------------------------------------------------------

@@ -187,6 +187,7 @@ def evaluate(model: Transformer, tokenizer: Any, task: Task, problems: list[Prob
         "format_rate": sum(answer_line(r) is not None for r in responses) / len(responses),
         "mean_response_chars": sum(map(len, responses)) / len(responses),
         "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        "rewards": rewards,
         "examples": [{"prompt": p.prompt, "response": r} for p, r in zip(problems[:3], responses[:3], strict=True)],
     }
 
@@ -199,6 +200,15 @@ def constant_answer_baseline(task: Task, problems: list[Problem]) -> tuple[str |
               for a in sorted({str(p.answer) for p in problems})}
     best = max(scores, key=scores.__getitem__, default=None)
     return best, (scores[best] if best is not None else 0.0)
+
+
+def accuracy_where_constant_fails(task: Task, problems: list[Problem], rewards: list[float],
+                                  constant: str | None) -> float | None:
+    """Mean reward on the problems that the constant reply gets wrong: the constant scores 0 there, so this is
+    the part of an accuracy that the format alone cannot buy (None when the constant is never wrong)."""
+    rest = [r for p, r in zip(problems, rewards, strict=True)
+            if constant is None or task.reward(p, f"answer: {constant}") == 0]
+    return sum(rest) / len(rest) if rest else None
 
 
 # ---- the recipe ---------------------------------------------------------------------------------------------
@@ -314,18 +324,22 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
         final = evaluate(model, tokenizer, task, eval_set[:cfg.final_eval_problems], cfg.max_new_tokens,
                          cfg.max_seq_len)
     tail = losses[-min(20, len(losses)):]
-    constant, constant_acc = constant_answer_baseline(task, eval_set[:cfg.final_eval_problems])  # the set's, once
+    final_set = eval_set[:cfg.final_eval_problems]
+    constant, constant_acc = constant_answer_baseline(task, final_set)  # the set's, once
     metrics: dict[str, Any] = {
         "constant_answer": constant, "constant_answer_accuracy": constant_acc,
+        "problems_where_constant_fails": sum(task.reward(p, f"answer: {constant}") == 0 for p in final_set),
+        "accuracy_where_constant_fails": accuracy_where_constant_fails(task, final_set, final["rewards"], constant),
         "out": str(out), "params": sum(p.numel() for p in model.parameters()), "steps": len(losses),
         "tokens": tokens, "train_seconds": train_s(), "phase_seconds": dict(times.seconds),
         "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "eval_history": history, **final,
     }
     if before is not None:
         metrics.update(initial_accuracy=before["accuracy"], initial_format_rate=before["format_rate"],
-                       initial_examples=before["examples"])
+                       initial_examples=before["examples"], initial_accuracy_where_constant_fails=(
+                           accuracy_where_constant_fails(task, final_set, before["rewards"], constant)))
     record = {"config": asdict(cfg), **{k: v for k, v in metrics.items()
-                                        if k not in ("examples", "initial_examples", "out")}}
+                                        if k not in ("examples", "initial_examples", "out", "rewards")}}
     record = json.loads(json.dumps(record, default=str))  # task options may hold paths or tuples
     save_model(model, tokenizer, Path(out), extra_config={"understudy_pretrain": record})
     return metrics
