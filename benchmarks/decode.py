@@ -154,7 +154,8 @@ def main() -> None:
     domains = {name: rows for name, rows in domains.items() if rows}
     if not domains:
         raise SystemExit(f"--prompts {args.prompts}: no rows with split 'heldout' or 'ood' to measure on")
-    results: dict[str, Any] = {"config": vars(args) | {"out": str(args.out), "prompts": str(args.prompts)}, "machine": machine_info(), "cells": []}
+    results: dict[str, Any] = {"config": vars(args) | {"out": str(args.out), "prompts": str(args.prompts)},
+                               "machine": machine_info(), "cells": []}
     for dtype in args.dtypes.split(","):
         lm = load_model(args.model, dtype=dtype)
         drafter = load_drafter(Path(args.drafter), lm.model, lm.fingerprint) if args.drafter else None
