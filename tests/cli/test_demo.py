@@ -51,6 +51,8 @@ def demo_assets(tmp_path_factory):
 def start_demo(out: Path, assets: tuple[Path, Path], minutes: float) -> subprocess.Popen:
     model, drafter = assets
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNDERSTUDY_")}
+    # the run's drafter data (its cache key is the tiny model's, new every run) stays out of the user's cache
+    env["UNDERSTUDY_CACHE"] = str(out.parent / "understudy-cache")
     return subprocess.Popen(
         [sys.executable, "-m", "understudy.cli.main", "demo", "grid-risk", "--model", str(model), "--generic-drafter",
          str(drafter), "--minutes", str(minutes), "--out", str(out), "--users", "2"],

@@ -73,6 +73,31 @@ def test_corrupt_gguf_is_named(tmp_path):
         load_model(str(f))
 
 
+def test_a_gguf_is_converted_once_per_content_wherever_it_is_installed(tmp_path, monkeypatch):
+    """A fresh clone or a reinstall puts the same GGUF at a new path with a new mtime: the conversion is reused;
+    a different file gets its own."""
+    from understudy.engine import loader
+
+    monkeypatch.setenv("UNDERSTUDY_CACHE", str(tmp_path / "cache"))
+    converted: list[Path] = []
+
+    def fake_convert(gguf: Path, out: Path) -> None:  # the real conversion is tested on SmolLM2 above
+        converted.append(gguf)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(loader, "convert_gguf", fake_convert)
+    first, second, other = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf", tmp_path / "c" / "m.gguf"
+    for f, payload in ((first, b"GGUF" + bytes(5000)), (second, b"GGUF" + bytes(5000)), (other, b"GGUF" + bytes(5001))):
+        f.parent.mkdir()
+        f.write_bytes(payload)
+    os.utime(second, ns=(1_000_000_000, 1_000_000_000))  # another install time
+    a = loader._convert_gguf_cached(first, name="m")
+    assert loader._convert_gguf_cached(second, name="m") == a and converted == [first]
+    assert loader._convert_gguf_cached(other, name="m") != a and converted == [first, other]
+
+
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path, tiny_llama_dir):
     r = run_cli("generate", "--model", "no-such-model", "--prompt", "hi")
     assert r.returncode == 2

@@ -117,8 +117,14 @@ def _preset_folder(preset: Preset) -> Path:
 
 
 def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    """The GGUF's converted folder in the cache, converted on first use. Keyed by the file's content (sha256: 0.24
+    s for SmolLM2's 98 MB), not its path and mtime: with those, every fresh clone or reinstall of the package
+    converted again and left another 517 MB folder behind."""
+    h = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    key = h.hexdigest()[:12]
     out = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
