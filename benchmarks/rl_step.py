@@ -73,11 +73,11 @@ def run(config: Path, steps: int, warmup: int, eval_every: int, out_dir: Path, m
             order = list(runs.items())
             if step % 2 == 0:  # every other step in reverse, so that running first or second is no one mode's lot
                 order.reverse()
-            for name, t in order:  # interleaved: the same noise for all
+            for position, (name, t) in enumerate(order):  # interleaved: the same noise for all
                 t0 = time.perf_counter()
                 m = t.train_step()
                 m["step_seconds"] = time.perf_counter() - t0
-                m["position"] = [n for n, _ in order].index(name)
+                m["position"] = position
                 if (eval_every and step % eval_every == 0) or step == steps:
                     m.update(t.evaluate())
                 hist[name].append(m)
@@ -135,8 +135,8 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
         s["total_seconds"] = total
         s["run_speedup_including_warmup"] = total["off"] / total["tlt"] if total["tlt"] else float("nan")
     if "tlt" in hist and "tlt-nospot" in hist:
-        s["spot_interference"] = paired("tlt", "tlt-nospot", "rollout")  # 1.0 = spot training costs the rollout nothing
         r = ratios("tlt", "tlt-nospot", "rollout")
+        s["spot_interference"] = statistics.median(r) if r else float("nan")  # 1.0 = spot training costs nothing
         s["spot_interference_ratios"] = r
         s["spot_interference_ci95"] = bootstrap_median_ci(r)
         s["rollout_speedup_nospot"] = s["off"]["rollout"] / s["tlt-nospot"]["rollout"] if "off" in s else None

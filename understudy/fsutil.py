@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import secrets
@@ -101,6 +102,17 @@ def try_lock(path: Path) -> bool | None:
         return lock_fd(fd, blocking=False)
     finally:
         os.close(fd)
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file's content, read in chunks."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
 
 
 # ---- folders --------------------------------------------------------------------------------------------------

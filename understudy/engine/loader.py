@@ -24,7 +24,7 @@ from understudy.engine.model import Transformer
 from understudy.engine.quant import check_mode as check_quantize
 from understudy.engine.quant import quantize_model
 from understudy.errors import UnderstudyError
-from understudy.fsutil import atomic_folder
+from understudy.fsutil import atomic_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,7 @@ def _convert_gguf_cached(gguf: Path, name: str | None = None) -> Path:
     """The GGUF's converted folder in the cache, converted on first use. Keyed by the file's content (sha256: 0.24
     s for SmolLM2's 98 MB), not its path and mtime: with those, every fresh clone or reinstall of the package
     converted again and left another 517 MB folder behind."""
-    h = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    key = h.hexdigest()[:12]
+    key = sha256_file(gguf)[0][:12]
     out = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out

@@ -56,7 +56,7 @@ from typing import Any
 
 from understudy.drafter.format import DrafterConfig, DrafterError, check_family, validate_folder
 from understudy.errors import UnderstudyError
-from understudy.fsutil import fsync_dir, lock_fd, open_lock_file, try_lock
+from understudy.fsutil import fsync_dir, lock_fd, open_lock_file, sha256_file, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +152,6 @@ def _copy_file(src: Path, dst: Path) -> tuple[str, int]:
             n += len(chunk)
         fo.flush()
         os.fsync(fo.fileno())
-    return h.hexdigest(), n
-
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            n += len(chunk)
     return h.hexdigest(), n
 
 
@@ -576,7 +567,7 @@ class Registry:
         for name, meta in m["files"].items():
             p = vdir / name
             try:
-                sha, size = _hash_file(p)
+                sha, size = sha256_file(p, _CHUNK)
             except FileNotFoundError:
                 problems.append(f"{p} is missing")
                 continue

@@ -202,12 +202,16 @@ def constant_answer_baseline(task: Task, problems: list[Problem]) -> tuple[str |
     return best, (scores[best] if best is not None else 0.0)
 
 
+def constant_fails(task: Task, problems: list[Problem], constant: str | None) -> list[bool]:
+    """Per problem: does the constant reply `answer: <constant>` score 0 there (always, without a constant)?"""
+    return [constant is None or task.reward(p, f"answer: {constant}") == 0 for p in problems]
+
+
 def accuracy_where_constant_fails(task: Task, problems: list[Problem], rewards: list[float],
                                   constant: str | None) -> float | None:
     """Mean reward on the problems that the constant reply gets wrong: the constant scores 0 there, so this is
     the part of an accuracy that the format alone cannot buy (None when the constant is never wrong)."""
-    rest = [r for p, r in zip(problems, rewards, strict=True)
-            if constant is None or task.reward(p, f"answer: {constant}") == 0]
+    rest = [r for r, fails in zip(rewards, constant_fails(task, problems, constant), strict=True) if fails]
     return sum(rest) / len(rest) if rest else None
 
 
@@ -328,7 +332,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
     constant, constant_acc = constant_answer_baseline(task, final_set)  # the set's, once
     metrics: dict[str, Any] = {
         "constant_answer": constant, "constant_answer_accuracy": constant_acc,
-        "problems_where_constant_fails": sum(task.reward(p, f"answer: {constant}") == 0 for p in final_set),
+        "problems_where_constant_fails": sum(constant_fails(task, final_set, constant)),
         "accuracy_where_constant_fails": accuracy_where_constant_fails(task, final_set, final["rewards"], constant),
         "out": str(out), "params": sum(p.numel() for p in model.parameters()), "steps": len(losses),
         "tokens": tokens, "train_seconds": train_s(), "phase_seconds": dict(times.seconds),
