@@ -277,3 +277,25 @@ def test_rollout_quantize_is_checked():
         TrainConfig(rollout_quantize="int3")
     with pytest.raises(TrainConfigError, match="rollout_quantize"):
         TrainConfig(rollout_quantize="int8", dtype="bfloat16")
+
+
+def test_rollout_k_fixes_k_keeps_spot_training_and_resumes(rl_assets, tmp_path):
+    """rollout_k = 0: every rollout step decodes without drafting while the drafter still spot-trains (the
+    interference measurement of benchmarks/rl_step.py); rollout_k = 2: every step drafts 2. The fixed K is
+    checkpointed, and resuming it under the adaptive controller is refused with the field to change."""
+    for k in (0, 2):
+        t = GRPOTrainer(cfg_for(rl_assets, tmp_path / f"k{k}", steps=1, rollout_k=k, num_draft_tokens=3),
+                        progress=False)
+        m = t.train_step()
+        assert set(m["k_steps"]) == {str(k)}, m["k_steps"]
+        assert t.spot is not None and t.workers.engines[0].drafter is not None  # spot training and drafter kept
+        t.save()
+    with pytest.raises(ValueError, match="rollout_k"):
+        GRPOTrainer(cfg_for(rl_assets, tmp_path / "k2", steps=2, num_draft_tokens=3), progress=False).resume()
+
+
+def test_rollout_k_is_checked():
+    with pytest.raises(TrainConfigError, match="rollout_k"):
+        TrainConfig(rollout_k=5, num_draft_tokens=4)
+    with pytest.raises(TrainConfigError, match="rollout_k"):
+        TrainConfig(rollout_k=-1)

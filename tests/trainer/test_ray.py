@@ -90,6 +90,16 @@ def test_quantized_rollout_actors_follow_the_learner(ray_cluster, rl_assets, dra
         remote.close()
 
 
+def test_rollout_actors_use_a_fixed_rollout_k(ray_cluster, rl_assets, drafter_dir, tmp_path):
+    t = _trainer(rl_assets, tmp_path, drafter_dir, executor="ray", steps=1, rollout_k=2)
+    try:
+        m = t.train_step()
+        assert m["k_steps"] and set(m["k_steps"]) == {"2"} and m["spec"]["num_drafts"] > 0
+        assert t.controller.state_dict() == {"kind": "fixed", "k": 2}
+    finally:
+        t.close()
+
+
 def test_a_grpo_step_with_ray_workers_trains_the_drafter_on_idle_capacity(ray_cluster, rl_assets, drafter_dir, tmp_path):
     """Full TLT steps: from the second on there is buffer data, so the spot-trainer actor trains while the first
     worker to finish is idle; its drafter reaches the rollout actors and the controller state comes back from them.

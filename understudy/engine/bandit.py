@@ -145,6 +145,9 @@ class AdaptiveController:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Restore state_dict(); the arms must be this controller's (ValueError otherwise)."""
+        if "arms" not in sd:
+            raise ValueError(f"controller state {sd} is not an adaptive controller's (a fixed K's?): resume with the "
+                             "rollout_k the state was saved with")
         if [int(a) for a in sd["arms"]] != list(self.arms):
             raise ValueError(f"controller state is for arms {list(sd['arms'])}, this controller has {list(self.arms)}: "
                              "resume with the controller_arms and num_draft_tokens the state was saved with")

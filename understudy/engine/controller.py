@@ -36,7 +36,15 @@ class FixedController:
         return None
 
     def state(self) -> dict[str, Any]:
+        return {"kind": "fixed", "k": self.k, "buckets": {}}
+
+    def state_dict(self) -> dict[str, Any]:  # a trainer checkpoint's controller state
         return {"kind": "fixed", "k": self.k}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("kind") != "fixed" or int(sd["k"]) != self.k:
+            raise ValueError(f"controller state {sd} is not this fixed K={self.k}: resume with the rollout_k (and "
+                             "controller_arms) the state was saved with")
 
 
 class OperatorOverride:

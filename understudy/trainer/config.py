@@ -48,6 +48,8 @@ class TrainConfig:
     speculation: bool = True  # rollouts with speculative decoding (False = the no-TLT baseline)
     num_draft_tokens: int = 4  # largest K the adaptive controller may pick
     controller_arms: tuple[int, ...] = (0, 2, 4)  # K arms of the adaptive rollout controller (0 = off)
+    rollout_k: int | None = None  # a fixed K for every rollout step instead of the adaptive controller (0: no
+    #                               drafting, spot training still on: e.g. to measure spot training's interference)
     rollout_workers: int = 2  # rollout engines; the share of a worker that finishes early trains the drafter
     rollout_quantize: str = "none"  # none | int8 | int4: rollouts decode a weight-only quantised copy of the policy
     # (CPU), re-quantised after every update; log-probs and the update stay in float (docs/performance.md)
@@ -95,6 +97,8 @@ class TrainConfig:
             (0 < self.spot_duty <= 1, "spot_duty must be in (0, 1] (1 = train through the whole idle window)"),
             (0 <= self.num_draft_tokens <= 16, "num_draft_tokens must be in [0, 16]"),
             (len(set(self.controller_arms)) >= 2, "controller_arms needs at least two distinct K (e.g. [0, 4])"),
+            (self.rollout_k is None or 0 <= self.rollout_k <= self.num_draft_tokens,
+             "rollout_k must be in [0, num_draft_tokens] (or unset: the adaptive controller picks K)"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
             (self.publish_every >= 0 and self.checkpoint_every >= 1, "publish_every >= 0, checkpoint_every >= 1"),
             (self.length_profile in ("task", "long-tail"), "length_profile must be \"task\" or \"long-tail\""),

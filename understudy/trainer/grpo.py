@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from understudy.drafter.model import Drafter, load_drafter, new_drafter, save_drafter
 from understudy.drafter.train import DrafterTrainConfig, Sample
-from understudy.engine.bandit import AdaptiveController, BanditConfig
+from understudy.engine.bandit import BanditConfig
 from understudy.engine.config import EngineConfig
 from understudy.engine.engine import Engine
 from understudy.engine.loader import LoadedModel, save_model
@@ -49,7 +49,7 @@ from understudy.trainer.lineage import (
 )
 from understudy.trainer.metrics_log import MetricsLog
 from understudy.trainer.policy import load_policy
-from understudy.trainer.rollout import RolloutRequest, RolloutResult, RolloutWorkers
+from understudy.trainer.rollout import RolloutRequest, RolloutResult, RolloutWorkers, rollout_controller
 from understudy.trainer.spot import SpotDrafterTrainer
 from understudy.trainer.tasks import Problem, get_task
 from understudy.trainer.timing import PhaseTimes
@@ -86,8 +86,8 @@ class GRPOTrainer:
             ppo_epochs=cfg.ppo_epochs, ppo_mini_batches=cfg.ppo_mini_batches, micro_batch_tokens=cfg.micro_batch_tokens,
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, kl_coef=cfg.kl_coef, grad_clip=cfg.grad_clip,
             seed=cfg.seed), ref=self.ref)
-        self.controller = AdaptiveController(BanditConfig(arms=cfg.controller_arms, seed=cfg.seed),
-                                             max_k=cfg.num_draft_tokens) if cfg.tlt else None
+        self.controller = rollout_controller(BanditConfig(arms=cfg.controller_arms, seed=cfg.seed),
+                                             cfg.num_draft_tokens, cfg.rollout_k) if cfg.tlt else None
         self.spot = self._spot_trainer() if cfg.tlt else None
         n_req = cfg.prompts_per_step * cfg.group_size
         self.max_prompt = 512

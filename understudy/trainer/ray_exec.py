@@ -44,7 +44,7 @@ import torch
 
 from understudy.drafter.model import Drafter
 from understudy.drafter.train import DrafterTrainConfig
-from understudy.engine.bandit import AdaptiveController, BanditConfig
+from understudy.engine.bandit import BanditConfig
 from understudy.engine.model import Transformer
 from understudy.engine.quant import load_float_weights, quantize_model
 from understudy.errors import UnderstudyError
@@ -56,6 +56,7 @@ from understudy.trainer.rollout import (
     WorkerReport,
     decode_share,
     reload_drafter,
+    rollout_controller,
     rollout_engine,
     spec_diff,
     spec_snapshot,
@@ -151,7 +152,7 @@ class RolloutActor:
     def __init__(self, worker: int, model_config: Any, policy_state: dict[str, torch.Tensor], dtype: torch.dtype,
                  eos_token_ids: tuple[int, ...], max_batch: int, max_model_len: int, num_draft_tokens: int,
                  drafter_config: Any, drafter_state: dict[str, torch.Tensor] | None, bandit: BanditConfig | None,
-                 threads: int, quantize: str = "none") -> None:
+                 threads: int, quantize: str = "none", fixed_k: int | None = None) -> None:
         torch.set_num_threads(threads)
         self.worker = worker
         self.model = _build_policy(model_config, policy_state, dtype)
@@ -162,7 +163,7 @@ class RolloutActor:
             drafter = Drafter(drafter_config)
             drafter.load_state_dict(from_wire(drafter_state), strict=False)
             drafter = drafter.to(dtype=dtype).bind(self.model)
-        self.controller = AdaptiveController(bandit, max_k=num_draft_tokens) if bandit is not None else None
+        self.controller = rollout_controller(bandit, num_draft_tokens, fixed_k) if bandit is not None else None
         self.engine = rollout_engine(self.model, eos_token_ids, max_batch, max_model_len, num_draft_tokens,
                                      self.controller, drafter, threads)
 
@@ -439,7 +440,7 @@ class RayRolloutWorkers:
         return self._Rollout.options(**opts).remote(
             w, self.policy.config, self._weights(fresh=False), self.policy.dtype, self.eos, self.max_batch, self.max_model_len,
             self.num_draft_tokens, self.drafter_config, self.drafter_ref, self.bandit, self.cfg.threads,
-            self.cfg.rollout_quantize)
+            self.cfg.rollout_quantize, self.cfg.rollout_k)
 
     # ---- weights between steps -----------------------------------------------------------------------------------
     def refresh_weights(self) -> None:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from understudy.drafter.model import Drafter
+from understudy.engine.bandit import AdaptiveController, BanditConfig
 from understudy.engine.config import EngineConfig
-from understudy.engine.controller import SpeculationController
+from understudy.engine.controller import FixedController, SpeculationController
 from understudy.engine.engine import Engine
 from understudy.engine.model import Transformer
 from understudy.engine.quant import load_float_weights, quantized_copy
@@ -58,6 +59,12 @@ class RolloutResult:
     def idle_fraction(self) -> float:
         total = self.seconds * len(self.workers)
         return sum(w.idle_s for w in self.workers) / total if total else 0.0
+
+
+def rollout_controller(bandit: BanditConfig, max_k: int, fixed_k: int | None) -> AdaptiveController | FixedController:
+    """A rollout worker's speculation controller: the adaptive bandit over `bandit.arms`, or with `fixed_k`
+    (TrainConfig.rollout_k) the same K at every step."""
+    return FixedController(fixed_k) if fixed_k is not None else AdaptiveController(bandit, max_k=max_k)
 
 
 def rollout_engine(policy: Transformer, eos_token_ids: tuple[int, ...], max_batch: int, max_model_len: int,
