@@ -153,3 +153,67 @@ def test_the_vllm_proxy_forwards_response_format_unchanged(rf):
         log_unknown_fields=False, max_choices_per_request=8, max_model_len=256))
     body, _ = asyncio.run(read_body(request, state, "/v1/chat/completions"))  # type: ignore[arg-type]
     assert body["response_format"] == rf
+
+
+# ---- vLLM's structured-output fields: the JSON ones taken as response_format, the rest refused by name -----------
+def _read_body(payload: dict) -> dict:
+    from starlette.requests import Request
+
+    from understudy.server.routes_vllm import read_body
+
+    raw = json.dumps({"model": "tiny", "messages": MSG, **payload}).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}, receive)
+    state = SimpleNamespace(served_model_name="tiny", settings=SimpleNamespace(
+        log_unknown_fields=False, max_choices_per_request=8, max_model_len=256))
+    return asyncio.run(read_body(request, state, "/v1/chat/completions"))[0]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("payload", "want"), [
+    ({"guided_json": GRID_SCHEMA}, ("json_schema", GRID_SCHEMA)),
+    ({"guided_json": json.dumps(GRID_SCHEMA)}, ("json_schema", GRID_SCHEMA)),
+    ({"structured_outputs": {"json": GRID_SCHEMA}}, ("json_schema", GRID_SCHEMA)),
+    ({"structured_outputs": {"json_object": True}}, ("json_object", None)),
+])
+def test_vllm_guided_json_is_taken_as_response_format_on_both_backends(payload, want):
+    from understudy.server.protocol import ChatCompletionRequest
+
+    req = ChatCompletionRequest.model_validate({"model": "tiny", "messages": MSG, **payload})
+    assert req.output_format() == want and not req.unknown_fields()
+    body = _read_body(payload)  # what the vLLM proxy forwards: response_format only
+    assert ChatCompletionRequest.model_validate(body).output_format() == want
+    assert not {"guided_json", "structured_outputs"} & set(body)
+
+
+@pytest.mark.parametrize(("payload", "param", "says"), [
+    ({"guided_regex": "[a-z]+"}, "guided_regex", "JSON only"),
+    ({"guided_choice": ["secure", "overload"]}, "guided_choice", "json_schema"),
+    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar", "JSON only"),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, "structured_outputs", "regex"),
+    ({"guided_json": "{not json"}, "guided_json", "not JSON"),
+    ({"guided_json": 3}, "guided_json", None),
+    ({"guided_json": GRID_SCHEMA, "response_format": GRID_FORMAT}, None, "not both"),
+])
+def test_unsupported_vllm_guides_are_refused_naming_the_field(payload, param, says):
+    from pydantic import ValidationError
+
+    from understudy.server.protocol import ChatCompletionRequest
+
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate({"model": "tiny", "messages": MSG, **payload})
+    err = e.value.errors()[0]
+    assert (err["loc"][0] if err["loc"] else None) == param, err
+    assert says is None or says in err["msg"], err
+
+
+@pytest.mark.slow
+def test_guided_json_constrains_the_served_answer_and_a_regex_is_a_400(spec_server):
+    r = post(spec_server, "/v1/chat/completions", {"messages": MSG, "max_tokens": 200, "temperature": 0,
+                                                   "guided_json": GRID_SCHEMA})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), GRID_SCHEMA)
+    r = post(spec_server, "/v1/chat/completions", {"messages": MSG, "max_tokens": 8, "guided_regex": "[a-z]+"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "guided_regex", r.text

@@ -437,14 +437,16 @@ def test_response_format_reaches_vllm_and_its_grammar_holds(vllm_server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "grid line"}], "max_tokens": 100,
             "temperature": 0, "response_format": {"type": "json_schema",
                                                   "json_schema": {"name": "verdict", "schema": schema}}}
-    r = httpx.post(f"{vllm_server.url}/v1/chat/completions", json=body, headers=API, timeout=300)
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    compact = "".join(choice["message"]["content"].split())
-    assert compact.startswith("{"), choice
-    assert '{"ok":true}'.startswith(compact) or '{"ok":false}'.startswith(compact), choice
-    complete = compact in ('{"ok":true}', '{"ok":false}')
-    assert choice["finish_reason"] == ("stop" if complete else "length"), choice
+    guided = {k: v for k, v in body.items() if k != "response_format"} | {"guided_json": schema}  # vLLM's own field
+    for request in (body, guided):
+        r = httpx.post(f"{vllm_server.url}/v1/chat/completions", json=request, headers=API, timeout=300)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        compact = "".join(choice["message"]["content"].split())
+        assert compact.startswith("{"), choice
+        assert '{"ok":true}'.startswith(compact) or '{"ok":false}'.startswith(compact), choice
+        complete = compact in ('{"ok":true}', '{"ok":false}')
+        assert choice["finish_reason"] == ("stop" if complete else "length"), choice
     r = httpx.post(f"{vllm_server.url}/v1/chat/completions", headers=API, timeout=60,
                    json={**body, "response_format": {"type": "xml"}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.type", r.text

@@ -6,6 +6,7 @@ send new OpenAI fields all the time); wrong types and out-of-range values are 40
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -31,6 +32,25 @@ class _Request(BaseModel):
 
     def unknown_fields(self) -> list[str]:
         return sorted((self.model_extra or {}).keys())
+
+
+# vLLM's structured-output request fields: taken as response_format (JSON) or refused (the rest); never forwarded
+VLLM_STRUCTURED_FIELDS = ("guided_json", "structured_outputs", "guided_regex", "guided_choice", "guided_grammar")
+_ONLY_JSON = ("not supported: this server constrains output to JSON only; send response_format "
+              "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}} or "
+              "{\"type\": \"json_object\"} (docs/structured-output.md)")
+
+
+def _schema_object(v: Any, field: str) -> dict[str, Any]:
+    """A JSON Schema given as an object or as a JSON string (vLLM takes both)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError as e:
+            raise ValueError(f"{field} is a string but not JSON: give the JSON Schema as an object") from e
+    if not isinstance(v, dict):
+        raise ValueError(f"{field} must be a JSON Schema object (e.g. {{\"type\": \"object\", ...}})")
+    return v
 
 
 class StreamOptions(BaseModel):
@@ -139,6 +159,50 @@ class _SamplingFields(_Request):
     # ---- Understudy extensions (not in OpenAI's API) ----
     top_k: int | None = Field(default=None, ge=0, le=1000)
     ignore_eos: bool = False
+    # ---- vLLM's structured-output extensions: the JSON ones become response_format (on both backends), the
+    # others are refused by name rather than ignored (docs/structured-output.md) ----
+    guided_json: dict[str, Any] | str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    @field_validator("guided_regex", "guided_choice", "guided_grammar")
+    @classmethod
+    def _unsupported_guide(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError(_ONLY_JSON)
+        return None
+
+    @field_validator("guided_json")
+    @classmethod
+    def _guided_json(cls, v: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        return None if v is None else _schema_object(v, "guided_json")
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _structured_outputs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        other = sorted(k for k, x in v.items() if k not in ("json", "json_object") and x not in (None, False))
+        if other:
+            raise ValueError(f"{', '.join(other)}: {_ONLY_JSON}")
+        if v.get("json") is not None:
+            return {"json": _schema_object(v["json"], "structured_outputs.json")}
+        return {"json_object": True} if v.get("json_object") else None
+
+    @model_validator(mode="after")
+    def _vllm_structured_as_response_format(self) -> _SamplingFields:
+        so = self.structured_outputs or {}
+        schema = self.guided_json if self.guided_json is not None else so.get("json")
+        if schema is None and not so.get("json_object"):
+            return self
+        if self.response_format is not None:
+            raise ValueError("give either response_format or vLLM's guided_json / structured_outputs, not both")
+        self.response_format = ResponseFormat.model_validate(
+            {"type": "json_object"} if schema is None else
+            {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": schema}})
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -27,7 +27,12 @@ from understudy.server.backends.vllm_backend import VllmState
 from understudy.server.backends.vllm_process import VllmProcess
 from understudy.server.deps import get_state, require_api_key
 from understudy.server.errors import APIError, error_body
-from understudy.server.protocol import ChatCompletionRequest, CompletionRequest, new_id
+from understudy.server.protocol import (
+    VLLM_STRUCTURED_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_id,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["openai"])
@@ -113,7 +118,9 @@ async def read_body(request: Request, state: VllmState, path: str) -> tuple[dict
         raise APIError(400, f"this model's maximum context length is {state.settings.max_model_len} tokens; "
                             f"max_tokens {budget} leaves no room for the prompt", param="max_tokens",
                        code="context_length_exceeded")
-    return req.model_dump(mode="json", exclude_unset=True, exclude=set(unknown)), sequences
+    # vLLM's guided_json / structured_outputs arrive here already as response_format (protocol.py)
+    body = req.model_dump(mode="json", exclude_unset=True, exclude=set(unknown) | set(VLLM_STRUCTURED_FIELDS))
+    return body, sequences
 
 
 class _Relay(StreamingResponse):
