@@ -168,3 +168,24 @@ def test_examples_longer_than_the_window_are_refused_by_name_and_the_constant_an
     assert accuracy_where_constant_fails(task, problems, [1.0, 1.0, 1.0, 0.0, 0.0], "secure") == 0.5
     assert accuracy_where_constant_fails(task, problems, [1.0, 1.0, 0.0, 1.0, 0.0], "secure") == 0.0
     assert accuracy_where_constant_fails(task, problems[:2], [1.0, 1.0], "secure") is None  # never wrong there
+
+
+def test_sft_with_lora_trains_adapters_only_and_saves_a_merged_plain_model(tiny_llama_dir, tmp_path):
+    base = load_model(str(tiny_llama_dir), dtype="float32")
+    cfg = PretrainConfig(task="grid-risk", task_kwargs={"num_lines": 3}, init=str(tiny_llama_dir), steps=3,
+                         max_minutes=None, batch_size=4, lr=3e-2, warmup_steps=1, eval_every=0, eval_problems=2,
+                         final_eval_problems=2, max_new_tokens=8, max_seq_len=256, lora_rank=2)
+    m = pretrain(cfg, tmp_path / "lora", progress=False)
+    assert 0 < m["lora_params"] < m["params"] / 10 and m["steps"] == 3
+    tuned = load_model(str(tmp_path / "lora"), dtype="float32")
+    before, after = base.model.state_dict(), tuned.model.state_dict()
+    assert set(after) == set(before)  # merged: no adapter tensors, the same plain model
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    linear = {k for k in before if k.split(".")[-2] in ("wqkv", "wo", "w13", "w2") and k.endswith(".weight")}
+    assert changed and changed <= linear, sorted(changed)  # the merged deltas; embedding, norms and head untouched
+    with pytest.raises(ValueError, match="lora_rank=0"):
+        PretrainConfig(init=str(tiny_llama_dir), lora_rank=0)
+    with pytest.raises(ValueError, match="needs init"):
+        PretrainConfig(lora_rank=4)
+    with pytest.raises(ValueError, match="excludes train_layers"):
+        PretrainConfig(init=str(tiny_llama_dir), lora_rank=4, train_layers=2)

@@ -445,6 +445,8 @@ def sft(
         "--threads", help="torch threads (default: every core; 1 beside a server using the other core)")] = None,
     train_layers: Annotated[int | None, typer.Option(
         "--train-layers", help="Train only the top N decoder layers (+ final norm); default: every weight")] = None,
+    lora_rank: Annotated[int | None, typer.Option(
+        "--lora-rank", help="Train LoRA adapters of this rank (peft), merged at the end; default: every weight")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Supervised fine-tuning on a task's worked solutions (written and checked by the task): the warm start
@@ -455,9 +457,10 @@ def sft(
     cfg = PretrainConfig(task=task, init=model, max_minutes=max_minutes, steps=steps, lr=lr, batch_size=batch_size,
                          warmup_steps=5, eval_every=0, eval_problems=eval_problems,
                          final_eval_problems=eval_problems, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
-                         seed=seed, num_threads=threads, train_layers=train_layers)
+                         seed=seed, num_threads=threads, train_layers=train_layers, lora_rank=lora_rank)
     report = run_pretrain(cfg, out)
-    typer.echo(json.dumps({k: report.get(k) for k in ("out", "steps", "tokens", "train_seconds", "initial_accuracy",
+    typer.echo(json.dumps({k: report.get(k) for k in ("out", "steps", "tokens", "train_seconds", "lora_params",
+                                                      "initial_accuracy",
                                                       "accuracy", "constant_answer", "constant_answer_accuracy",
                                                       "problems_where_constant_fails",
                                                       "initial_accuracy_where_constant_fails",

@@ -72,6 +72,10 @@ class PretrainConfig:
     train_layers: int | None = None  # with `init`: train only the top N decoder layers and the final norm (the
     #                                  embedding / LM head and the layers below stay frozen, so the backward pass
     #                                  stops at layer L-N); None trains every weight
+    lora_rank: int | None = None  # with `init`: train LoRA adapters of this rank (peft) on every linear layer of the
+    #                               decoder (attention and MLP) instead of the weights, merged into them at the end
+    #                               (the saved policy is a plain model); None: full fine-tuning
+    lora_alpha: float | None = None  # LoRA scale alpha / rank; None: alpha = 2 x rank
 
     def __post_init__(self) -> None:
         if self.steps is None and self.max_minutes is None:
@@ -89,6 +93,11 @@ class PretrainConfig:
         if self.train_layers is not None and (self.train_layers < 1 or self.init is None):
             raise PretrainConfigError(f"train_layers={self.train_layers}: it must be >= 1 and needs init (the model to "
                                       "fine-tune); leave it unset to train every weight")
+        if self.lora_rank is not None and (self.lora_rank < 1 or self.init is None or self.train_layers is not None):
+            raise PretrainConfigError(f"lora_rank={self.lora_rank}: it must be >= 1, needs init (the model to adapt) and "
+                                      "excludes train_layers; leave it unset for full fine-tuning")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise PretrainConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
 
 
 # ---- model and data -----------------------------------------------------------------------------------------
@@ -279,6 +288,39 @@ def _initial_model(cfg: PretrainConfig) -> tuple[Transformer, Any]:
     return lm.model, lm.tokenizer
 
 
+LORA_TARGETS = ("wqkv", "wo", "w13", "w2")  # every linear layer of the decoder (the LM head and embedding stay frozen)
+
+
+def add_lora(model: Transformer, rank: int, alpha: float | None) -> int:
+    """Freeze `model` and inject LoRA adapters (peft, B = 0 at the start: the outputs are unchanged) into every
+    decoder linear layer; returns the number of trainable parameters."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise PretrainConfigError("lora_rank needs peft: pip install 'understudy[lora]' (or pip install peft)") from e
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2.0 * rank,
+                                       lora_dropout=0.0, target_modules=list(LORA_TARGETS)), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_lora(model: Transformer) -> int:
+    """Fold every LoRA adapter into its layer's weight (W += scale * B @ A) and put the plain layer back, so the
+    model saves and serves like any other; returns how many layers were merged."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
 def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str, Any]:
     """Train a policy on `cfg.task`'s canonical solutions (a tiny one from scratch, or `cfg.init` fine-tuned) and
     save it to `out`.
@@ -291,6 +333,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
         torch.set_num_threads(cfg.num_threads)
     task = _solvable_task(cfg)
     model, tokenizer = _initial_model(cfg)
+    lora_params = add_lora(model, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank is not None else None
     model.train()
     opt = make_optimizer(cfg, model)
     rng, eval_rng = random.Random(cfg.seed), random.Random(cfg.seed + 7919)
@@ -324,6 +367,8 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
             history.append({"step": len(losses), "loss": losses[-1], "accuracy": ev["accuracy"]})
             bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{ev['accuracy']:.2f}")
     bar.close()
+    if cfg.lora_rank is not None:
+        merge_lora(model)  # the final evaluation and the saved policy use the merged weights
     with times.timed("eval"):
         final = evaluate(model, tokenizer, task, eval_set[:cfg.final_eval_problems], cfg.max_new_tokens,
                          cfg.max_seq_len)
@@ -334,7 +379,8 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict[str,
         "constant_answer": constant, "constant_answer_accuracy": constant_acc,
         "problems_where_constant_fails": sum(constant_fails(task, final_set, constant)),
         "accuracy_where_constant_fails": accuracy_where_constant_fails(task, final_set, final["rewards"], constant),
-        "out": str(out), "params": sum(p.numel() for p in model.parameters()), "steps": len(losses),
+        "out": str(out), "params": sum(p.numel() for p in model.parameters()), "lora_params": lora_params,
+        "steps": len(losses),
         "tokens": tokens, "train_seconds": train_s(), "phase_seconds": dict(times.seconds),
         "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "eval_history": history, **final,
     }
