@@ -139,6 +139,13 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
         s["spot_interference"] = statistics.median(r) if r else float("nan")  # 1.0 = spot training costs nothing
         s["spot_interference_ratios"] = r
         s["spot_interference_ci95"] = bootstrap_median_ci(r)
+        pairs = [(a, m) for m in rows("tlt-nospot") for a in rows("tlt") if a["step"] == m["step"]]
+        total = sum(m["time"]["rollout"] for _, m in pairs)
+        s["spot_interference_total"] = (sum(a["time"]["rollout"] for a, _ in pairs) / total if total
+                                        else float("nan"))  # over the whole run: a long step weighs more
+        by_order = {f"tlt_{'first' if pos == 0 else 'second'}": [x for x, (a, _) in zip(r, pairs, strict=True)
+                                                                  if a.get("position") == pos] for pos in (0, 1)}
+        s["spot_interference_by_order"] = {k: statistics.median(v) for k, v in by_order.items() if v}
         s["rollout_speedup_nospot"] = s["off"]["rollout"] / s["tlt-nospot"]["rollout"] if "off" in s else None
     for name in hist:
         r = rows(name)
@@ -222,7 +229,9 @@ def print_table(res: dict[str, Any]) -> None:
     if "spot_interference" in s:
         print(f"spot training's cost to the rollout: tlt / tlt-nospot rollout time x{s['spot_interference']:.3f} "
               f"(median of {len(s['spot_interference_ratios'])} per-step ratios; 1.000 = none; bootstrap 95% "
-              f"interval of the median {_fmt(s['spot_interference_ci95'])})")
+              f"interval of the median {_fmt(s['spot_interference_ci95'])}); total rollout time "
+              f"x{s['spot_interference_total']:.3f}; by order "
+              + ", ".join(f"{k} x{v:.3f}" for k, v in s["spot_interference_by_order"].items()))
     for name in names:
         print(f"{name}: held-out accuracy first->last: greedy {s[name]['eval_accuracy_first_last']}, "
               f"sampled {s[name]['eval_accuracy_sampled_first_last']}; "
