@@ -299,3 +299,5 @@ def test_rollout_k_is_checked():
         TrainConfig(rollout_k=5, num_draft_tokens=4)
     with pytest.raises(TrainConfigError, match="rollout_k"):
         TrainConfig(rollout_k=-1)
+    with pytest.raises(TrainConfigError, match="rollout_k needs speculation"):
+        TrainConfig(rollout_k=0, speculation=False)

@@ -43,8 +43,9 @@ class FixedController:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if sd.get("kind") != "fixed" or int(sd["k"]) != self.k:
-            raise ValueError(f"controller state {sd} is not this fixed K={self.k}: resume with the rollout_k (and "
-                             "controller_arms) the state was saved with")
+            saved = f"fixed K={sd.get('k')}" if sd.get("kind") == "fixed" else "the adaptive controller's"
+            raise ValueError(f"the controller state is {saved}, this run has a fixed K={self.k}: resume with the "
+                             "rollout_k (and controller_arms) the state was saved with")
 
 
 class OperatorOverride:

@@ -99,6 +99,8 @@ class TrainConfig:
             (len(set(self.controller_arms)) >= 2, "controller_arms needs at least two distinct K (e.g. [0, 4])"),
             (self.rollout_k is None or 0 <= self.rollout_k <= self.num_draft_tokens,
              "rollout_k must be in [0, num_draft_tokens] (or unset: the adaptive controller picks K)"),
+            (self.rollout_k is None or self.tlt, "rollout_k needs speculation = true and num_draft_tokens > 0 "
+                                                  "(without speculation there is no K to fix)"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
             (self.publish_every >= 0 and self.checkpoint_every >= 1, "publish_every >= 0, checkpoint_every >= 1"),
             (self.length_profile in ("task", "long-tail"), "length_profile must be \"task\" or \"long-tail\""),
