@@ -113,9 +113,13 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
         vals = [secs(m, key) for m in rows(name)]
         return statistics.median(vals) if vals else float("nan")
 
-    def ratios(a: str, b: str, key: str) -> list[float]:
+    def pairs(a: str, b: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(a's step, b's step) for every step both ran, in b's order."""
         ra = {m["step"]: m for m in rows(a)}
-        return [secs(ra[m["step"]], key) / secs(m, key) for m in rows(b) if m["step"] in ra]
+        return [(ra[m["step"]], m) for m in rows(b) if m["step"] in ra]
+
+    def ratios(a: str, b: str, key: str) -> list[float]:
+        return [secs(ma, key) / secs(mb, key) for ma, mb in pairs(a, b)]
 
     def paired(a: str, b: str, key: str) -> float:
         """Median over steps of a's time / b's time (the steps ran back to back: a per-step pairing)."""
@@ -139,11 +143,11 @@ def summarize(hist: dict[str, list[dict[str, Any]]], warmup: int) -> dict[str, A
         s["spot_interference"] = statistics.median(r) if r else float("nan")  # 1.0 = spot training costs nothing
         s["spot_interference_ratios"] = r
         s["spot_interference_ci95"] = bootstrap_median_ci(r)
-        pairs = [(a, m) for m in rows("tlt-nospot") for a in rows("tlt") if a["step"] == m["step"]]
-        total = sum(m["time"]["rollout"] for _, m in pairs)
-        s["spot_interference_total"] = (sum(a["time"]["rollout"] for a, _ in pairs) / total if total
+        both = pairs("tlt", "tlt-nospot")  # the steps behind r, in r's order
+        total = sum(m["time"]["rollout"] for _, m in both)
+        s["spot_interference_total"] = (sum(a["time"]["rollout"] for a, _ in both) / total if total
                                         else float("nan"))  # over the whole run: a long step weighs more
-        by_order = {f"tlt_{'first' if pos == 0 else 'second'}": [x for x, (a, _) in zip(r, pairs, strict=True)
+        by_order = {f"tlt_{'first' if pos == 0 else 'second'}": [x for x, (a, _) in zip(r, both, strict=True)
                                                                   if a.get("position") == pos] for pos in (0, 1)}
         s["spot_interference_by_order"] = {k: statistics.median(v) for k, v in by_order.items() if v}
         s["rollout_speedup_nospot"] = s["off"]["rollout"] / s["tlt-nospot"]["rollout"] if "off" in s else None
