@@ -41,7 +41,10 @@ RECIPES: dict[str, tuple[int, DrafterTrainConfig, bool]] = {
     "new-batch4k": (2048, replace(NEW, tokens_per_batch=4096), True),
     "new-unroll2": (2048, replace(NEW, unroll_steps=2), True),
     "new-lr3e-3": (2048, replace(NEW, lr=3e-3), True),
+    "new-hard": (2048, replace(NEW, hard_labels=True), True),
+    "new-half-data": (2048, NEW, True),  # the same recipe on half the training sequences: is data the bound?
 }
+DATA_FRACTION = {"new-half-data": 0.5}  # recipes trained on a random subset of the training sequences
 
 
 def coverage(samples: list[Any], vocab: torch.Tensor, vocab_size: int) -> float:
@@ -56,6 +59,11 @@ def run_recipe(name: str, lm: Any, train: list[Any], heldout: list[Any], cpu_min
                k: int, seed: int) -> dict[str, Any]:
     vocab_size, cfg, by_time = RECIPES[name]
     cfg = replace(cfg, seed=seed)
+    if name in DATA_FRACTION:
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        train = [train[i] for i in sorted(keep[:round(len(train) * DATA_FRACTION[name])].tolist())]
+    # a fixed sample of the training sequences, evaluated at the end beside the held-out set: their gap is overfitting
+    seen = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:len(heldout)]]
     V = lm.config.vocab_size
     vocab = select_draft_vocab(train, vocab_size, V, always=lm.eos_token_ids) if vocab_size < V else None
     torch.manual_seed(seed)
@@ -80,7 +88,11 @@ def run_recipe(name: str, lm: Any, train: list[Any], heldout: list[Any], cpu_min
     for i in range(1, points + 1):
         tr.train(train, seconds=budget * i / points - tr.train_seconds)
         point()
-    return {"recipe": name, "draft_vocab_size": vocab_size, "schedule": "time" if by_time else "steps",
+    ev_seen = evaluate(d, lm.model, seen, k=k, cache_greedy=True)
+    print(f"  {name}: on {len(seen)} training sequences L(K={k}) {ev_seen['expected_acceptance_length']:.3f}", flush=True)
+    return {"recipe": name, "draft_vocab_size": vocab_size, "train_sequences": len(train),
+            "train_response_tokens": sum(len(s) - s.prompt_len for s in train),
+            "acceptance_length_on_train": round(ev_seen["expected_acceptance_length"], 4), "schedule": "time" if by_time else "steps",
             "train_config": asdict(cfg), "draft_vocab_coverage_heldout": round(coverage(heldout, d.draft_vocab, V), 4)
             if vocab is not None else 1.0, "curve": curve}
 
@@ -94,6 +106,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="draft length of the acceptance estimate")
     ap.add_argument("--data-minutes", type=float, default=60.0,
                     help="the warm-up data budget (max_minutes of WarmupConfig; half of it generates): the cache key")
+    ap.add_argument("--sampled-copies", type=int, default=1,
+                    help="sampled answers per train prompt besides the greedy one (WarmupConfig; part of the cache key)")
+    ap.add_argument("--data-only", action="store_true", help="make (or check) the cached data and stop")
     ap.add_argument("--prompts", default=str(default_prompts_path()), help="comma-separated prompt files")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
@@ -104,11 +119,14 @@ def main() -> None:
             ap.error(f"unknown recipe {n!r}; known: {', '.join(RECIPES)}")
     torch.set_num_threads(1)
     lm = load_model(args.model, dtype="float32")
-    wcfg = WarmupConfig(prompts=tuple(args.prompts.split(",")), max_minutes=args.data_minutes)
+    wcfg = WarmupConfig(prompts=tuple(args.prompts.split(",")), max_minutes=args.data_minutes,
+                        sampled_copies=args.sampled_copies)
     train, heldout, _ = build_dataset(lm, wcfg)
     data = {"train_sequences": len(train), "train_tokens": sum(len(s) for s in train),
             "train_response_tokens": sum(len(s) - s.prompt_len for s in train), "heldout_sequences": len(heldout)}
     print(f"data: {data}", flush=True)
+    if args.data_only:
+        return
     runs = [run_recipe(n, lm, train, heldout, args.cpu_minutes, args.points, args.k, args.seed) for n in names]
     result = {"config": {**vars(args), "out": str(args.out)}, "data": data, "runs": runs,
               "machine": {"threads": 1, "torch": torch.__version__}}
@@ -118,11 +136,12 @@ def main() -> None:
     print(f"\nheld-out expected acceptance length at K={args.k} vs CPU-minutes of training "
           f"({data['train_response_tokens']} response tokens of training data)\n")
     pts = [p["cpu_minutes"] for p in runs[0]["curve"]]
-    print("| recipe | vocab (coverage) | " + " | ".join(f"{m:.1f} min" for m in pts) + " | steps |")
-    print("|---|---|" + "---|" * len(pts) + "---|")
+    print("| recipe | vocab (coverage) | " + " | ".join(f"{m:.1f} min" for m in pts) + " | steps | L on train |")
+    print("|---|---|" + "---|" * len(pts) + "---|---|")
     for r in runs:
         print(f"| {r['recipe']} | {r['draft_vocab_size']} ({r['draft_vocab_coverage_heldout']:.0%}) | " +
-              " | ".join(f"{p['acceptance_length']:.2f}" for p in r["curve"]) + f" | {r['curve'][-1]['steps']} |")
+              " | ".join(f"{p['acceptance_length']:.2f}" for p in r["curve"]) +
+              f" | {r['curve'][-1]['steps']} | {r['acceptance_length_on_train']:.2f} |")
     print(f"\nwrote {out}")
 
 

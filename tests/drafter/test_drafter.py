@@ -150,6 +150,25 @@ def test_training_reduces_loss_and_raises_acceptance(tiny_llama, tiny_prompts):
         assert both["by_source"][src] == evaluate(d, lm.model, [x for x in samples if x.source == src], k=3)
 
 
+def test_hard_labels_are_cross_entropy_against_the_targets_argmax(tiny_llama, tiny_prompts):
+    lm = tiny_llama
+    samples = target_features(lm.model, [(p + p[::-1], len(p)) for p in tiny_prompts[:3]])
+    d = new_drafter(lm.model, lm.fingerprint, seed=0).float()
+    cfg = DrafterTrainConfig(unroll_steps=1, hard_labels=True)
+    b = collate(samples)
+    with torch.no_grad():
+        got = eagle_loss(d, b, cfg).metrics["ce_1"]
+        soft = eagle_loss(d, b, DrafterTrainConfig(unroll_steps=1)).metrics["ce_1"]
+        o = unrolled_forward(d, b["tokens"], b["features"], 1)[0]  # o[:, a] predicts position a + 1
+        nll = []
+        for r, smp in enumerate(samples):
+            for a in range(smp.prompt_len - 2, len(smp) - 1):  # h_{a+1} exists and token a + 2 is a response one
+                want = torch.nn.functional.linear(smp.features[a + 1], d.head_weight).argmax()
+                nll.append(-torch.log_softmax(d.draft_logits(o[r, a]), -1)[want])
+    assert got == pytest.approx(float(torch.stack(nll).mean()), rel=1e-5)
+    assert got != pytest.approx(soft, rel=1e-3)
+
+
 def test_draft_vocab_selection_counts_responses():
     s = [Sample(tokens=torch.tensor([1, 1, 5, 5, 5, 7]), features=torch.zeros(6, 4), prompt_len=2)]
     v = select_draft_vocab(s, 2, 10)

@@ -88,6 +88,13 @@ def test_publish_every_needs_publish(tmp_path, tiny_llama_dir):
     assert r.returncode == 2 and "--publish-every-minutes needs --publish" in r.stderr
 
 
+def test_threads_must_be_positive(tmp_path, tiny_llama_dir):
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--threads", "0"], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode == 2 and "--threads must be >= 1, got 0" in r.stderr
+
+
 def test_bad_prompt_file_is_one_clear_error(tmp_path, tiny_llama_dir):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')

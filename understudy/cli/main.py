@@ -145,7 +145,9 @@ def drafter_train(
     events: Annotated[bool, typer.Option("--events", help="Print one JSON line per published version on stdout "
                                          "(read by `understudy serve --ensure-drafter`)")] = False,
     registry: Annotated[str | None, typer.Option("--registry")] = None,
-    threads: Annotated[int, typer.Option(help="torch threads")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="torch threads for training (default: every core; `serve --ensure-drafter` passes 1, "
+        "beside the server)")] = None,
 ) -> None:
     """Self-distil a drafter for MODEL: the target answers the prompts, the drafter learns its hidden states."""
     from dataclasses import replace
@@ -159,7 +161,10 @@ def drafter_train(
         raise UserError(f"--publish-every-minutes must be >= 0, got {publish_every_minutes}")
     if publish_every_minutes and not publish:
         raise UserError("--publish-every-minutes needs --publish (it publishes improving checkpoints)")
-    torch.set_num_threads(threads)
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     if data_minutes is not None and not 0 < data_minutes < max_minutes:
         raise UserError(f"--data-minutes must be > 0 and below --max-minutes ({max_minutes}), got {data_minutes}")
     cfg = WarmupConfig(prompts=tuple(str(p) for p in prompts or ()), max_minutes=max_minutes, data_minutes=data_minutes,

@@ -53,6 +53,7 @@ class DrafterTrainConfig:
     unroll_steps: int = 3  # draft steps trained per anchor (1 = EAGLE-1 teacher forcing)
     unroll_decay: float = 0.8  # weight of step s is decay**(s-1)
     feature_noise: float = 0.0  # std of Gaussian noise added to the true features (EAGLE's augmentation)
+    hard_labels: bool = False  # cross-entropy against the target's argmax instead of its whole distribution
     grad_clip: float = 1.0
     seed: int = 0
 
@@ -203,7 +204,8 @@ def eagle_loss(drafter: Drafter, batch: dict[str, torch.Tensor], cfg: DrafterTra
     row_of = torch.full((B, T), -1, dtype=torch.long)
     row_of[need] = torch.arange(int(need.sum()))
     with torch.no_grad():
-        p_rows = F.softmax(F.linear(feats[need], head).float(), dim=-1)  # [n_need, Vd]
+        logits = F.linear(feats[need], head).float()
+        p_rows = F.one_hot(logits.argmax(-1), logits.shape[-1]).float() if cfg.hard_labels else logits.softmax(-1)
     total, weight_sum = feats.new_zeros(()), 0.0
     metrics: dict[str, float] = {}
     for s, o in enumerate(outs, start=1):
