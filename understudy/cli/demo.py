@@ -370,7 +370,8 @@ class DemoRun:
         with self.phase("generic drafter: `understudy drafter train` (none found)", minutes * 60):
             self.children.run("generic-drafter", _py(
                 "drafter", "train", "--model", self.model_arg, "--out", str(out), "--max-minutes", f"{minutes:.2f}",
-                "--max-new-tokens", str(self.plan.profile.generic_tokens), "--seed", str(self.plan.seed)),
+                "--max-new-tokens", str(self.plan.profile.generic_tokens), "--seed", str(self.plan.seed),
+                "--threads", "1"),  # the serving server has the other core (as for SFT below)
                 timeout_s=minutes * 60 * 3 + 600, what="training the generic drafter")
         return out
 
