@@ -47,11 +47,15 @@ RECIPES: dict[str, tuple[int, DrafterTrainConfig, bool]] = {
 DATA_FRACTION = {"new-half-data": 0.5}  # recipes trained on a random subset of the training sequences
 
 
+def response_tokens(samples: list[Any]) -> int:
+    return sum(len(s) - s.prompt_len for s in samples)
+
+
 def coverage(samples: list[Any], vocab: torch.Tensor, vocab_size: int) -> float:
     """Share of response tokens that are in the draft vocabulary (an upper bound on what it can draft)."""
     inside = torch.zeros(vocab_size, dtype=torch.bool)
     inside[vocab] = True
-    n = sum(len(s) - s.prompt_len for s in samples)
+    n = response_tokens(samples)
     return sum(int(inside[s.tokens[s.prompt_len:]].sum()) for s in samples) / max(n, 1)
 
 
@@ -91,8 +95,9 @@ def run_recipe(name: str, lm: Any, train: list[Any], heldout: list[Any], cpu_min
     ev_seen = evaluate(d, lm.model, seen, k=k, cache_greedy=True)
     print(f"  {name}: on {len(seen)} training sequences L(K={k}) {ev_seen['expected_acceptance_length']:.3f}", flush=True)
     return {"recipe": name, "draft_vocab_size": vocab_size, "train_sequences": len(train),
-            "train_response_tokens": sum(len(s) - s.prompt_len for s in train),
-            "acceptance_length_on_train": round(ev_seen["expected_acceptance_length"], 4), "schedule": "time" if by_time else "steps",
+            "train_response_tokens": response_tokens(train),
+            "acceptance_length_on_train": round(ev_seen["expected_acceptance_length"], 4),
+            "schedule": "time" if by_time else "steps",
             "train_config": asdict(cfg), "draft_vocab_coverage_heldout": round(coverage(heldout, d.draft_vocab, V), 4)
             if vocab is not None else 1.0, "curve": curve}
 
@@ -123,7 +128,7 @@ def main() -> None:
                         sampled_copies=args.sampled_copies)
     train, heldout, _ = build_dataset(lm, wcfg)
     data = {"train_sequences": len(train), "train_tokens": sum(len(s) for s in train),
-            "train_response_tokens": sum(len(s) - s.prompt_len for s in train), "heldout_sequences": len(heldout)}
+            "train_response_tokens": response_tokens(train), "heldout_sequences": len(heldout)}
     print(f"data: {data}", flush=True)
     if args.data_only:
         return
