@@ -17,12 +17,18 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_path, tiny_llama, tiny_llama_dir):
+def write_prompts(tmp_path: Path, stride: int, longest: int, ood: bool) -> Path:
+    """48 short prompts over a small vocabulary: every 6th held out (and the one after it out-of-domain if `ood`)."""
     words = ["grid", "line", "flow", "risk", "load", "sum", "apple", "zeta"]
-    rows = [{"prompt": " ".join(words[(i * 3 + j) % 8] for j in range(1 + i % 5)),
-             "split": "heldout" if i % 6 == 0 else ("ood" if i % 6 == 1 else "train")} for i in range(48)]
+    rows = [{"prompt": " ".join(words[(i * stride + j) % 8] for j in range(1 + i % longest)),
+             "split": "heldout" if i % 6 == 0 else ("ood" if ood and i % 6 == 1 else "train")} for i in range(48)]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return prompts
+
+
+def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_path, tiny_llama, tiny_llama_dir):
+    prompts = write_prompts(tmp_path, 3, 5, ood=True)
     env = {**os.environ, "UNDERSTUDY_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
                         "--out", str(tmp_path / "d"), "--prompts", str(prompts), "--max-minutes", "0.6",
@@ -51,11 +57,7 @@ def test_drafter_train_cli_publishes_a_drafter_with_its_heldout_acceptance(tmp_p
 def test_publish_every_publishes_only_improving_checkpoints_with_events(tmp_path, tiny_llama_dir):
     """What `serve --ensure-drafter` runs: checkpoints every few seconds; each one that beats the run's earlier
     ones becomes a version (latest moves to it) and is announced as one JSON line on stdout."""
-    words = ["grid", "line", "flow", "risk", "load", "sum", "apple", "zeta"]
-    rows = [{"prompt": " ".join(words[(i * 5 + j) % 8] for j in range(1 + i % 6)),
-             "split": "heldout" if i % 6 == 0 else "train"} for i in range(48)]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = write_prompts(tmp_path, 5, 6, ood=False)
     env = {**os.environ, "UNDERSTUDY_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
                         "--out", str(tmp_path / "d"), "--prompts", str(prompts), "--max-minutes", "1.2",
@@ -103,4 +105,42 @@ def test_bad_prompt_file_is_one_clear_error(tmp_path, tiny_llama_dir):
                        cwd=ROOT, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{bad}:2" in r.stderr and "prompt" in r.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_init_from_continues_a_trained_drafter_and_publishes_only_what_beats_it(tmp_path, tiny_llama, tiny_llama_dir):
+    """`--init-from`: the run starts from the given drafter (its held-out acceptance, measured first, equals the
+    one its own run reported; its draft vocabulary is kept) and publishes nothing that does not beat it."""
+    prompts = write_prompts(tmp_path, 3, 5, ood=False)
+    env = {**os.environ, "UNDERSTUDY_CACHE": str(tmp_path / "cache")}
+    base = [sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
+            "--prompts", str(prompts), "--max-minutes", "0.5", "--max-new-tokens", "40", "--lr", "3e-3"]
+    r1 = subprocess.run([*base, "--out", str(tmp_path / "d1"), "--draft-vocab-size", "64"], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=600)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([*base, "--out", str(tmp_path / "d2"), "--init-from", str(tmp_path / "d1"), "--publish",
+                         "--registry", str(tmp_path / "reg")], capture_output=True, text=True, cwd=ROOT, env=env,
+                        timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert f"started from {tmp_path / 'd1'}" in r2.stdout
+    d1 = load_drafter(tmp_path / "d1", tiny_llama.model, tiny_llama.fingerprint)
+    d2 = load_drafter(tmp_path / "d2", tiny_llama.model, tiny_llama.fingerprint)
+    start = d2.config.training["initial"]["heldout_acceptance_length"]
+    assert start == pytest.approx(d1.config.training["heldout_acceptance_length"], abs=1e-6)
+    assert d2.config.draft_vocab_size == 64 and bool((d2.draft_vocab == d1.draft_vocab).all())
+    published = Registry.open(tmp_path / "reg").list_versions()
+    assert all(v.metrics["heldout_acceptance_length"] > start for v in published)
+    final = d2.config.training["heldout_acceptance_length"]
+    if final > start:
+        assert published and published[-1].metrics["heldout_acceptance_length"] == pytest.approx(final)
+    else:
+        assert not published and "does not beat the one it started from" in r2.stderr
+
+
+def test_init_from_that_is_neither_folder_nor_version_is_one_clear_error(tmp_path, tiny_llama_dir):
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--init-from", str(tmp_path / "nope"), "--registry",
+                        str(tmp_path / "reg")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"--init-from '{tmp_path / 'nope'}': not a folder, and not in the registry" in r.stderr
     assert not (tmp_path / "d").exists()

@@ -104,7 +104,7 @@ def generate(
                    f"mean acceptance length {s['mean_acceptance_length']}]", err=True)
 
 
-def _load_drafter_arg(spec: str, lm, registry: str | None):  # type: ignore[no-untyped-def]
+def _load_drafter_arg(spec: str, lm, registry: str | None, option: str = "--drafter"):  # type: ignore[no-untyped-def]
     from understudy.drafter.model import load_drafter
 
     path = Path(spec).expanduser()
@@ -115,7 +115,7 @@ def _load_drafter_arg(spec: str, lm, registry: str | None):  # type: ignore[no-u
     try:
         _, folder = Registry.open(registry, create=False).checkout(spec, lm.fingerprint)  # family + checksums
     except RegistryError as e:
-        raise UserError(f"--drafter {spec!r}: not a folder, and not in the registry ({e})") from e
+        raise UserError(f"{option} {spec!r}: not a folder, and not in the registry ({e})") from e
     return load_drafter(folder, lm.model, lm.fingerprint)
 
 
@@ -148,6 +148,10 @@ def drafter_train(
     threads: Annotated[int | None, typer.Option(
         "--threads", help="torch threads for training (default: every core; `serve --ensure-drafter` passes 1, "
         "beside the server)")] = None,
+    init_from: Annotated[str | None, typer.Option(
+        "--init-from", help="Continue a trained drafter (folder, registry version or alias) instead of starting "
+        "fresh: its draft vocabulary is kept (--draft-vocab-size is ignored), and with --publish only what beats "
+        "its held-out acceptance is published")] = None,
 ) -> None:
     """Self-distil a drafter for MODEL: the target answers the prompts, the drafter learns its hidden states."""
     from dataclasses import replace
@@ -172,11 +176,18 @@ def drafter_train(
                        draft_vocab_size=draft_vocab_size, seed=seed,
                        train=replace(WARMUP_TRAIN, lr=lr, unroll_steps=unroll_steps, seed=seed))
     lm = load_model(model, dtype="float32")
+    start = _load_drafter_arg(init_from, lm, registry, "--init-from") if init_from else None
     publisher = _Publisher(registry, out, events) if publish else None
-    report = warmup_train(lm, out, cfg, on_checkpoint=publisher,
+    report = warmup_train(lm, out, cfg, drafter=start, on_checkpoint=publisher,
                           checkpoint_every_s=publish_every_minutes * 60 or None)
     ho, ood = report.get("heldout") or {}, report.get("ood") or {}
     typer.echo(f"drafter written to {out} ({report['steps']} steps, {report['tokens_seen']} tokens)")
+    if report.get("initial"):
+        first = report["initial"]
+        typer.echo(f"started from {init_from}: held-out expected acceptance length {first['heldout_acceptance_length']:.2f} "
+                   f"at k={first['heldout']['k']}" + "".join(
+                       f"; {src} {e['expected_acceptance_length']:.2f}"
+                       for src, e in (first.get("heldout_by_prompts") or {}).items()))
     if ho:
         typer.echo(f"held-out: top-1 agreement {ho['top1_agreement']:.3f}, expected acceptance length "
                    f"{ho['expected_acceptance_length']:.2f} at k={ho['k']} (per position {ho['per_position_acceptance']})")

@@ -4,7 +4,8 @@
 The generated data is cached as shards (keyed by model, prompts and generation settings; drafter/data.py): an
 interrupted run resumes it, a repeated run skips straight to training. The learning-rate schedule spans the
 run's time budget; with a checkpoint callback, training pauses every few minutes to measure held-out acceptance
-and hands over each drafter that beats the earlier ones (`--publish-every-minutes`). The drafter folder is
+and hands over each drafter that beats the earlier ones (`--publish-every-minutes`); a run that continues a trained
+drafter (`--init-from`) must first beat that drafter's own held-out acceptance. The drafter folder is
 written atomically, and Ctrl-C during training stops at a step boundary and still evaluates and saves what was
 learned.
 """
@@ -206,6 +207,28 @@ def _heldout_report(drafter: Drafter, lm: LoadedModel, heldout: list[Sample],
     return ev, by if len(by) > 1 else {}
 
 
+def _starting_point(drafter: Drafter, lm: LoadedModel, heldout: list[Sample], k: int) -> dict[str, Any] | None:
+    """A continued run's bar: the trained drafter's own held-out acceptance, measured before training."""
+    ev, by = _heldout_report(drafter, lm, heldout, k)
+    if ev is None:
+        return None
+    log.info("continuing a trained drafter: held-out acceptance length %.3f at k=%d to beat%s",
+             ev["expected_acceptance_length"], k, "".join(f"; {src} {e['expected_acceptance_length']:.3f}"
+                                                          for src, e in by.items()))
+    return {"heldout": ev, "heldout_by_prompts": by, "heldout_acceptance_length": ev["expected_acceptance_length"]}
+
+
+def _against_start(report: dict[str, Any], initial: dict[str, Any] | None, out_dir: Path) -> None:
+    """A continued run's report keeps its starting point, and says so when training did not beat it."""
+    if initial is None:
+        return
+    report["initial"] = initial
+    if report.get("heldout_acceptance_length", -math.inf) <= initial["heldout_acceptance_length"]:
+        log.warning("the continued drafter (held-out acceptance length %.3f) does not beat the one it started from "
+                    "(%.3f): it is written to %s but not handed over (published)",
+                    report.get("heldout_acceptance_length", math.nan), initial["heldout_acceptance_length"], out_dir)
+
+
 def _initial_drafter(lm: LoadedModel, cfg: WarmupConfig, train: list[Sample]) -> Drafter:
     V = lm.config.vocab_size
     vocab = None
@@ -220,16 +243,22 @@ def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Dra
 
     With `on_checkpoint`, training stops every `checkpoint_every_s` seconds to measure held-out acceptance, and
     calls on_checkpoint(drafter, report) whenever it beats every earlier checkpoint (`understudy serve
-    --ensure-drafter` publishes those, so a server following the registry swaps each better drafter in)."""
+    --ensure-drafter` publishes those, so a server following the registry swaps each better drafter in).
+
+    With `drafter` (a trained one, `drafter train --init-from`), training continues it on its own draft vocabulary,
+    and a checkpoint is handed over only if it beats that drafter's held-out acceptance, measured first."""
     t_start = time.monotonic()
     deadline = t_start + cfg.max_minutes * 60
     torch.manual_seed(cfg.seed)
     train, heldout, ood = build_dataset(lm, cfg)
     if not train:
         raise ValueError("no training prompts (split 'train') in the prompt file")
+    continuing = drafter is not None
     drafter = _initial_drafter(lm, cfg, train) if drafter is None else drafter
     drafter = drafter.float()
     drafter.bind(lm.model)
+    initial = _starting_point(drafter, lm, heldout, cfg.eval_k) if continuing else None
+    best = initial["heldout_acceptance_length"] if initial else -math.inf  # what a checkpoint must beat
     trainer = DrafterTrainer(drafter, cfg.train)
     n_eval_tokens = sum(len(s) for s in heldout + ood)
     eval_reserve = 30.0 + 0.002 * n_eval_tokens
@@ -238,7 +267,6 @@ def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Dra
         budget = max(10.0, budget - (budget // checkpoint_every_s) * (5.0 + 0.001 * n_eval_tokens))
     trainer.set_horizon(budget)  # the learning-rate schedule spans this run's time, whatever its step count
     chunk = checkpoint_every_s if on_checkpoint is not None and checkpoint_every_s else budget
-    best = -math.inf
     interrupted = False
 
     def checkpoint() -> None:
@@ -284,6 +312,7 @@ def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Dra
     }
     if report["heldout"]:
         report["heldout_acceptance_length"] = report["heldout"]["expected_acceptance_length"]
+    _against_start(report, initial, out_dir)
     save_drafter(drafter, out_dir, extra_training=report)
     if on_checkpoint is not None and report.get("heldout_acceptance_length", -math.inf) > best:
         on_checkpoint(drafter, report)
