@@ -74,3 +74,48 @@ def test_ensure_drafter_does_nothing_when_the_registry_has_one(tmp_path, tiny_ll
         assert state["version"] == "1" and state["training"] is None
     finally:
         srv.stop()
+
+
+def test_background_training_continues_the_best_version_on_the_same_data_in_later_rounds(tmp_path, tiny_llama_dir,
+                                                                                       monkeypatch):
+    """Round 2 starts from the version round 1 published last (its best), reuses round 1's data instead of
+    generating it again, and publishes only what beats that version; then the job ends with a reason."""
+    from understudy.registry.store import Registry
+    from understudy.server.drafter_job import DrafterTrainingJob
+
+    monkeypatch.setenv("UNDERSTUDY_CACHE", str(tmp_path / "cache"))
+    registry = Registry.open(tmp_path / "reg", create=True)
+    job = DrafterTrainingJob(str(tiny_llama_dir), registry, minutes=0.5, work_dir=tmp_path / "job", rounds=2, nice=0)
+    assert "--init-from" not in job.command(1) and job.command(1)[job.command(1).index("--data-minutes") + 1] == "0.25"
+    job.start()
+    try:
+        deadline = time.monotonic() + 900  # generous: each round imports torch on a busy CI box
+        while job.state == "running" and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        job.stop()
+    log = job.log_path.read_text()
+    assert job.state == "finished", (job.status(), log[-3000:])
+    first = [p for p in job.published if p["round"] == 1]
+    assert first and job.round == 2, job.status()
+    start_from = first[-1]["version"]
+    round2 = log[log.index("round 2/2: "):]
+    assert f"--init-from {start_from}" in round2.splitlines()[0] and "--data-minutes 0.25" in round2.splitlines()[0]
+    assert "reusing generated training data" in round2 and "generating training data" not in round2
+    assert "continuing a trained drafter" in round2
+    # what round 2 published beats what it started from, in order (each publish beats the one before)
+    lengths = [p["heldout_acceptance_length"] for p in job.published]
+    assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths), job.published
+    assert [v.version for v in registry.list_versions()] == [p["version"] for p in job.published]
+    if len(job.published) == len(first):
+        assert "stopped improving" in job.ended
+    else:
+        assert job.ended == f"{len(job.published)} version(s) published in 2 round(s)"
+
+
+def test_background_training_rounds_must_be_positive(tmp_path):
+    from understudy.registry.store import Registry
+    from understudy.server.drafter_job import DrafterTrainingJob
+
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        DrafterTrainingJob("m", Registry.open(tmp_path / "reg", create=True), 1.0, tmp_path / "job", rounds=0)

@@ -149,7 +149,7 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
 
                 job = await asyncio.to_thread(maybe_start, s.model, state.hotswap.fingerprint,
                                               state.hotswap.registry, s.ensure_drafter_minutes,
-                                              cache_dir() / "drafter-jobs")
+                                              cache_dir() / "drafter-jobs", s.ensure_drafter_rounds)
                 state.hotswap.training = job
             yield
         finally:

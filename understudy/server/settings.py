@@ -92,7 +92,11 @@ class ServerSettings(BaseSettings):
     ensure_drafter: bool = Field(
         False, description="If the registry holds no drafter for the model, serve at once and train one in a "
         "background process that publishes each better version; the server follows the alias and swaps them in")
-    ensure_drafter_minutes: float = Field(25.0, gt=0, description="Wall-clock budget of that background training")
+    ensure_drafter_minutes: float = Field(25.0, gt=0, description="Wall-clock budget of one round of that "
+                                          "background training (half of it makes the data, once)")
+    ensure_drafter_rounds: int = Field(
+        3, ge=1, description="Rounds of background training: each later round continues the best version so far on "
+        "the same data and publishes only what beats it; a round that publishes nothing ends the job")
     watch_interval_s: float = Field(1.0, gt=0, description="How often the registry is polled for alias moves")
     allow_drafter_drift: bool = Field(
         False, description="Serve a pair whose drafter was trained against another policy than the one it is paired "
