@@ -80,6 +80,13 @@ def test_demo_runs_the_whole_loop_and_reports_it(demo_assets, tmp_path):
     assert h["accuracy_where_constant_fails_sft"] == s["sft"]["accuracy_where_constant_fails"]
     assert f"{h['problems_where_constant_fails']} of those problems that the constant answer gets wrong" in md
 
+    # the generic drafter was given (not trained here): SFT gets its share of the budget too
+    from understudy.cli.demo import SHARES
+
+    sft = next(p for p in s["phases"] if p["name"].startswith("SFT"))
+    assert sft["planned_s"] == pytest.approx(max(SHARES["sft"] * 60, SHARES["sft_end"] * 60 - sft["start_s"]),
+                                             abs=1.0), s["phases"]
+
     # one held-out problem set, measured before SFT, after it, and at every GRPO step
     stages = [c["stage"] for c in s["accuracy"]["curve"]]
     assert stages[:2] == ["base", "SFT"] and stages.count("GRPO") >= 2  # step 0 (the SFT policy) and step 1..
@@ -155,6 +162,18 @@ def test_held_out_prompts_are_checked_against_the_training_streams(tmp_path):
     assert not accuracy & {r["prompt"] for r in rows}
     adapt = [json.loads(x) for x in (tmp_path / "prompts" / "adapt.jsonl").read_text().splitlines()]
     assert {r["split"] for r in adapt} == {"train", "heldout"}
+
+
+def test_sft_gets_the_generic_drafters_share_when_none_is_trained_in_the_run(tmp_path):
+    from understudy.cli.demo import PROFILES, SHARES, Plan
+
+    plan = Plan(model="smollm2-135m", out=tmp_path, minutes=40, users=2, seed=0, profile=PROFILES["full"],
+                eval_problems=32, generic_drafter=None)
+    # reused generic drafter: SFT starts a minute in and runs until sft_end (0.37 of 40 minutes)
+    assert plan.sft_seconds(60.0) == pytest.approx(SHARES["sft_end"] * 2400 - 60.0)
+    assert plan.sft_seconds(60.0) == pytest.approx(plan.share_s("sft") + plan.share_s("generic_drafter") - 60.0)
+    # trained here (and overran its share): SFT keeps its own share, the phases after it move
+    assert plan.sft_seconds(SHARES["generic_drafter"] * 2400 + 300.0) == pytest.approx(SHARES["sft"] * 2400)
 
 
 def test_spread_covers_the_range_early():

@@ -9,7 +9,8 @@ Phases, each with a share of the budget (`SHARES`; the machine's speed decides h
      serve` would); `understudy serve` following `latest` in it
   b. Locust (streaming chat users, real) on held-out grid-risk prompts from now until the training ends; one
      JSON line per request (TTFT, TPOT, drafter version) in OUT/load/events-run.jsonl
-  c. + d. `understudy sft` on the task's worked solutions: greedy held-out accuracy of the base model before the
+  c. + d. `understudy sft` on the task's worked solutions (until `sft_end`, so a reused generic drafter's share
+     goes to SFT; never less than its own `sft` share): greedy held-out accuracy of the base model before the
      first step (the baseline), and after; the SFT policy is published with its own drafter (trained by `understudy
      drafter train`'s recipe on the SFT policy's answers: `demo adapt-drafter`), which moves `latest`
   e. `understudy train` (GRPO + TLT), one step per invocation (`--resume`), each publishing a (policy, drafter)
@@ -72,7 +73,7 @@ HELDOUT_OFFSET = 90_001  # the served prompts' stream
 HELDOUT_CHECK = 20_000  # problems of each training stream checked against the held-out prompts
 
 # shares of the budget: durations, or for the *_end keys the time since the start at which the phase ends
-SHARES = {"generic_drafter": 0.15, "sft": 0.22, "adapt": 0.12, "train_end": 0.78, "spec_each": 0.05,
+SHARES = {"generic_drafter": 0.15, "sft": 0.22, "sft_end": 0.37, "adapt": 0.12, "train_end": 0.78, "spec_each": 0.05,
           "evals_end": 0.98}
 
 demo_app = typer.Typer(no_args_is_help=True, help="End-to-end demos: the whole loop in one command, with a report.")
@@ -124,6 +125,12 @@ class Plan:
 
     def share_s(self, key: str) -> float:
         return SHARES[key] * self.budget_s
+
+    def sft_seconds(self, elapsed_s: float) -> float:
+        """SFT runs until `sft_end`, and never for less than its own share. When the generic drafter is reused
+        (none trained here), SFT gets that share too: the accuracy needs SFT steps more than the run needs
+        anything else (docs/trainer-tasks.md)."""
+        return max(self.share_s("sft"), self.share_s("sft_end") - elapsed_s)
 
     @property
     def sft_seed(self) -> int:
@@ -464,7 +471,7 @@ class DemoRun:
 
     # ---- training ---------------------------------------------------------------------------------------------
     def sft_phase(self) -> None:
-        minutes = self.plan.share_s("sft") / 60
+        minutes = self.plan.sft_seconds(time.time() - self.t0) / 60
         out = self.out / "sft"
         with self.phase("SFT (`understudy sft`; held-out accuracy before = the baseline, and after)", minutes * 60):
             p = self.plan.profile
