@@ -46,7 +46,7 @@ demo: install
 	$(BIN)/understudy demo grid-risk --minutes $(MINUTES) $(DEMO_ARGS)
 
 test: install vllm
-	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(BIN)/python -m pytest -q --durations=25 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
