@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DATA_SHARE = 0.5  # of a round's minutes, for generating the data (`drafter train`'s own default split)
 
+
 def has_drafter_for(registry: Registry, fingerprint: str) -> bool:
     return any(v.family_fingerprint == fingerprint for v in registry.list_versions())
 
