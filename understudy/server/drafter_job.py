@@ -108,13 +108,13 @@ class DrafterTrainingJob:
             def lower_priority() -> None:  # in the child, before exec
                 os.nice(nice)
 
+            cmd = self.command(round_)
             logf = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the supervisor)
-            logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} round {round_}/{self.rounds}: "
-                       f"{' '.join(self.command(round_))}\n")
+            logf.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} round {round_}/{self.rounds}: {' '.join(cmd)}\n")
             logf.flush()
             self._logf = logf
             try:
-                self.proc = subprocess.Popen(self.command(round_), stdout=subprocess.PIPE, stderr=logf, text=True,
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True,
                                              env=keyless_env(os.environ), start_new_session=True,
                                              preexec_fn=lower_priority if nice else None)
             except OSError:
