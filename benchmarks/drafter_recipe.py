@@ -43,6 +43,7 @@ RECIPES: dict[str, tuple[int, DrafterTrainConfig, bool]] = {
     "new-lr3e-3": (2048, replace(NEW, lr=3e-3), True),
     "new-hard": (2048, replace(NEW, hard_labels=True), True),
     "new-half-data": (2048, NEW, True),  # the same recipe on half the training sequences: is data the bound?
+    "new-every-anchor": (2048, replace(NEW, draft_all_anchors=True), True),  # before scored anchors (same loss)
 }
 DATA_FRACTION = {"new-half-data": 0.5}  # recipes trained on a random subset of the training sequences
 

@@ -15,6 +15,7 @@ from understudy.drafter.train import (
     Sample,
     collate,
     eagle_loss,
+    scored_anchors,
     select_draft_vocab,
     target_features,
     unrolled_forward,
@@ -118,6 +119,48 @@ def test_unrolled_training_forward_equals_inference_drafting(tiny_llama, tiny_pr
         f3 = d(tok, f2, torch.tensor([[anchor + 2]]), prop.cache, kv_len=anchor + 3)
         torch.testing.assert_close(f3[0, 0], outs[2][0, anchor], atol=1e-5, rtol=1e-4)
 
+
+
+def test_drafting_from_scored_anchors_only_computes_the_same_outputs_and_gradients(tiny_llama, tiny_prompts):
+    """The loss drafts only from anchors it scores (packed, padded rows of different prompt and total lengths);
+    their outputs and the parameters' gradients must equal those of drafting from every anchor."""
+    lm = tiny_llama
+    seqs = [(tiny_prompts[i] + tiny_prompts[i + 1][::-1] + tiny_prompts[i + 2], len(tiny_prompts[i])) for i in range(4)]
+    samples = target_features(lm.model, seqs)
+    assert len({s.prompt_len for s in samples}) > 1 and len({len(s) for s in samples}) > 1
+    d = new_drafter(lm.model, lm.fingerprint, seed=3).float()
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b = collate(samples)
+    anchors, live = scored_anchors(b["lengths"], b["prompt_lens"], 4, 2)
+    for r, smp in enumerate(samples):  # a row's live anchors: max(0, prompt_len - 4) .. length - 2, in order
+        assert anchors[r][live[r]].tolist() == list(range(max(0, smp.prompt_len - 4), len(smp) - 1))
+    full = unrolled_forward(d, b["tokens"], b["features"], 3)
+    part = unrolled_forward(d, b["tokens"], b["features"], 3, anchors=anchors, live=live, lengths=b["lengths"])
+    rows = torch.arange(len(samples)).unsqueeze(1).expand_as(anchors)
+    for s in range(3):
+        # step s+1 at anchor a is meaningful while x_{a+s+1} exists; beyond it both feed a zero token
+        ok = live & (anchors + s + 1 < b["lengths"].unsqueeze(1))
+        assert int(ok.sum()) > 20
+        torch.testing.assert_close(part[s][ok], full[s][rows[ok], anchors[ok]], atol=1e-5, rtol=1e-4)
+        assert bool((part[s][~live] == 0).all())
+
+    def grads(o: list[torch.Tensor], a: torch.Tensor | None) -> list[torch.Tensor]:
+        d.zero_grad(set_to_none=True)
+        total = o[0].new_zeros(())
+        for s in range(3):
+            ok = live & (anchors + s + 1 < b["lengths"].unsqueeze(1))
+            picked = o[s][ok] if a is None else o[s][rows[ok], anchors[ok]]
+            total = total + (picked * torch.linspace(-1, 1, picked.shape[-1])).sum()
+        total.backward()
+        return [p.grad.clone() for p in d.parameters()]
+
+    g_part = grads(unrolled_forward(d, b["tokens"], b["features"], 3, anchors=anchors, live=live,
+                                    lengths=b["lengths"]), None)
+    g_full = grads(unrolled_forward(d, b["tokens"], b["features"], 3), anchors)
+    for gp, gf in zip(g_part, g_full, strict=True):
+        torch.testing.assert_close(gp, gf, atol=1e-4, rtol=1e-3)
 
 def test_training_reduces_loss_and_raises_acceptance(tiny_llama, tiny_prompts):
     from understudy.drafter.train import evaluate

@@ -54,6 +54,8 @@ class DrafterTrainConfig:
     unroll_decay: float = 0.8  # weight of step s is decay**(s-1)
     feature_noise: float = 0.0  # std of Gaussian noise added to the true features (EAGLE's augmentation)
     hard_labels: bool = False  # cross-entropy against the target's argmax instead of its whole distribution
+    draft_all_anchors: bool = False  # draft from every position, prompt too (same loss, ~1.3x the FLOPs): the
+    # way before scored anchors, kept as benchmarks/drafter_step.py's baseline
     grad_clip: float = 1.0
     seed: int = 0
 
@@ -133,49 +135,108 @@ def collate(group: list[Sample]) -> dict[str, torch.Tensor]:
 
 # ---- the unrolled drafter forward (training-time test) --------------------------------------------------
 def unrolled_forward(drafter: Drafter, tokens: torch.Tensor, feats: torch.Tensor, steps: int,
-                     noise: float = 0.0, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Draft `steps` tokens ahead from every anchor a at once. Returns outputs o_s [B, N, H], s = 1..steps, N = T-1.
+                     noise: float = 0.0, generator: torch.Generator | None = None,
+                     anchors: torch.Tensor | None = None, live: torch.Tensor | None = None,
+                     lengths: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Draft `steps` tokens ahead from many anchors at once. Returns outputs o_s [B, M, H], s = 1..steps, where
+    o_s[r, j] belongs to anchor anchors[r, j] (default: every anchor 0..T-2 of every row, M = N = T-1).
 
     Step s at anchor a sits at position a+s-1, is fed (x_{a+s}, o_{s-1}[a]) (o_0 = the true h_a) and must predict
     h_{a+s}. It attends to the true-feature keys of positions 0..a and to its own anchor's keys of steps 2..s:
     exactly the drafter's KV cache at inference, where catch-up writes true features and drafting appends.
+
+    A caller that scores only some anchors (the loss never scores one deep in the prompt) passes them: anchors
+    [B, M] (int64, in 0..N-1) with live [B, M] marking the real entries of each padded row, and the rows' lengths.
+    The per-token work (fc, projections, MLP) then runs on the live anchors only, packed, and every position
+    before a row's last anchor gives just its true-feature key and value, which are all that anchors before a
+    scored one contribute; attention stays batched, padded entries masked. Outputs at padded entries are zero.
+    Anchors whose x_{a+s} lies past the end get a zero token embedding (the caller masks those too).
     """
     layer, attn = drafter.layer, drafter.layer.attn
     cfg = drafter.config.target
     B, T = tokens.shape
     N = T - 1
     Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    anchors = torch.arange(N, device=tokens.device)
+    H = feats.shape[-1]
+    dev = tokens.device
+    if anchors is None:
+        anchors = torch.arange(N, device=dev).unsqueeze(0).expand(B, N)
+    M = anchors.shape[1]
+    if live is None:
+        live = torch.ones(B, M, dtype=torch.bool, device=dev)
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=dev)
+    max_pos = drafter.rotary.cos.shape[0] - 1
     emb_all = F.embedding(tokens, drafter.embed_weight).to(feats.dtype)  # [B, T, H]
     feat = feats[:, :N]
     if noise > 0:
         feat = feat + noise * torch.randn(feat.shape, generator=generator, device=feat.device)
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    w_q, w_kv = attn.wqkv.weight.split([Hq * D, 2 * Hkv * D], dim=0)
+    # step 1 at every position before the row's end: its key and value are the true-feature context of every
+    # later anchor (packed: the padding past a row's end is never attended to)
+    ctx = torch.arange(N, device=dev).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [B, N]
+    x_ctx = drafter.fc(torch.cat([emb_all[:, 1:][ctx], feat[ctx]], dim=-1))  # [n, H]
+    kv = feats.new_zeros(B, N, 2 * Hkv * D)
+    kv[ctx] = F.linear(x_ctx, w_kv)
+    x_all = feats.new_zeros(B, N, H)
+    x_all[ctx] = x_ctx
+    cos, sin = drafter.rotary(torch.arange(N, device=dev).clamp(max=max_pos).unsqueeze(0).expand(B, N), feats.dtype)
+    k_all, v_all = kv.split([Hkv * D, Hkv * D], dim=-1)
+    keys = [apply_rope(k_all.view(B, N, Hkv, D), cos, sin).transpose(1, 2)]  # [B, Hkv, N, D]
+    values = [v_all.view(B, N, Hkv, D).transpose(1, 2)]
+    causal = torch.arange(N, device=dev).view(1, 1, N) <= anchors.unsqueeze(2)  # [B, M(query), N(key)]
+    diag = torch.eye(M, dtype=torch.bool, device=dev).expand(B, M, M)
+    rows, cols = live.nonzero(as_tuple=True)
+    a_live = anchors[rows, cols]  # [Q]: the live anchors, packed
     outs: list[torch.Tensor] = []
-    causal = anchors.unsqueeze(0) <= anchors.unsqueeze(1)  # [N(query a), N(key m)]: m <= a
-    diag = torch.eye(N, dtype=torch.bool, device=tokens.device)
+    prev: torch.Tensor | None = None
     for s in range(1, steps + 1):
-        tok_emb = emb_all[:, s:s + N]  # x_{a+s}
-        if tok_emb.shape[1] < N:  # past the end: pad (those anchors are masked out of the loss)
-            tok_emb = F.pad(tok_emb, (0, 0, 0, N - tok_emb.shape[1]))
-        x = drafter.fc(torch.cat([tok_emb, feat], dim=-1))  # [B, N, H]
-        pos = (anchors + s - 1).clamp(max=drafter.rotary.cos.shape[0] - 1).unsqueeze(0).expand(B, N)
-        cos, sin = drafter.rotary(pos, x.dtype)
-        q, k, v = attn.wqkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
-        q = apply_rope(q.view(B, N, Hq, D), cos, sin).transpose(1, 2)  # [B, Hq, N, D]
-        k = apply_rope(k.view(B, N, Hkv, D), cos, sin).transpose(1, 2)  # [B, Hkv, N, D]
-        keys.append(k)
-        values.append(v.view(B, N, Hkv, D).transpose(1, 2))
-        kk = torch.cat(keys, dim=2).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, s*N, D]
+        pos = (anchors + s - 1).clamp(max=max_pos)
+        cos, sin = drafter.rotary(pos, feats.dtype)
+        if s == 1:
+            x = x_all[rows, a_live]  # [Q, H]
+            q = F.linear(x, w_q)
+        else:
+            nxt = a_live + s  # x_{a+s}
+            tok_emb = emb_all[rows, nxt.clamp(max=T - 1)] * (nxt < T).unsqueeze(1).to(emb_all.dtype)
+            assert prev is not None
+            x = drafter.fc(torch.cat([tok_emb, prev], dim=-1))
+            q, k, v = attn.wqkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+            k_pad = feats.new_zeros(B, M, Hkv * D)
+            k_pad[rows, cols] = k
+            v_pad = feats.new_zeros(B, M, Hkv * D)
+            v_pad[rows, cols] = v
+            keys.append(apply_rope(k_pad.view(B, M, Hkv, D), cos, sin).transpose(1, 2))  # [B, Hkv, M, D]
+            values.append(v_pad.view(B, M, Hkv, D).transpose(1, 2))
+        q_pad = feats.new_zeros(B, M, Hq * D)
+        q_pad[rows, cols] = q
+        q_pad = apply_rope(q_pad.view(B, M, Hq, D), cos, sin).transpose(1, 2)  # [B, Hq, M, D]
+        kk = torch.cat(keys, dim=2).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, N+(s-1)M, D]
         vv = torch.cat(values, dim=2).repeat_interleave(Hq // Hkv, dim=1)
-        mask = torch.cat([causal] + [diag] * (s - 1), dim=1)  # [N, s*N]
-        a = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)  # [B, Hq, N, D]
-        h = x + attn.wo(a.transpose(1, 2).reshape(B, N, Hq * D))
-        o = h + layer.mlp(layer.post_attention_layernorm(h))
-        outs.append(o)
-        feat = o
+        mask = torch.cat([causal] + [diag] * (s - 1), dim=2).unsqueeze(1)  # [B, 1, M, N+(s-1)M]
+        a = F.scaled_dot_product_attention(q_pad, kk, vv, attn_mask=mask)  # [B, Hq, M, D]
+        h = x + attn.wo(a.transpose(1, 2)[rows, cols].reshape(-1, Hq * D))
+        o = h + layer.mlp(layer.post_attention_layernorm(h))  # [Q, H]
+        out = feats.new_zeros(B, M, H)
+        out[rows, cols] = o
+        outs.append(out)
+        prev = o
     return outs
+
+
+def scored_anchors(lengths: torch.Tensor, prompt_lens: torch.Tensor, first_offset: int,
+                   last_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's anchors a with prompt_len - first_offset <= a <= length - last_offset (clamped to the row),
+    as a padded [B, M] index and its [B, M] mask of real entries. The padding repeats a row's last anchor."""
+    N = int(lengths.max()) - 1
+    start = (prompt_lens - first_offset).clamp(min=0, max=max(N - 1, 0))
+    stop = (lengths - last_offset).clamp(max=N - 1)  # inclusive
+    count = (stop - start + 1).clamp(min=0)
+    M = max(int(count.max()), 1)
+    j = torch.arange(M).unsqueeze(0)
+    live = j < count.unsqueeze(1)
+    idx = torch.minimum(start.unsqueeze(1) + j, (start + (count - 1).clamp(min=0)).unsqueeze(1))
+    return idx, live
 
 
 @dataclass
@@ -190,11 +251,19 @@ def eagle_loss(drafter: Drafter, batch: dict[str, torch.Tensor], cfg: DrafterTra
     tokens, feats = batch["tokens"], batch["features"].to(drafter.fc.weight.dtype)
     lengths, prompt = batch["lengths"], batch["prompt_lens"]
     B, T = tokens.shape
-    N = T - 1
-    outs = unrolled_forward(drafter, tokens, feats, cfg.unroll_steps, cfg.feature_noise, generator)
+    # Only anchors that some step scores are drafted from: step s at anchor a is scored when a+s+1 is a response
+    # token, so anchors before prompt_len - unroll_steps - 1 only lend their true-feature keys (a quarter to a
+    # third of the positions of the shipped data are prompt; same loss and gradients, fewer FLOPs).
+    if cfg.draft_all_anchors:
+        anchors = torch.arange(T - 1).unsqueeze(0).expand(B, T - 1)
+        live = torch.ones_like(anchors, dtype=torch.bool)
+        outs = unrolled_forward(drafter, tokens, feats, cfg.unroll_steps, cfg.feature_noise, generator)
+    else:
+        anchors, live = scored_anchors(lengths, prompt, cfg.unroll_steps + 1, 2)  # [B, M]
+        outs = unrolled_forward(drafter, tokens, feats, cfg.unroll_steps, cfg.feature_noise, generator, anchors,
+                                live, lengths)
     head = drafter.head_weight  # [Vd, H], frozen
-    anchors = torch.arange(N)
-    rows = torch.arange(B).unsqueeze(1).expand(B, N)
+    rows = torch.arange(B).unsqueeze(1).expand_as(anchors)
     # The target's distribution over the draft vocabulary at every position that some step predicts (positions
     # 1..T-1, each a response position), computed once per batch: step s reads position a+s, so the unrolled
     # steps share these rows instead of each recomputing the head over them.
@@ -211,10 +280,10 @@ def eagle_loss(drafter: Drafter, batch: dict[str, torch.Tensor], cfg: DrafterTra
     for s, o in enumerate(outs, start=1):
         tgt_pos = anchors + s  # h_{a+s}
         # a+s must exist, and the token it predicts (index a+s+1) must be a response token
-        valid = (tgt_pos.unsqueeze(0) < lengths.unsqueeze(1)) & (tgt_pos.unsqueeze(0) + 1 >= prompt.unsqueeze(1))
+        valid = live & (tgt_pos < lengths.unsqueeze(1)) & (tgt_pos + 1 >= prompt.unsqueeze(1))
         if not bool(valid.any()):
             continue
-        pos_v = tgt_pos.unsqueeze(0).expand(B, N)[valid]
+        pos_v = tgt_pos[valid]
         rows_v = rows[valid]
         o_v, t_v = o[valid], feats[rows_v, pos_v]  # [n, H]
         hid = F.smooth_l1_loss(o_v, t_v, reduction="none").mean(-1).mean()
@@ -366,8 +435,10 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
         b = collate(group)
         tokens, feats = b["tokens"], b["features"].to(drafter.fc.weight.dtype)
         B, T = tokens.shape
-        N = T - 1
-        outs = unrolled_forward(drafter, tokens, feats, k)
+        lengths, prompt = b["lengths"], b["prompt_lens"]
+        # only anchors that draft a response token are counted (a+2 >= prompt_len), so only those are drafted from
+        anchors, live = scored_anchors(lengths, prompt, 2, 2)  # [B, M]
+        outs = unrolled_forward(drafter, tokens, feats, k, anchors=anchors, live=live, lengths=lengths)
         if cache_greedy:  # the target's greedy token at every position: fixed per sample, computed once
             for smp in group:
                 if smp.greedy is None:
@@ -378,22 +449,18 @@ def evaluate(drafter: Drafter, target: Transformer, samples: list[Sample], k: in
                 target_all[r, :len(smp)] = smp.greedy
         else:
             target_all = _greedy_tokens(feats, full_vocab_head)  # [B, T]
-        anchors = torch.arange(N)
-        chain = torch.ones(B, N, dtype=torch.bool)
+        chain = torch.ones_like(live)
         rows = torch.zeros(B, k + 3, dtype=torch.float64)  # this batch's tallies, per sequence
         # anchors whose k-chain stays inside the sequence and drafts response tokens
-        ok = (anchors.unsqueeze(0) + k < b["lengths"].unsqueeze(1)) & \
-             (anchors.unsqueeze(0) + 2 >= b["prompt_lens"].unsqueeze(1))
+        ok = live & (anchors + k < lengths.unsqueeze(1)) & (anchors + 2 >= prompt.unsqueeze(1))
         for s, o in enumerate(outs, start=1):
-            tgt_pos = (anchors + s).clamp(max=T - 1)
-            target_tok = target_all.gather(1, tgt_pos.unsqueeze(0).expand(B, N))  # the target's greedy choice
+            target_tok = target_all.gather(1, (anchors + s).clamp(max=T - 1))  # the target's greedy choice
             draft_tok = drafter.draft_logits(o).argmax(-1)
             if not drafter.full_vocab:
                 draft_tok = drafter.draft_vocab[draft_tok]
             hit = draft_tok == target_tok
             if s == 1:
-                valid1 = (anchors.unsqueeze(0) + 1 < b["lengths"].unsqueeze(1)) & \
-                         (anchors.unsqueeze(0) + 2 >= b["prompt_lens"].unsqueeze(1))
+                valid1 = live & (anchors + 1 < lengths.unsqueeze(1)) & (anchors + 2 >= prompt.unsqueeze(1))
                 rows[:, k + 1] = (hit & valid1).sum(1)
                 rows[:, k + 2] = valid1.sum(1)
             chain &= hit
