@@ -80,11 +80,32 @@ def test_vllm_export_keys_and_shapes(tmp_path, tiny_llama):
     assert cfg["hidden_size"] == H and cfg["vocab_size"] == c.vocab_size
 
 
-def test_unrolled_training_forward_equals_inference_drafting(tiny_llama, tiny_prompts):
+def _target(arch: str, tiny_llama, tmp_path):  # type: ignore[no-untyped-def]
+    """tiny_llama, or a tiny Qwen2 with the same tokenizer (it has biases on the q/k/v projection)."""
+    from tests.conftest import build_tiny_hf
+    from understudy.engine.loader import load_model
+
+    lm = tiny_llama if arch == "llama" else load_model(str(build_tiny_hf(tmp_path / arch, arch)), dtype="float32")
+    assert (lm.model.layers[0].attn.wqkv.bias is not None) == (arch == "qwen2")
+    return lm
+
+
+def _perturbed_drafter(lm, seed: int):  # type: ignore[no-untyped-def]
+    """A fresh drafter with every parameter moved off its init (biases too: a zero bias would hide a dropped one)."""
+    d = new_drafter(lm.model, lm.fingerprint, seed=seed).float()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return d
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unrolled_training_forward_equals_inference_drafting(arch, tiny_llama, tiny_prompts, tmp_path):
     """Step s of the training-time-test forward must compute exactly what the engine's drafter computes at draft
     step s (same features, same attention context) — otherwise training optimises the wrong thing."""
-    lm = tiny_llama
-    d = new_drafter(lm.model, lm.fingerprint, seed=2).float()
+    lm = _target(arch, tiny_llama, tmp_path)
+    d = _perturbed_drafter(lm, seed=2)
     seq = tiny_prompts[3] + tiny_prompts[5][:7]
     sample = target_features(lm.model, [(seq, 4)])[0]
     anchor = len(seq) - 5  # drafting starts after the sequence's first anchor+2 tokens are committed
@@ -121,17 +142,17 @@ def test_unrolled_training_forward_equals_inference_drafting(tiny_llama, tiny_pr
 
 
 
-def test_drafting_from_scored_anchors_only_computes_the_same_outputs_and_gradients(tiny_llama, tiny_prompts):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_drafting_from_scored_anchors_only_computes_the_same_outputs_and_gradients(arch, tiny_llama, tiny_prompts,
+                                                                                   tmp_path):
     """The loss drafts only from anchors it scores (packed, padded rows of different prompt and total lengths);
-    their outputs and the parameters' gradients must equal those of drafting from every anchor."""
-    lm = tiny_llama
+    their outputs and the parameters' gradients must equal those of drafting from every anchor (which the test
+    above checks against the engine's own drafting)."""
+    lm = _target(arch, tiny_llama, tmp_path)
     seqs = [(tiny_prompts[i] + tiny_prompts[i + 1][::-1] + tiny_prompts[i + 2], len(tiny_prompts[i])) for i in range(4)]
     samples = target_features(lm.model, seqs)
     assert len({s.prompt_len for s in samples}) > 1 and len({len(s) for s in samples}) > 1
-    d = new_drafter(lm.model, lm.fingerprint, seed=3).float()
-    with torch.no_grad():
-        for p in d.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    d = _perturbed_drafter(lm, seed=3)
     b = collate(samples)
     anchors, live = scored_anchors(b["lengths"], b["prompt_lens"], 4, 2)
     for r, smp in enumerate(samples):  # a row's live anchors: max(0, prompt_len - 4) .. length - 2, in order

@@ -172,12 +172,13 @@ def unrolled_forward(drafter: Drafter, tokens: torch.Tensor, feats: torch.Tensor
     if noise > 0:
         feat = feat + noise * torch.randn(feat.shape, generator=generator, device=feat.device)
     w_q, w_kv = attn.wqkv.weight.split([Hq * D, 2 * Hkv * D], dim=0)
+    b_q, b_kv = attn.wqkv.bias.split([Hq * D, 2 * Hkv * D]) if attn.wqkv.bias is not None else (None, None)
     # step 1 at every position before the row's end: its key and value are the true-feature context of every
     # later anchor (packed: the padding past a row's end is never attended to)
     ctx = torch.arange(N, device=dev).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [B, N]
     x_ctx = drafter.fc(torch.cat([emb_all[:, 1:][ctx], feat[ctx]], dim=-1))  # [n, H]
     kv = feats.new_zeros(B, N, 2 * Hkv * D)
-    kv[ctx] = F.linear(x_ctx, w_kv)
+    kv[ctx] = F.linear(x_ctx, w_kv, b_kv)
     x_all = feats.new_zeros(B, N, H)
     x_all[ctx] = x_ctx
     cos, sin = drafter.rotary(torch.arange(N, device=dev).clamp(max=max_pos).unsqueeze(0).expand(B, N), feats.dtype)
@@ -195,7 +196,7 @@ def unrolled_forward(drafter: Drafter, tokens: torch.Tensor, feats: torch.Tensor
         cos, sin = drafter.rotary(pos, feats.dtype)
         if s == 1:
             x = x_all[rows, a_live]  # [Q, H]
-            q = F.linear(x, w_q)
+            q = F.linear(x, w_q, b_q)
         else:
             nxt = a_live + s  # x_{a+s}
             tok_emb = emb_all[rows, nxt.clamp(max=T - 1)] * (nxt < T).unsqueeze(1).to(emb_all.dtype)
