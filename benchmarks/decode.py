@@ -46,10 +46,11 @@ class Run:
 
 
 def engine_run(lm: LoadedModel, prompts: list[list[int]], batch: int, max_new: int, proposer: str, k: int,
-               drafter=None) -> Run:  # type: ignore[no-untyped-def]
+               drafter=None, native_decoder: bool = True) -> Run:  # type: ignore[no-untyped-def]
     dtype = str(lm.model.dtype).removeprefix("torch.")
     cfg = EngineConfig(max_batch_size=batch, max_model_len=max(map(len, prompts)) + max_new + 1,
-                       num_speculative_tokens=k if proposer != "none" else 0, proposer=proposer, dtype=dtype)
+                       num_speculative_tokens=k if proposer != "none" else 0, proposer=proposer, dtype=dtype,
+                       native_decoder=native_decoder)
     eng = Engine(lm.model, cfg, lm.eos_token_ids, drafter=drafter)
     sp = SamplingParams(max_tokens=max_new, temperature=0.0)
     eng.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up (packing, allocator)
@@ -60,7 +61,8 @@ def engine_run(lm: LoadedModel, prompts: list[list[int]], batch: int, max_new: i
         outs.extend(eng.generate(prompts[i:i + batch], sp))
     dt = time.perf_counter() - t0
     spec = eng.stats.to_dict() if proposer != "none" else None
-    return Run(method=proposer if proposer != "none" else "plain", tokens=sum(map(len, outs)), seconds=dt,
+    name = proposer if proposer != "none" else "plain" if native_decoder else "plain (torch ops)"
+    return Run(method=name, tokens=sum(map(len, outs)), seconds=dt,
                outputs=outs, spec=spec)
 
 
@@ -102,6 +104,9 @@ def bench_cell(lm: LoadedModel, hf, drafter, prompts: list[list[int]], batch: in
     runs: dict[str, list[Run]] = {}
     for _ in range(args.rounds):
         order: list[tuple[str, Any]] = [("plain", lambda: engine_run(lm, prompts, batch, args.max_new_tokens, "none", 0))]
+        if args.torch_ops_baseline:  # the engine before its float32 native decoder (EngineConfig.native_decoder)
+            order.append(("plain (torch ops)", lambda: engine_run(lm, prompts, batch, args.max_new_tokens, "none", 0,
+                                                                  native_decoder=False)))
         for k in args.ks:
             if drafter is not None:
                 order.append((f"drafter k={k}", lambda k=k: engine_run(lm, prompts, batch, args.max_new_tokens,
@@ -139,6 +144,8 @@ def main() -> None:
                     help="prompts per domain = max(batch, this x batch) (batch 1: this many prompts, one at a time)")
     ap.add_argument("--batch1-prompts", type=int, default=6, help="prompts per domain at batch size 1")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (medians are reported)")
+    ap.add_argument("--torch-ops-baseline", action="store_true",
+                    help="also plain decoding with the layers run op by op (native_decoder=False)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompts", type=Path, default=None,

@@ -1,6 +1,7 @@
 """Cost of a width-w target forward (what verifying w-1 drafts costs) relative to width 1, per weight format.
 
     python benchmarks/verify_cost.py [--modes none,int8,int4] [--widths 1,2,3,4,5,6,7,8] [--prefix 256]
+    python benchmarks/verify_cost.py --modes none-unfused,none --widths 1,2,3,5,8   # float32: oneDNN vs fused
 
 For each mode the model is loaded (`load_model(quantize=...)`), a `--prefix`-token prompt is prefilled into a KV
 cache, and then forward + LM head over w new tokens at positions prefix..prefix+w-1 is timed exactly as
@@ -26,7 +27,7 @@ import torch
 
 from understudy.engine.loader import load_model
 from understudy.engine.model import enable_cpu_packing
-from understudy.engine.quant import weight_bytes
+from understudy.engine.quant import FusedDecoder, weight_bytes
 from understudy.engine.text import encode_prompt
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,8 +85,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--modes", default="none,int8,int4",
-                    help="quantize modes (none = float32); int8-unfused / int4-unfused run the quantised layers op "
-                         "by op instead of in the fused native decoder")
+                    help="quantize modes (none = float32); none-unfused / int8-unfused / int4-unfused run the layers "
+                         "op by op (oneDNN for float32) instead of in the fused native decoder")
     ap.add_argument("--widths", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--prefix", type=int, default=256, help="tokens already in the KV cache")
     ap.add_argument("--batch", type=int, default=1, help="sequences verified together")
@@ -108,6 +109,8 @@ def main() -> None:
         lm = load_model(args.model, dtype="float32", quantize=quantize)
         if variant == "unfused":  # the same weights run op by op (the A/B of the fused decoder)
             lm.model.fused = None
+        elif quantize == "none" and args.threads == 1:  # float32 as the engine runs it (EngineConfig.native_decoder)
+            lm.model.fused = FusedDecoder.for_float_model(lm.model)
         prompt = prompt or make_prompt(lm, args.prefix)
         setups[mode] = Setup(mode, lm, args, prompt)
         print(f"loaded {mode}: {weight_bytes(setups[mode].model)['total'] / 1e6:.0f} MB of linear weights", flush=True)

@@ -1,5 +1,6 @@
-"""The fused native decoder of quantised models (quant.FusedDecoder): the same computation as the op-by-op
-layers, rows independent of their batch and width (what keeps speculation exactly lossless), clear errors."""
+"""The fused native decoder (quant.FusedDecoder) of quantised models and of float32 models run by a one-thread
+engine: the same computation as the op-by-op layers, rows independent of their batch and width (what keeps
+speculation exactly lossless), clear errors."""
 
 from __future__ import annotations
 
@@ -8,14 +9,39 @@ import gc
 import pytest
 import torch
 
+from tests.conftest import build_tiny_hf
 from understudy.engine import qkernels, quant
 from understudy.engine.loader import load_model
 
 pytestmark = pytest.mark.skipif(qkernels.load() is None, reason=f"native kernels: {qkernels.unavailable_reason()}")
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
-def qmodel(request, tiny_llama_dir):
+def _float_model(folder):
+    model = load_model(str(folder), dtype="float32").model
+    with torch.no_grad():  # HF initialises biases to zero: make them count
+        for layer in model.layers:
+            if layer.attn.wqkv.bias is not None:
+                layer.attn.wqkv.bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    model.fused = quant.FusedDecoder.for_float_model(model)
+    assert model.fused is not None and model.fused.float_weights
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def float_model(request, tiny_llama_dir, tmp_path_factory):
+    """float32 weights read in place (what an engine attaches when it runs one intra-op thread); the Qwen2 one has
+    q/k/v biases."""
+    folder = tiny_llama_dir if request.param == "llama" else build_tiny_hf(tmp_path_factory.mktemp("qwen2"), "qwen2")
+    return _float_model(folder)
+
+
+@pytest.fixture(scope="module", params=["int8", "int4", "float32", "float32-qwen2"])
+def qmodel(request, tiny_llama_dir, tmp_path_factory):
+    """A model with its fused decoder: quantised (attached by the loader) or float32."""
+    if request.param == "float32":
+        return _float_model(tiny_llama_dir)
+    if request.param == "float32-qwen2":
+        return _float_model(build_tiny_hf(tmp_path_factory.mktemp("qwen2"), "qwen2"))
     return load_model(str(tiny_llama_dir), dtype="float32", quantize=request.param).model
 
 
@@ -41,9 +67,48 @@ def _step(model, cache, tokens: torch.Tensor, start: torch.Tensor, slot_start: i
         return model(tokens, positions, cache, kv_len=int(positions.max()) + 1, slot_start=slot_start)
 
 
-def test_attached_to_quantised_models_only(qmodel, tiny_llama):
+def test_attached_by_quantisation_and_by_a_one_thread_engine(qmodel, tiny_llama_dir):
+    from understudy.engine.config import EngineConfig
+    from understudy.engine.engine import Engine
+
     assert isinstance(qmodel.fused, quant.FusedDecoder)
-    assert tiny_llama.model.fused is None
+    model = load_model(str(tiny_llama_dir), dtype="float32").model
+    assert model.fused is None  # loading a float model attaches nothing
+    Engine(model, EngineConfig(dtype="float32", num_threads=1))
+    assert isinstance(model.fused, quant.FusedDecoder) and model.fused.float_weights
+    Engine(model, EngineConfig(dtype="float32", num_threads=1, native_decoder=False))
+    assert model.fused is None
+    Engine(model, EngineConfig(dtype="float32", num_threads=2))  # oneDNN's threads beat one native thread there
+    assert model.fused is None
+    q = load_model(str(tiny_llama_dir), dtype="float32", quantize="int8").model
+    own = q.fused
+    Engine(q, EngineConfig(dtype="float32", num_threads=2, native_decoder=False))
+    assert q.fused is own  # a quantised model keeps its own decoder whatever the engine's settings
+    bf16 = load_model(str(tiny_llama_dir), dtype="bfloat16").model
+    assert quant.FusedDecoder.for_float_model(bf16) is None  # the kernel reads float32 weights only
+
+
+def test_float_weights_loaded_in_place_are_read(float_model):
+    """RL policy updates copy new weights into the same tensors: the fused path reads them at once (it holds
+    pointers, not copies), and agrees with the op-by-op layers on them."""
+    qmodel = float_model
+    V = qmodel.config.vocab_size
+    rows = _rows(V, [40])
+    w = qmodel.layers[1].mlp.w2.weight
+    old = w.detach().clone()
+    before = _step(qmodel, _prefill(qmodel, rows), torch.tensor([[5, 6]]), torch.tensor([40]))
+    try:
+        with torch.no_grad():
+            w.mul_(1.5)
+        got = _step(qmodel, _prefill(qmodel, rows), torch.tensor([[5, 6]]), torch.tensor([40]))
+        fused, qmodel.fused = qmodel.fused, None
+        ref = _step(qmodel, _prefill(qmodel, rows), torch.tensor([[5, 6]]), torch.tensor([40]))
+        qmodel.fused = fused
+    finally:
+        with torch.no_grad():
+            w.copy_(old)
+    assert not torch.equal(got, before)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_equals_the_op_by_op_layers(qmodel):

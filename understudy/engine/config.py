@@ -150,6 +150,9 @@ class EngineConfig:
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     dtype: str = "bfloat16"  # "float32" | "bfloat16" | "float16"
     num_threads: int | None = 1  # torch intra-op threads on CPU (one thread is fastest on 2-core CPUs: docs/performance.md)
+    # float32 on the CPU with one intra-op thread: cached decode/verify forwards run every decoder layer in one call
+    # of the native kernels (engine/quant.py FusedDecoder), reading the float32 weights in place; False: torch ops
+    native_decoder: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for backend-specific knobs
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ from understudy.engine.drafter_proposer import DrafterProposer
 from understudy.engine.model import RotaryTable, Transformer, enable_cpu_packing
 from understudy.engine.ngram import NgramProposer
 from understudy.engine.proposer import BatchState, DraftModel, DraftProposal, Proposer
+from understudy.engine.quant import FusedDecoder
 from understudy.engine.rejection_sampler import SampleResult, rejection_sample
 from understudy.engine.sampling import (
     MAX_LOGPROBS,
@@ -195,6 +196,10 @@ class Engine:
         """Serve `model`: inference mode, packed CPU weights, a rotary table covering the capacity."""
         self.model = model.eval()
         enable_cpu_packing(self.model)
+        fused = getattr(model, "fused", None)
+        if fused is None or getattr(fused, "float_weights", False):  # a quantised model's own decoder stays
+            one_thread = self.config.num_threads == 1 and model.device.type == "cpu"
+            model.fused = FusedDecoder.for_float_model(model) if self.config.native_decoder and one_thread else None
         if self.model.rotary.cos.shape[0] < self.capacity:
             self.model.rotary = RotaryTable(model.config, self.capacity).to(model.device)
 

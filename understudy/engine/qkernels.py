@@ -59,6 +59,13 @@ constexpr int SB = 32;  // outputs per super-block: its weights are one contiguo
 // hardware prefetcher ramps up too slowly on streams of a few hundred KB. Prefetching changes no arithmetic.
 constexpr int64_t PREFETCH_BYTES = 2048;
 
+inline float hsum8(__m256 v) {  // (v0+v4 + v2+v6) + (v1+v5 + v3+v7): a fixed order
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 // Scale, add the bias and store a tile (NV blocks of 8 outputs from n0, MT rows); the accumulators arrive spilled
 // to memory after the k loop, so that the loop's registers never have their address taken.
 template <int MT, int NV>
@@ -197,6 +204,49 @@ void by_rows(int mt, A... a) {
     default: F<6, NV>::go(a...); break;
   }
 }
+// float32 weights as a torch Linear holds them, [N, K] row-major, read in place (no packed copy):
+// y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]). Each output sums in 8 lanes (lane j takes k = j, j+8, ... in order),
+// then the lanes in a fixed order (hsum8), then the bias: an order that depends on neither M nor the tile, so a
+// row's result is bitwise the same at width 1 and in a verification. A tile is MT rows x NO outputs (NO weight rows
+// streamed side by side; the other row tiles of the same outputs read them again from L1/L2).
+template <int MT, int NO>
+void tile_f32(const float* x, int64_t ldx, const float* w, int64_t K, const float* bias, float* y, int64_t ldy,
+              int64_t n0) {
+  __m256 acc[MT][NO];
+  UNROLL
+  for (int m = 0; m < MT; ++m)
+    UNROLL
+    for (int o = 0; o < NO; ++o) acc[m][o] = _mm256_setzero_ps();
+  const float* wb = w + n0 * K;
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 wv[NO];
+    UNROLL
+    for (int o = 0; o < NO; ++o) {
+      if ((k & 15) == 0) _mm_prefetch((const char*)(wb + o * K + k) + PREFETCH_BYTES, _MM_HINT_T0);
+      wv[o] = _mm256_loadu_ps(wb + o * K + k);
+    }
+    UNROLL
+    for (int m = 0; m < MT; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+      UNROLL
+      for (int o = 0; o < NO; ++o) acc[m][o] = _mm256_fmadd_ps(xv, wv[o], acc[m][o]);
+    }
+  }
+  alignas(32) float out[MT][NO][8];
+  UNROLL
+  for (int m = 0; m < MT; ++m)
+    UNROLL
+    for (int o = 0; o < NO; ++o) _mm256_store_ps(out[m][o], acc[m][o]);
+  for (int m = 0; m < MT; ++m)
+    for (int o = 0; o < NO; ++o) {
+      const float s = hsum8(_mm256_load_ps(out[m][o]));
+      y[m * ldy + n0 + o] = bias ? s + bias[n0 + o] : s;
+    }
+}
+template <int MT, int NO> struct F32 {
+  template <typename... A> static void go(A... a) { tile_f32<MT, NO>(a...); }
+};
+
 template <int MT, int NV> struct I8 {
   template <typename... A> static void go(A... a) { tile_i8<MT, NV>(a...); }
 };
@@ -211,7 +261,39 @@ template <int MT, int NV> struct G8 {
 
 extern "C" {
 
-int wq_version() { return 6; }
+int wq_version() { return 7; }
+
+// float32 [N, K] weights (K a multiple of 8): 1-3 rows x 4 outputs per tile, or up to 6 rows x 2 outputs (<= 12
+// accumulators, so that every row of a verification shares one read of the weights); left-over outputs one at a time.
+void wq_f32_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, const float* bias, float* y,
+                   int64_t N) {
+  const int no = M <= 3 ? 4 : 2, mt_max = M <= 3 ? 3 : 6;
+  int64_t n = 0;
+  for (; n + no <= N; n += no)
+    for (int64_t m = 0; m < M; m += mt_max) {
+      const int mt = (int)(M - m < mt_max ? M - m : mt_max);
+      const float* xm = x + m * ldx;
+      float* ym = y + m * N;
+      if (no == 4) {
+        switch (mt) {
+          case 1: F32<1, 4>::go(xm, ldx, w, K, bias, ym, N, n); break;
+          case 2: F32<2, 4>::go(xm, ldx, w, K, bias, ym, N, n); break;
+          default: F32<3, 4>::go(xm, ldx, w, K, bias, ym, N, n); break;
+        }
+      } else {
+        switch (mt) {
+          case 1: F32<1, 2>::go(xm, ldx, w, K, bias, ym, N, n); break;
+          case 2: F32<2, 2>::go(xm, ldx, w, K, bias, ym, N, n); break;
+          case 3: F32<3, 2>::go(xm, ldx, w, K, bias, ym, N, n); break;
+          case 4: F32<4, 2>::go(xm, ldx, w, K, bias, ym, N, n); break;
+          case 5: F32<5, 2>::go(xm, ldx, w, K, bias, ym, N, n); break;
+          default: F32<6, 2>::go(xm, ldx, w, K, bias, ym, N, n); break;
+        }
+      }
+    }
+  for (; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) F32<1, 1>::go(x + m * ldx, ldx, w, K, bias, y + m * N, N, n);
+}
 
 void wq_int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, const float* scale,
                     const float* bias, float* y, int64_t N) {
@@ -284,13 +366,6 @@ static inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // y[m] = x[m] / rms(x[m]) * w, per row (n a multiple of 8)
 static void rms_norm_rows(const float* x, int64_t M, int64_t n, const float* w, float eps, float* y) {
   for (int64_t m = 0; m < M; ++m) {
@@ -308,11 +383,13 @@ static void rms_norm_rows(const float* x, int64_t M, int64_t n, const float* w, 
   }
 }
 
-// One quantised linear as the table describes it (8 int64 fields): kind (0 int8 per channel, 1 grouped), bits,
-// group, N, w, scale, minimum, bias.
+// One linear as the table describes it (8 int64 fields): kind (0 int8 per channel, 1 grouped, 2 float32 [N, K]),
+// bits, group, N, w, scale, minimum, bias.
 static void qlinear(const int64_t* d, const float* x, int64_t M, int64_t K, float* y) {
   const void* w = (const void*)d[4];
-  if (d[0] == 0)
+  if (d[0] == 2)
+    wq_f32_linear(x, M, K, K, (const float*)w, (const float*)d[7], y, d[3]);
+  else if (d[0] == 0)
     wq_int8_linear(x, M, K, K, (const int8_t*)w, (const float*)d[5], (const float*)d[7], y, d[3]);
   else
     wq_grouped_linear(x, M, K, K, (const uint8_t*)w, (const uint16_t*)d[5], (const uint16_t*)d[6], d[2], d[1],
@@ -531,6 +608,8 @@ def load() -> ctypes.CDLL | None:
         lib.wq_int8_linear.restype = None
         lib.wq_grouped_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64]
         lib.wq_grouped_linear.restype = None
+        lib.wq_f32_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64]
+        lib.wq_f32_linear.restype = None
         lib.wq_decoder_forward.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr,
                                            i64, ptr, i64, i64, i64]
         lib.wq_decoder_forward.restype = ctypes.c_int

@@ -388,12 +388,21 @@ MAX_FUSED_TABLES = 16  # pointer tables kept per model (one per engine cache in 
 _LAYER_FIELDS = 36  # wq_decoder_forward's table: norm1, norm2, 4 linears x 8 fields, k cache, v cache
 
 
+def _float_linear(m: nn.Module) -> bool:
+    """A float32 CPU Linear whose [N, K] weight the native kernel can read in place."""
+    w = getattr(m, "weight", None)
+    return isinstance(m, nn.Linear) and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.is_cpu and \
+        w.is_contiguous() and m.in_features % 8 == 0
+
+
 class FusedDecoder:
-    """Runs every decoder layer of a quantised model in one call of the native kernels (`wq_decoder_forward`):
-    RMSNorm, the four quantised matmuls, RoPE, the KV-cache writes, attention, SiLU-gate and residuals, row by row.
+    """Runs every decoder layer of a CPU model in one call of the native kernels (`wq_decoder_forward`): RMSNorm,
+    the four matmuls (quantised, or float32 weights read in place), RoPE, the KV-cache writes, attention, SiLU-gate
+    and residuals, row by row.
 
     Why: after quantisation about half of a batch-1 step was the ~41 small torch ops per layer around the matmuls
-    (docs/performance.md). Each row is computed alone in a fixed order, so its result is bitwise the same in a
+    (docs/performance.md); in float32, oneDNN's matmul costs 1.4x more at width 5 than at width 1 where the weights
+    are read once either way (the float32 section there). Each row is computed alone in a fixed order, so its result is bitwise the same in a
     width-1 step and in a width-(k+1) verification, at any batch size: speculation stays exactly lossless.
     Taken for cached forwards of up to FUSED_MAX_TOKENS tokens per row with grad off; everything else (long
     prefills, training) runs op by op. The model is passed in on every call (a weak reference says which one the
@@ -409,12 +418,23 @@ class FusedDecoder:
         # pointer tables [L, 36] (weights and cache), one per cache: engines in threads share a model, each with its
         # own cache, and must never see each other's table
         self.tables: dict[tuple[int, ...], torch.Tensor] = {}
+        self.float_weights = False  # made by for_float_model (an engine's choice, which another engine may undo)
 
     @classmethod
     def for_model(cls, model: Transformer) -> FusedDecoder | None:
-        """A fused decoder for `model`, or None where its layers do not fit the kernel (non-native or float
+        """A fused decoder for `model`, or None where its layers do not fit the kernel (torch-backend quantised
         linears, another norm, shapes the kernel does not tile, not float32)."""
         return cls() if cls._fits(model) else None
+
+    @classmethod
+    def for_float_model(cls, model: Transformer) -> FusedDecoder | None:
+        """The same for a model with float32 linears (none quantised): what an engine running one intra-op thread
+        decodes with (Engine._bind_model)."""
+        if any(isinstance(m, QuantizedLinear) for m in model.layers.modules()) or not cls._fits(model):
+            return None
+        fused = cls()
+        fused.float_weights = True
+        return fused
 
     @staticmethod
     def _fits(model: Transformer) -> bool:
@@ -425,7 +445,8 @@ class FusedDecoder:
             return False
         for layer in model.layers:
             linears = (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2)
-            if not all(isinstance(m, QuantizedLinear) and m.backend == "native" for m in linears):
+            if not all((isinstance(m, QuantizedLinear) and m.backend == "native") or _float_linear(m)
+                       for m in linears):
                 return False
             if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
                        for n in (layer.input_layernorm, layer.post_attention_layernorm)):
@@ -448,6 +469,8 @@ class FusedDecoder:
         for m in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2):
             if isinstance(m, Int8Linear):
                 row += [0, 8, 0, m.out_features, ptr(m, "qweight"), ptr(m, "scales"), 0, ptr(m, "bias")]
+            elif not isinstance(m, QuantizedLinear):  # float32 [N, K], read in place
+                row += [2, 32, 0, m.out_features, ptr(m, "weight"), 0, 0, ptr(m, "bias")]
             else:
                 row += [1, m.bits, m.group, m.out_features, ptr(m, "qweight"), ptr(m, "scale"), ptr(m, "minimum"),
                         ptr(m, "bias")]
