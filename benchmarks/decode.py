@@ -45,12 +45,15 @@ class Run:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+ENGINE_OPTS: dict[str, Any] = {}  # EngineConfig fields set from the command line (--prefill-threads)
+
+
 def engine_run(lm: LoadedModel, prompts: list[list[int]], batch: int, max_new: int, proposer: str, k: int,
                drafter=None, native_decoder: bool = True) -> Run:  # type: ignore[no-untyped-def]
     dtype = str(lm.model.dtype).removeprefix("torch.")
     cfg = EngineConfig(max_batch_size=batch, max_model_len=max(map(len, prompts)) + max_new + 1,
                        num_speculative_tokens=k if proposer != "none" else 0, proposer=proposer, dtype=dtype,
-                       native_decoder=native_decoder)
+                       native_decoder=native_decoder, **ENGINE_OPTS)
     eng = Engine(lm.model, cfg, lm.eos_token_ids, drafter=drafter)
     sp = SamplingParams(max_tokens=max_new, temperature=0.0)
     eng.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up (packing, allocator)
@@ -148,6 +151,8 @@ def main() -> None:
                     help="also plain decoding with the layers run op by op (native_decoder=False)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefill-threads", type=int, default=None,
+                    help="EngineConfig.prefill_threads (default: the engine's, every core; 0: as --threads)")
     ap.add_argument("--prompts", type=Path, default=None,
                     help="JSONL prompt file: its 'heldout' rows are the in-domain prompts and its 'ood' rows, if any, "
                          "the out-of-domain ones (default: the shipped set)")
@@ -155,6 +160,7 @@ def main() -> None:
     args = ap.parse_args()
     args.ks = [int(k) for k in str(args.ks).split(",")]
     torch.set_num_threads(args.threads)
+    ENGINE_OPTS.update(num_threads=args.threads, prefill_threads=args.prefill_threads)
     rows_all = load_prompts(args.prompts)
     domains = {name: [r for r in rows_all if r["split"] == split]
                for name, split in (("in-domain", "heldout"), ("out-of-domain", "ood"))}

@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny_hf
+from understudy.drafter.model import new_drafter
 from understudy.engine import qkernels, quant
+from understudy.engine.engine import NATIVE_LINEAR_ROWS
 from understudy.engine.loader import load_model
+from understudy.engine.model import set_native_linears
 
 pytestmark = pytest.mark.skipif(qkernels.load() is None, reason=f"native kernels: {qkernels.unavailable_reason()}")
 
@@ -76,16 +79,95 @@ def test_attached_by_quantisation_and_by_a_one_thread_engine(qmodel, tiny_llama_
     assert model.fused is None  # loading a float model attaches nothing
     Engine(model, EngineConfig(dtype="float32", num_threads=1))
     assert isinstance(model.fused, quant.FusedDecoder) and model.fused.float_weights
+    assert model.lm_head.native_rows == NATIVE_LINEAR_ROWS  # the LM head runs the native kernel too
+    drafter = new_drafter(model, "fp").attach(model, 64)  # and a drafter attached to this target follows it
+    assert drafter.fc.native_rows == drafter._head[0].native_rows == NATIVE_LINEAR_ROWS
     Engine(model, EngineConfig(dtype="float32", num_threads=1, native_decoder=False))
-    assert model.fused is None
+    assert model.fused is None and model.lm_head.native_rows == 0
+    assert drafter.attach(model, 64)._head[0].native_rows == 0
     Engine(model, EngineConfig(dtype="float32", num_threads=2))  # oneDNN's threads beat one native thread there
-    assert model.fused is None
+    assert model.fused is None and model.lm_head.native_rows == 0
     q = load_model(str(tiny_llama_dir), dtype="float32", quantize="int8").model
     own = q.fused
     Engine(q, EngineConfig(dtype="float32", num_threads=2, native_decoder=False))
     assert q.fused is own  # a quantised model keeps its own decoder whatever the engine's settings
     bf16 = load_model(str(tiny_llama_dir), dtype="bfloat16").model
     assert quant.FusedDecoder.for_float_model(bf16) is None  # the kernel reads float32 weights only
+
+
+def test_native_linear_matches_torch_and_each_row_is_the_same_at_any_row_count():
+    g = torch.Generator().manual_seed(3)
+    w, b, x = torch.randn(37, 48, generator=g), torch.randn(37, generator=g), torch.randn(2, 7, 48, generator=g)
+    y = qkernels.f32_linear(x, w, b, 64)
+    assert y.shape == (2, 7, 37)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    flat = x.reshape(14, 48)
+    for m in (1, 2, 3, 4, 5, 6, 11):  # every tile shape, and row tiles that re-read the same outputs' weights
+        part = qkernels.f32_linear(flat[:m], w, b, 64)
+        assert torch.equal(part, y.reshape(14, 37)[:m]), m
+    assert torch.equal(qkernels.f32_linear(flat[:3], w, None, 64) + b, y.reshape(14, 37)[:3])  # bias added last
+    # not taken (None: the caller runs its own matmul)
+    assert qkernels.f32_linear(x, w, b, 13) is None  # more rows than allowed
+    assert qkernels.f32_linear(x[..., :40], w[:, :40].contiguous(), b, 64) is not None
+    assert qkernels.f32_linear(x[..., :44], w[:, :44].contiguous(), b, 64) is None  # K not a multiple of 8
+    assert qkernels.f32_linear(x, w.t().contiguous().t(), b, 64) is None  # not contiguous
+    assert qkernels.f32_linear(x.double(), w.double(), b.double(), 64) is None
+    assert qkernels.f32_linear(x.bfloat16(), w, b, 64) is None
+
+
+def test_lm_head_logits_of_a_verification_are_those_of_width_1_steps(float_model):
+    """The head reads the same weights in the same order for every row: a verification's logits are bit for bit
+    those of width-1 steps (greedy speculation then reproduces plain decoding even on near-ties)."""
+    set_native_linears(float_model, NATIVE_LINEAR_ROWS)
+    try:
+        V = float_model.config.vocab_size
+        hidden = torch.randn(2, 6, float_model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+        with torch.inference_mode():
+            wide = float_model.logits(hidden)
+            torch.testing.assert_close(wide, torch.nn.functional.linear(hidden, float_model.lm_head.weight),
+                                       rtol=1e-5, atol=1e-5)
+            assert wide.shape == (2, 6, V)
+            for b in range(2):
+                for t in range(6):
+                    assert torch.equal(float_model.logits(hidden[b:b + 1, t:t + 1])[0, 0], wide[b, t]), (b, t)
+    finally:
+        set_native_linears(float_model, 0)
+
+
+def test_a_drafter_layer_runs_fused_and_matches_its_op_by_op_forward(float_model):
+    """A drafter attached to a target of a one-thread engine runs its layer (no input norm) in the fused decoder:
+    the same features and KV-cache entries as op by op, for a batched catch-up and then single draft steps."""
+    set_native_linears(float_model, NATIVE_LINEAR_ROWS)
+    try:
+        H, V = float_model.config.hidden_size, float_model.config.vocab_size
+        d = new_drafter(float_model, "fp", seed=1)
+        with torch.no_grad():  # make the norm and every projection count
+            for p in d.layer.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1)
+        d.attach(float_model, 128)
+        assert d._fused and d._head[0].native_rows == NATIVE_LINEAR_ROWS
+        with torch.inference_mode():  # the fused path takes a drafter's cached forward (None would fall back)
+            assert d._forward_fused(torch.zeros(2, 1, H), torch.tensor([[0], [1]]),
+                                    d.allocate_cache(2, 8, torch.float32, "cpu"), 0) is not None
+        g = torch.Generator().manual_seed(5)
+        tokens, feats = torch.randint(0, V, (2, 5), generator=g), torch.randn(2, 5, H, generator=g)
+        start = torch.tensor([[3], [9]])
+        outs, caches = [], []
+        for fused in (True, False):
+            if not fused:
+                d._fused = []  # op by op, the same weights
+            cache = d.allocate_cache(2, 128, torch.float32, "cpu")
+            with torch.inference_mode():
+                pos = start + torch.arange(5)
+                first = d(tokens, feats, pos, cache, kv_len=int(pos.max()) + 1)
+                nxt = d(tokens[:, :1], first[:, -1:], pos[:, -1:] + 1, cache, kv_len=int(pos.max()) + 2)
+            outs.append(torch.cat([first, nxt], dim=1))
+            caches.append(cache)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        for a, b in zip((*caches[0].k, *caches[0].v), (*caches[1].k, *caches[1].v), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    finally:
+        set_native_linears(float_model, 0)
 
 
 def test_float_weights_loaded_in_place_are_read(float_model):

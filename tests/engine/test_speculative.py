@@ -255,3 +255,23 @@ def test_controller_is_not_charged_for_catch_up_after_an_off_stretch(tiny_llama,
     assert switch >= 29 and all(k == 0 for k, _ in ctrl.seen[:switch])
     # the 2 s catch-up is not charged to K=3 (a tiny-model step takes milliseconds, even on a loaded machine)
     assert ctrl.seen[switch][1] < 2.0, ctrl.seen[switch]
+
+
+def test_long_prefills_run_on_prefill_threads_and_decoding_goes_back_to_its_own(tiny_llama, monkeypatch):
+    """EngineConfig.prefill_threads: a prefill longer than the fused path takes (a compute-bound GEMM) runs on
+    more threads; decode steps (bound by reading the weights) and short prefills stay on num_threads."""
+    lm, real, seen = tiny_llama, torch.set_num_threads, []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n))[1])
+    long_prompt, short_prompt = [5 + i % 50 for i in range(60)], [5, 6, 7]
+    outs = {}
+    for pt in (0, 2):
+        seen.clear()
+        eng = Engine(lm.model, EngineConfig(max_batch_size=1, max_model_len=128, num_speculative_tokens=0,
+                                            dtype="float32", num_threads=1, prefill_threads=pt), lm.eos_token_ids)
+        outs[pt] = eng.generate([long_prompt, short_prompt], SamplingParams(max_tokens=8, temperature=0.0,
+                                                                             ignore_eos=True))
+        assert seen == ([1] if pt == 0 else [1, 2, 1])  # set at start; the long prompt only; back to 1
+        assert torch.get_num_threads() == 1
+    assert outs[0] == outs[2]
+    with pytest.raises(ValueError, match="prefill_threads"):
+        EngineConfig(prefill_threads=-1)

@@ -108,7 +108,8 @@ def _worker(model_path: str, dtype: str, jobs: list[DataJob], todo: list[int], f
     mine = [jobs[i] for i in todo]
     eng = Engine(lm.model, EngineConfig(max_batch_size=batch_size, num_speculative_tokens=0, dtype=dtype,
                                         max_model_len=max(len(j.prompt_ids) + j.sampling.max_tokens for j in mine) + 1,
-                                        num_threads=1), lm.eos_token_ids, capture_hidden=True)
+                                        num_threads=1, prefill_threads=0),  # one worker process per core
+                 lm.eos_token_ids, capture_hidden=True)
     # the budget counts from here, once the model is loaded: on a busy machine start-up alone can take a
     # short budget's whole length, and a worker must get to generate
     deadline = time.monotonic() + budget_s

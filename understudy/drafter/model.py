@@ -14,6 +14,7 @@ target's), and losslessness does not depend on it: the rejection sampler sees q 
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ from understudy.engine.model import (
     Transformer,
     attention_mask,
     enable_cpu_packing,
+    set_native_linears,
 )
+from understudy.engine.quant import FusedDecoder
 from understudy.fsutil import atomic_folder
 
 __all__ = ["Drafter", "DrafterConfig", "DrafterError", "load_drafter", "new_drafter", "save_drafter"]
@@ -57,6 +60,8 @@ class Drafter(nn.Module):
         self.embed_weight: torch.Tensor | None = None  # [V, H]
         self.head_weight: torch.Tensor | None = None  # [Vd, H]: LM-head rows of the draft vocabulary
         self._head: list[Linear] = []
+        # (view, decoder): the layer run by the native fused decoder, set by attach() for a one-thread CPU engine
+        self._fused: list[tuple[_OneLayer, FusedDecoder]] = []
 
     # ---- binding to the target ---------------------------------------------------------------------------
     def bind(self, target: Transformer) -> Drafter:
@@ -73,7 +78,7 @@ class Drafter(nn.Module):
             self.head_weight = head if full else head.index_select(0, vocab).contiguous()
         lin = Linear(self.head_weight.shape[1], self.head_weight.shape[0], bias=False, device="meta")
         lin.weight = nn.Parameter(self.head_weight, requires_grad=False)
-        lin.pack_enabled = self.fc.pack_enabled
+        lin.pack_enabled, lin.native_rows = self.fc.pack_enabled, self.fc.native_rows
         self._head = [lin]  # a list, so the bound head is not registered as a submodule nor saved
         return self
 
@@ -83,6 +88,14 @@ class Drafter(nn.Module):
         if self.rotary.cos.shape[0] < capacity:
             self.rotary = RotaryTable(self.config.target, capacity).to(target.device)
         enable_cpu_packing(self)
+        native = getattr(target.lm_head, "native_rows", 0)  # as Engine._bind_model set the target
+        set_native_linears(self, native)
+        self._fused = []
+        if native:  # the layer in one native call too (a draft step was ~41 small torch ops)
+            view = _OneLayer(self)
+            fused = FusedDecoder.for_float_model(view)  # type: ignore[arg-type]
+            if fused is not None:
+                self._fused = [(view, fused)]
         return self.bind(target)
 
     @property
@@ -103,6 +116,10 @@ class Drafter(nn.Module):
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         emb = nn.functional.embedding(tokens, self.embed_weight).to(features.dtype)
         x = self.fc(torch.cat([emb, features], dim=-1))
+        if cache is not None:
+            out = self._forward_fused(x, positions, cache, slot_start)
+            if out is not None:
+                return out
         cos, sin = self.rotary(positions, x.dtype)
         if cache is None:
             return self.layer(x, cos, sin, None, None, None, T)
@@ -112,6 +129,13 @@ class Drafter(nn.Module):
         mask = attention_mask(positions, L, t.num_heads // t.num_kv_heads)
         kv = (cache.k[0][slot_start:slot_start + B], cache.v[0][slot_start:slot_start + B])
         return self.layer(x, cos, sin, mask, kv, (rows - slot_start, positions), L)
+
+    def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                       slot_start: int) -> torch.Tensor | None:
+        if not self._fused:
+            return None
+        view, fused = self._fused[0]
+        return fused(view, x, positions, cache, slot_start)  # type: ignore[arg-type]
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] -> float32 logits over the draft vocabulary [..., Vd]."""
@@ -124,6 +148,26 @@ class Drafter(nn.Module):
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("rotary.")}
+
+
+class _OneLayer:
+    """What FusedDecoder reads of a model, for a drafter's one decoder layer (no input norm: its input is the fc
+    of normed features) and its rotary table, which attach() may replace."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self._drafter = weakref.ref(drafter)
+        self.config = drafter.config.target
+        self.layers = nn.ModuleList([drafter.layer])
+
+    @property
+    def rotary(self) -> RotaryTable:
+        d = self._drafter()
+        assert d is not None
+        return d.rotary
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].attn.wqkv.weight.dtype
 
 
 # ---- persistence ---------------------------------------------------------------------------------------------

@@ -153,6 +153,10 @@ class EngineConfig:
     # float32 on the CPU with one intra-op thread: cached decode/verify forwards run every decoder layer in one call
     # of the native kernels (engine/quant.py FusedDecoder), reading the float32 weights in place; False: torch ops
     native_decoder: bool = True
+    # torch intra-op threads for a prompt prefill longer than the fused path takes: compute-bound, so unlike a
+    # decode step it gains from more cores (1.5-1.6x with 2 on a 2-core CPU). None: every core this process may
+    # use; 0: as num_threads. The server runs 1 while a background drafter job has the other core.
+    prefill_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # reserved for backend-specific knobs
 
     def __post_init__(self) -> None:
@@ -174,3 +178,6 @@ class EngineConfig:
             raise ConfigError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        if self.prefill_threads is not None and self.prefill_threads < 0:
+            raise ConfigError(f"prefill_threads must be >= 0 (0: as num_threads) or None (every core), got "
+                              f"{self.prefill_threads}")

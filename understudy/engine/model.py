@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from understudy.engine import qkernels
 from understudy.engine.config import ModelConfig
 
 
@@ -87,10 +88,16 @@ class Linear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.pack_enabled = False
+        # > 0: calls of at most this many rows (grad off, float32 CPU) run qkernels.f32_linear (set_native_linears)
+        self.native_rows = 0
         self._packed: torch.Tensor | None = None
         self._packed_key: tuple[int, int, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_rows and not torch.is_grad_enabled():
+            out = qkernels.f32_linear(x, self.weight, self.bias, self.native_rows)
+            if out is not None:
+                return out
         if self.pack_enabled and not torch.is_grad_enabled():
             packed = self._packed_weight()
             if packed is not None:
@@ -123,6 +130,19 @@ def enable_cpu_packing(module: nn.Module, enabled: bool = True) -> int:
         if isinstance(m, Linear):
             m.pack_enabled = enabled
             m._packed, m._packed_key = None, None
+            n += 1
+    return n
+
+
+def set_native_linears(module: nn.Module, max_rows: int) -> int:
+    """Run every Linear in `module` through the native float32 kernel for calls of up to `max_rows` rows (0: off),
+    which reads the weights in place; what an engine on one intra-op thread does (EngineConfig.native_decoder).
+    Why: at 5 rows oneDNN's float32 matmul over SmolLM2's 49k-row LM head took 1.9x its 1-row time, the native one
+    1.2x (docs/performance.md). Returns how many Linears."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.native_rows = max_rows
             n += 1
     return n
 

@@ -448,8 +448,9 @@ class FusedDecoder:
             if not all((isinstance(m, QuantizedLinear) and m.backend == "native") or _float_linear(m)
                        for m in linears):
                 return False
-            if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32
-                       for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+            norms = (layer.post_attention_layernorm,) if isinstance(layer.input_layernorm, nn.Identity) else \
+                (layer.input_layernorm, layer.post_attention_layernorm)  # a drafter's layer has no input norm
+            if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
                 return False
         return True
 
@@ -517,7 +518,7 @@ class FusedDecoder:
         pos = positions.to(torch.int64).contiguous()
         S, _, C, _ = cache.k[0].shape
         cos, sin = model.rotary.cos, model.rotary.sin
-        rc = lib.wq_decoder_forward(out.data_ptr(), B, T, pos.data_ptr(), c.num_layers, H, c.num_heads,
+        rc = lib.wq_decoder_forward(out.data_ptr(), B, T, pos.data_ptr(), len(model.layers), H, c.num_heads,
                                     c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps, cos.data_ptr(),
                                     sin.data_ptr(), cos.shape[0], table.data_ptr(), slot_start, S, C)
         if rc == -1:

@@ -49,6 +49,9 @@ class ServerSettings(BaseSettings):
     dtype: str = Field("auto", description="float32 | bfloat16 | float16 | auto (the fastest on this machine)")
     device: str = Field("cpu", description="cpu | cuda")
     threads: int = Field(1, ge=1, description="torch threads on CPU")
+    prefill_threads: int | None = Field(
+        None, ge=0, description="torch threads for long prompt prefills on CPU (compute-bound: more cores help); "
+        "default: every core, or 1 with --ensure-drafter (its background job has the other core); 0: as --threads")
     quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="Weight-only quantised linear layers for the native backend on CPU: none | int8 | int4 "
         "(~4x / ~6x less weight traffic per token; speculation stays lossless w.r.t. the quantised model)")

@@ -75,7 +75,7 @@ def rollout_engine(policy: Transformer, eos_token_ids: tuple[int, ...], max_batc
     cfg = EngineConfig(max_batch_size=max_batch, max_model_len=max_model_len,
                        num_speculative_tokens=num_draft_tokens if drafter is not None else 0,
                        proposer="drafter" if drafter is not None else "none", dtype=dtype,
-                       device=str(policy.device), num_threads=threads)
+                       device=str(policy.device), num_threads=threads, prefill_threads=0)
     return Engine(policy, cfg, eos_token_ids, drafter=drafter, controller=controller)
 
 

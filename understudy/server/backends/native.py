@@ -242,10 +242,13 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     drafter = load_drafter(first.path, target.model, target.fingerprint) if first.path is not None else None
     label, version = first.label, first.version
     engine_dtype = str(target.model.dtype).removeprefix("torch.")
+    # a background drafter job (--ensure-drafter) trains on the other core: prefills then keep to one thread
+    prefill_threads = s.prefill_threads if s.prefill_threads is not None else (1 if s.ensure_drafter else None)
     engine = Engine(target.model, EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                                                num_speculative_tokens=s.num_speculative_tokens, device=s.device,
                                                fallback_proposer=s.fallback_proposer,
-                                               dtype=engine_dtype, num_threads=s.threads),
+                                               dtype=engine_dtype, num_threads=s.threads,
+                                               prefill_threads=prefill_threads),
                     target.eos_token_ids, drafter=drafter, controller=build_controller(s))
     name = s.served_model_name or (s.model if "/" not in s.model else Path(s.model).name)
     metrics = ServerMetrics(name)
