@@ -64,7 +64,8 @@ def test_buckets_and_validation():
 
 
 def test_exploration_decays_to_its_floor_and_a_reset_restores_it():
-    cfg = BanditConfig(arms=(0, 2, 4), epsilon=0.1, epsilon_min=0.02, epsilon_decay_pulls=200, seed=5)
+    # rewards never expire here: the exploration measured is epsilon's alone (expiry re-tries arms on its own)
+    cfg = BanditConfig(arms=(0, 2, 4), epsilon=0.1, epsilon_min=0.02, epsilon_decay_pulls=200, max_age=0, seed=5)
     assert cfg.epsilon_at(0) == 0.1 and abs(cfg.epsilon_at(600) - 0.05) < 1e-9 and cfg.epsilon_at(10**6) == 0.02
     assert BanditConfig(epsilon=0.1, epsilon_decay_pulls=0).epsilon_at(10**6) == 0.1  # decay off
     ctrl = AdaptiveController(cfg)
@@ -80,6 +81,77 @@ def test_exploration_decays_to_its_floor_and_a_reset_restores_it():
     assert ctrl.state()["buckets"]["1"]["epsilon_now"] == 0.1
     again = simulate(ctrl, speed, 300, seed=7)[1]
     assert {2, 4} <= set(again[:12])  # min_samples tries of every arm first
+
+
+def test_an_arm_that_lost_on_hard_prompts_wins_back_once_its_rewards_expire():
+    """Acceptance moves with the prompts: K=4 loses on a stretch of hard prompts, then wins again. With expiry the
+    old rewards go after max_age pulls, K=4 is re-tried and taken back; kept forever, they hold the window's
+    median down while exploration adds one new reward in ~30 pulls."""
+    hard, easy = {1: {0: 30.0, 4: 12.0}}, {1: {0: 30.0, 4: 60.0}}
+    switched_at = {}
+    for max_age in (128, 0):
+        ctrl = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.1, max_age=max_age, seed=8))
+        simulate(ctrl, easy, 100, seed=1)
+        simulate(ctrl, hard, 400, seed=2)
+        assert ctrl.current_arm(1) == 0
+        picks = simulate(ctrl, easy, 600, seed=3)[1]
+        after = [i for i in range(len(picks)) if exploits_k4_from(picks, i)]
+        switched_at[max_age] = after[0] if after else None
+    assert switched_at[128] is not None and switched_at[128] <= 128 + 20, switched_at
+    assert switched_at[0] is None or switched_at[0] > 2 * switched_at[128], switched_at
+
+
+def exploits_k4_from(picks: list[int], i: int, run: int = 20) -> bool:
+    """Pull i starts a run of `run` pulls of which at least 90 % are K=4 (the controller exploits it)."""
+    window = picks[i:i + run]
+    return len(window) == run and window.count(4) >= 0.9 * run
+
+
+def test_expired_rewards_leave_the_state_and_the_checkpoint_round_trips():
+    ctrl = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.0, epsilon_min=0.0, max_age=16, seed=9))
+    picks = simulate(ctrl, {1: {0: 30.0, 4: 60.0}}, 60)[1]
+    assert ctrl.current_arm(1) == 4
+    # no epsilon at all, yet K=0 is re-tried (min_samples pulls) each time its rewards expire
+    assert picks[20:].count(0) >= 3, picks
+    never = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.0, epsilon_min=0.0, max_age=0, seed=9))
+    assert simulate(never, {1: {0: 30.0, 4: 60.0}}, 60)[1][20:].count(0) == 0
+    sd = ctrl.state_dict()
+    twin = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.0, epsilon_min=0.0, max_age=16, seed=9))
+    twin.load_state_dict(sd)
+    assert twin.state() == ctrl.state()
+    legacy = {**sd, "buckets": {k: {f: v for f, v in b.items() if f != "stamps"} for k, b in sd["buckets"].items()}}
+    twin.load_state_dict(legacy)  # saved before rewards expired: all count as fresh at the saved pull count
+    assert twin.state()["buckets"]["1"]["tokens_per_s"].keys() == {"0", "4"}
+    with pytest.raises(ValueError, match="max_age"):
+        BanditConfig(arms=(0, 2, 4), min_samples=3, max_age=8)
+
+
+def test_a_bimodal_arm_is_scored_by_its_throughput_not_its_median_step():
+    """A K=4 step on a hard prompt: nothing accepted (1 token) 55 % of the time, all 4 drafts (5 tokens) 45 %, in
+    50 ms: 56 tokens/s over many steps, against 30 for off; the median step is the 1-token one, 20 tokens/s."""
+    rng = random.Random(11)
+    ctrl = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.1, seed=12))
+    picks = []
+    for _ in range(400):
+        k = ctrl.choose(1)
+        picks.append(k)
+        if k == 0:
+            ctrl.observe(1, 0, num_tokens=1, seconds=1 / 30)
+        else:
+            ctrl.observe(1, 4, num_tokens=1 if rng.random() < 0.55 else 5, seconds=0.05)
+    assert ctrl.current_arm(1) == 4
+    assert picks[100:].count(4) / 300 > 0.8
+    assert 50 < ctrl.state()["buckets"]["1"]["tokens_per_s"]["4"] < 62
+
+
+def test_a_stalled_step_does_not_sink_an_arm():
+    ctrl = AdaptiveController(BanditConfig(arms=(0, 4), epsilon=0.0, epsilon_min=0.0, seed=13))
+    for _ in range(3):
+        ctrl.observe(1, 0, num_tokens=1, seconds=1 / 30)
+    for i in range(8):
+        ctrl.observe(1, 4, num_tokens=3, seconds=2.0 if i == 4 else 0.05)  # one step caught by a 2 s stall
+    assert ctrl.current_arm(1) == 4
+    assert ctrl.state()["buckets"]["1"]["tokens_per_s"]["4"] == 60.0
 
 
 def test_epsilon_config_validation():

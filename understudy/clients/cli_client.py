@@ -202,7 +202,7 @@ def echo_controller(state: dict[str, Any], as_json: bool) -> None:
                + (f", arms {state['arms']}" if state.get("arms") else f", K {state.get('k')}"))
     for bucket, b in (state.get("buckets") or {}).items():
         typer.echo(f"  batch {bucket}: K={b.get('current_k')}, pulls {b.get('pulls')}, "
-                   f"tokens/s {b.get('median_tokens_per_s')}")
+                   f"tokens/s {b.get('tokens_per_s')}")
 
 
 def speculation_cmd(
