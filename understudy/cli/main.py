@@ -286,15 +286,16 @@ def drafter_eval(
     typer.echo(f"\ndrafter {drafter} on {lm.name} ({dt}, {threads} thread(s))\n")
     ks = range(1, max_k + 1)
     typer.echo("| prompts | seqs | " + " | ".join(f"a{k}" for k in ks) + " | " + " | ".join(f"L({k})" for k in ks) +
-               " | best K | predicted speed-up |")
-    typer.echo("|---|---|" + "---|" * (2 * max_k) + "---|---|")
+               " | best K | L decoded at best K | predicted speed-up |")
+    typer.echo("|---|---|" + "---|" * (2 * max_k) + "---|---|---|")
     for s in sets:
         alpha = s["per_position_acceptance"]
         lk = s["acceptance_length_at_k"]
         p = s["predicted"]
         typer.echo(f"| {Path(s['prompts']).name} ({s['split']}) | {s['num_sequences']} | " +
                    " | ".join(f"{a:.2f}" for a in alpha) + " | " + " | ".join(f"{lk[str(k)]:.2f}" for k in ks) +
-                   f" | {p['best_k']} | {p['best_speedup']:.2f}x |")
+                   f" | {p['best_k']} | {s['decoded_acceptance_length_at_k'].get(str(p['best_k']), 1.0):.2f}"
+                   f" | {p['best_speedup']:.2f}x |")
     v = sets[0]["predicted"]["verify_cost_vs_width1"]
     typer.echo(f"\nverify cost vs width 1 (batch 1, {costs['prefix']}-token prefix, median of 5): " +
                ", ".join(f"w{w} {x:.2f}" for w, x in v.items()) +

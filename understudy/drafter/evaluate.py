@@ -8,6 +8,8 @@ Worth: one speculative step at draft length K costs a target forward over K+1 po
 drafter forwards (the catch-up over the accepted tokens and K-1 chained drafts, each with its draft-vocabulary
 head). Both are timed here, on this machine, over a KV-cached prefix at batch 1; the predicted speed-up over plain
 decoding is L(K) * c(1) / (c(K+1) + K * d), and the best K is its argmax (K = 0, plain, is 1.0 by definition).
+L(K) there is the tokens per step of greedy decoding walked over the same answers (`decoded_acceptance_length_at_k`),
+lower than 1 + sum alpha_j: decoding drafts from the anchors its steps land on, more of them in hard stretches.
 The prediction leaves out the per-step bookkeeping the engine adds to both, so `benchmarks/decode.py` is the
 measurement to trust; this is the estimate to choose K and compare drafters by.
 """
@@ -101,7 +103,8 @@ def predict(acc: dict[str, Any], costs: dict[str, Any]) -> dict[str, Any]:
     """Predicted speed-up per K and the best K (see the module docstring)."""
     c = {int(w): s for w, s in costs["verify_s"].items()}
     d = costs["draft_step_s"]
-    lengths = {int(k): v for k, v in acc["acceptance_length_at_k"].items()}
+    # tokens per step as decoding realises them (train._walk), else the average over every anchor (higher)
+    lengths = {int(k): v for k, v in (acc.get("decoded_acceptance_length_at_k") or acc["acceptance_length_at_k"]).items()}
     speedup = {0: 1.0}
     for k, length in lengths.items():
         if k + 1 in c:
