@@ -366,14 +366,15 @@ class Engine:
         p = seq.prompt_len
         toks = torch.tensor(seq.token_ids, dtype=torch.long, device=self.model.device).unsqueeze(0)
         positions = torch.arange(p, device=self.model.device).unsqueeze(0)
-        if self._prefill_threads is not None and p > FUSED_MAX_TOKENS:  # a GEMM: compute-bound, more cores help
-            torch.set_num_threads(self._prefill_threads)
-            try:
-                hidden = self.model(toks, positions, self.cache, kv_len=p, slot_start=seq.slot)  # [1, p, H]
-            finally:
-                torch.set_num_threads(self.config.num_threads or 1)
-        else:
-            hidden = self.model(toks, positions, self.cache, kv_len=p, slot_start=seq.slot)
+        # longer than the fused path takes: a GEMM, compute-bound, so more cores help (decode threads restored after)
+        threads = self._prefill_threads if p > FUSED_MAX_TOKENS else None
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            hidden = self.model(toks, positions, self.cache, kv_len=p, slot_start=seq.slot)  # [1, p, H]
+        finally:
+            if threads is not None:
+                torch.set_num_threads(self.config.num_threads)
         self.hidden_buf[seq.slot, :p] = hidden[0]
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         s = seq.sampling
