@@ -2,6 +2,7 @@
 
     python benchmarks/verify_cost.py [--modes none,int8,int4] [--widths 1,2,3,4,5,6,7,8] [--prefix 256]
     python benchmarks/verify_cost.py --modes none-unfused,none --widths 1,2,3,5,8   # float32: oneDNN vs fused
+    python benchmarks/verify_cost.py --modes none --native-threads 1,2 --widths 1,5  # the native kernels on 1 vs 2 threads
 
 For each mode the model is loaded (`load_model(quantize=...)`), a `--prefix`-token prompt is prefilled into a KV
 cache, and then forward + LM head over w new tokens at positions prefix..prefix+w-1 is timed exactly as
@@ -9,7 +10,8 @@ cache, and then forward + LM head over w new tokens at positions prefix..prefix+
 are reported as ms, as the ratio to the same mode's width 1 and as the ratio to float32's width 1.
 
 Roofline, per mode: bytes of linear weights read per token (layers + LM head; the embedding is a lookup), this
-machine's read bandwidth measured in the same run (a plain `sum` over a 256 MB float32 tensor: bytes / seconds),
+machine's read bandwidth measured in the same run (a plain `sum` over a 256 MB float32 tensor: bytes / seconds, on
+one thread and, with --native-threads above 1, on that many),
 the cap it puts on plain decoding (bandwidth / bytes per token) and the fraction of the cap a width-1 step reaches.
 Writes JSON to benchmarks/results/ and prints a markdown table.
 """
@@ -25,8 +27,10 @@ from typing import Any
 
 import torch
 
+from understudy.engine import qkernels
+from understudy.engine.engine import NATIVE_LINEAR_ROWS
 from understudy.engine.loader import load_model
-from understudy.engine.model import enable_cpu_packing
+from understudy.engine.model import enable_cpu_packing, set_native_linears
 from understudy.engine.quant import FusedDecoder, weight_bytes
 from understudy.engine.text import encode_prompt
 
@@ -34,23 +38,29 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def read_bandwidth(mb: int = 256, repeats: int = 7) -> float:
-    """Bytes per second of a single-threaded streaming read (sum over an `mb` MB float32 tensor), median."""
-    t = torch.ones(mb * (1 << 20) // 4)
-    t.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def read_bandwidth(mb: int = 256, repeats: int = 7, threads: int = 1) -> float:
+    """Bytes per second of a streaming read (sum over an `mb` MB float32 tensor) on `threads` torch threads, median."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = torch.ones(mb * (1 << 20) // 4)
         t.sum()
-        times.append(time.perf_counter() - t0)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            t.sum()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
     return t.numel() * 4 / statistics.median(times)
 
 
 class Setup:
-    def __init__(self, mode: str, lm: Any, args: argparse.Namespace, prompt: list[int]) -> None:
+    def __init__(self, mode: str, lm: Any, args: argparse.Namespace, prompt: list[int], threads: int = 1) -> None:
         self.mode = mode
         self.lm = lm
         self.model = self.lm.model
+        self.threads = threads  # the native kernels' threads (set before every timed block: setups share a model)
         enable_cpu_packing(self.model)
         self.wmax = max(args.widths)
         self.cache = self.model.allocate_cache(args.batch, args.prefix + self.wmax + 1)
@@ -69,6 +79,9 @@ class Setup:
 
     def time(self, w: int, calls: int, clock: str) -> float:
         now = CLOCKS[clock]
+        if self.model.fused is not None:  # the layers and the LM head native, on this setup's threads (as an engine)
+            set_native_linears(self.model, NATIVE_LINEAR_ROWS)
+            qkernels.set_threads(self.threads)
         self.step(w)
         t0 = now()
         for _ in range(calls):
@@ -94,30 +107,38 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=4, help="forwards per timed block")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or this thread's CPU time (steadier on a shared, oversubscribed machine)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the op-by-op modes)")
+    ap.add_argument("--native-threads", default="1",
+                    help="threads of the native kernels (fused modes), comma-separated: one row per mode and count")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     args.widths = [int(w) for w in args.widths.split(",")]
+    native_threads = [int(t) for t in args.native_threads.split(",")]
     torch.set_num_threads(args.threads)
-    modes = args.modes.split(",")
     setups: dict[str, Setup] = {}
     prompt: list[int] | None = None
-    for mode in modes:
+    for mode in args.modes.split(","):
         quantize, _, variant = mode.partition("-")
         if variant not in ("", "unfused"):
             ap.error(f"--modes: {mode!r}; a mode is none, int8 or int4, optionally with -unfused")
         lm = load_model(args.model, dtype="float32", quantize=quantize)
         if variant == "unfused":  # the same weights run op by op (the A/B of the fused decoder)
             lm.model.fused = None
-        elif quantize == "none" and args.threads == 1:  # float32 as the engine runs it (EngineConfig.native_decoder)
+        elif quantize == "none":  # float32 as the engine runs it (EngineConfig.native_decoder)
             lm.model.fused = FusedDecoder.for_float_model(lm.model)
         prompt = prompt or make_prompt(lm, args.prefix)
-        setups[mode] = Setup(mode, lm, args, prompt)
-        print(f"loaded {mode}: {weight_bytes(setups[mode].model)['total'] / 1e6:.0f} MB of linear weights", flush=True)
+        for t in native_threads if lm.model.fused is not None else [1]:
+            name = mode if len(native_threads) == 1 or lm.model.fused is None else f"{mode} x{t} threads"
+            setups[name] = Setup(name, lm, args, prompt, threads=t)
+        print(f"loaded {mode}: {weight_bytes(lm.model)['total'] / 1e6:.0f} MB of linear weights", flush=True)
+    modes = list(setups)
     samples: dict[str, dict[int, list[float]]] = {m: {w: [] for w in args.widths} for m in modes}
     bw: list[float] = []
+    bw_threads: list[float] = []
     for r in range(args.repeats):
         bw.append(read_bandwidth())
+        if max(native_threads) > 1:
+            bw_threads.append(read_bandwidth(threads=max(native_threads)))
         for mode in modes:
             for w in args.widths:
                 samples[mode][w].append(setups[mode].time(w, args.calls, args.clock))
@@ -143,6 +164,8 @@ def main() -> None:
         })
     result = {"config": vars(args) | {"out": str(args.out)}, "read_bandwidth_GBps": round(bandwidth / 1e9, 2),
               "bandwidth_samples_GBps": [round(b / 1e9, 2) for b in bw], "rows": rows}
+    if bw_threads:
+        result[f"read_bandwidth_GBps_{max(native_threads)}_threads"] = round(statistics.median(bw_threads) / 1e9, 2)
     out = args.out or RESULTS / f"verify_cost-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -160,7 +183,9 @@ def print_table(result: dict[str, Any], widths: list[int], base_mode: str) -> No
         cells = [f"{r['ms'][str(w)]:.1f} ({r['vs_width1'][str(w)]:.2f}) [{r[f'vs_{base_mode}_width1'][str(w)]:.2f}]"
                  for w in widths]
         print(f"| {r['mode']} | " + " | ".join(cells) + " |")
-    print(f"\nroofline (read bandwidth {result['read_bandwidth_GBps']} GB/s, single-threaded sum over 256 MB):\n")
+    more = [f"{v} GB/s on {k.rsplit('_', 2)[-2]} threads" for k, v in result.items() if k.endswith("_threads")]
+    print(f"\nroofline (read bandwidth {result['read_bandwidth_GBps']} GB/s, single-threaded sum over 256 MB"
+          f"{'; ' + ', '.join(more) if more else ''}; the cap below is the single-threaded one):\n")
     print("| mode | weight MB/token | cap tok/s | width-1 tok/s | fraction of cap |")
     print("|---|---|---|---|---|")
     for r in result["rows"]:

@@ -1,5 +1,5 @@
-"""The fused native decoder (quant.FusedDecoder) of quantised models and of float32 models run by a one-thread
-engine: the same computation as the op-by-op layers, rows independent of their batch and width (what keeps
+"""The fused native decoder (quant.FusedDecoder) of quantised models and of float32 models run by an engine: the
+same computation as the op-by-op layers, rows independent of their batch and width (what keeps
 speculation exactly lossless), clear errors."""
 
 from __future__ import annotations
@@ -17,6 +17,16 @@ from understudy.engine.loader import load_model
 from understudy.engine.model import set_native_linears
 
 pytestmark = pytest.mark.skipif(qkernels.load() is None, reason=f"native kernels: {qkernels.unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def split_every_call():
+    """The tiny test models' linears are below the size the kernels split across threads: split them anyway, and
+    leave one thread and the default size behind."""
+    qkernels.set_min_parallel(0)
+    yield
+    qkernels.set_min_parallel(1 << 16)
+    qkernels.set_threads(1)
 
 
 def _float_model(folder):
@@ -70,7 +80,7 @@ def _step(model, cache, tokens: torch.Tensor, start: torch.Tensor, slot_start: i
         return model(tokens, positions, cache, kv_len=int(positions.max()) + 1, slot_start=slot_start)
 
 
-def test_attached_by_quantisation_and_by_a_one_thread_engine(qmodel, tiny_llama_dir):
+def test_attached_by_quantisation_and_by_an_engine(qmodel, tiny_llama_dir):
     from understudy.engine.config import EngineConfig
     from understudy.engine.engine import Engine
 
@@ -85,8 +95,18 @@ def test_attached_by_quantisation_and_by_a_one_thread_engine(qmodel, tiny_llama_
     Engine(model, EngineConfig(dtype="float32", num_threads=1, native_decoder=False))
     assert model.fused is None and model.lm_head.native_rows == 0
     assert drafter.attach(model, 64)._head[0].native_rows == 0
-    Engine(model, EngineConfig(dtype="float32", num_threads=2))  # oneDNN's threads beat one native thread there
-    assert model.fused is None and model.lm_head.native_rows == 0
+    eng = Engine(model, EngineConfig(dtype="float32", num_threads=2))  # the native kernels on two threads
+    assert isinstance(model.fused, quant.FusedDecoder) and qkernels.get_threads() == 2
+    assert model.lm_head.native_rows == NATIVE_LINEAR_ROWS
+    eng.set_threads(1, prefill_threads=0)  # from the next step (the server's switch around its drafter job)
+    assert qkernels.get_threads() == 2
+    eng.step()
+    assert qkernels.get_threads() == 1 and torch.get_num_threads() == 1 and eng._prefill_threads is None
+    eng.set_threads(1, prefill_threads=3)
+    eng.step()
+    assert qkernels.get_threads() == 1 and eng._prefill_threads == 3
+    with pytest.raises(ValueError, match="threads"):
+        eng.set_threads(0)
     q = load_model(str(tiny_llama_dir), dtype="float32", quantize="int8").model
     own = q.fused
     Engine(q, EngineConfig(dtype="float32", num_threads=2, native_decoder=False))
@@ -105,6 +125,8 @@ def test_native_linear_matches_torch_and_each_row_is_the_same_at_any_row_count()
     for m in (1, 2, 3, 4, 5, 6, 11):  # every tile shape, and row tiles that re-read the same outputs' weights
         part = qkernels.f32_linear(flat[:m], w, b, 64)
         assert torch.equal(part, y.reshape(14, 37)[:m]), m
+        for threads in (2, 3, 16):  # outputs split across threads (37 outputs: ragged parts, fewer than threads)
+            assert torch.equal(qkernels.f32_linear(flat[:m], w, b, 64, threads), part), (m, threads)
     assert torch.equal(qkernels.f32_linear(flat[:3], w, None, 64) + b, y.reshape(14, 37)[:3])  # bias added last
     # not taken (None: the caller runs its own matmul)
     assert qkernels.f32_linear(x, w, b, 13) is None  # more rows than allowed
@@ -230,6 +252,28 @@ def test_a_row_is_bitwise_the_same_at_any_width_batch_or_slot(qmodel):
             assert torch.equal(one[0, 0], wide[b, t]), (b, t)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_forward_is_bitwise_the_same_on_any_number_of_threads(qmodel, threads):
+    """The kernels split each linear's outputs across threads (more threads than cores too): every output is still
+    computed by one thread in its fixed order, so hidden states and the cache are exactly those of one thread."""
+    V = qmodel.config.vocab_size
+    rows = _rows(V, [41, 50, 44])
+    start = torch.tensor([len(r) for r in rows])
+    drafts = torch.randint(0, V, (3, 5), generator=torch.Generator().manual_seed(4))
+    out, caches = [], []
+    try:
+        for n in (1, threads):
+            qkernels.set_threads(n)
+            cache = _prefill(qmodel, rows)
+            out.append(torch.cat([_step(qmodel, cache, drafts, start), _step(qmodel, cache, drafts[:, :1], start + 5)],
+                                 dim=1))
+            caches.append(cache)
+    finally:
+        qkernels.set_threads(1)
+    assert torch.equal(out[0], out[1])
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v, strict=True))
+
+
 def test_replaced_tensors_are_followed(qmodel):
     """The loader replaces the norms after quantising (out of the file's memory map), and an engine may allocate a
     new cache: the pointer table must follow both, never read a freed tensor."""
@@ -273,10 +317,14 @@ def test_a_position_outside_the_cache_is_refused_by_name(qmodel):
         _step(qmodel, cache, torch.tensor([[1]]), torch.tensor([3]), slot_start=1)
 
 
-def test_engines_in_threads_share_a_model_safely(qmodel):
+@pytest.mark.parametrize("native_threads", [1, 2])
+def test_engines_in_threads_share_a_model_safely(qmodel, native_threads):
     """Two threads decode on one model with their own caches (the RL rollout workers do): each gets exactly what it
-    gets alone."""
+    gets alone. With two native threads per call, one caller at a time has the kernels' thread pool and the other
+    runs its call on its own thread: the same results either way."""
     import threading
+
+    qkernels.set_threads(native_threads)
 
     V = qmodel.config.vocab_size
     rows = _rows(V, [40, 48], seed=5)
@@ -294,4 +342,5 @@ def test_engines_in_threads_share_a_model_safely(qmodel):
         th.start()
     for th in threads:
         th.join()
+    qkernels.set_threads(1)
     assert torch.equal(out[0], alone[0]) and torch.equal(out[1], alone[1])

@@ -24,6 +24,7 @@ def test_ensure_drafter_serves_at_once_then_swaps_in_the_background_drafter(tmp_
         srv.wait_ready()
         health = httpx.get(f"{srv.url}/health", timeout=30).json()
         assert health["drafter_version"] == "none" and health["proposer"] == "ngram"
+        assert health["threads"] == 1  # the background job trains on the other core
         training = httpx.get(f"{srv.url}/admin/drafter", headers=ADMIN, timeout=30).json()["training"]
         assert training is not None and training["pid"] > 0
         statuses: list[int] = []
@@ -72,6 +73,11 @@ def test_ensure_drafter_does_nothing_when_the_registry_has_one(tmp_path, tiny_ll
         srv.wait_ready()
         state = httpx.get(f"{srv.url}/admin/drafter", headers=ADMIN, timeout=30).json()
         assert state["version"] == "1" and state["training"] is None
+        # no job needs the other core: the engine decodes on every core (from its next step)
+        httpx.post(f"{srv.url}/v1/completions", timeout=120, json={"model": tiny_llama_dir.name, "prompt": "grid",
+                                                                    "max_tokens": 2})
+        assert httpx.get(f"{srv.url}/health", timeout=30).json()["threads"] == len(os.sched_getaffinity(0))
+        assert "no background drafter training needed: decoding on" in (tmp_path / "server.log").read_text()
     finally:
         srv.stop()
 

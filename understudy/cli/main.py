@@ -59,7 +59,8 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    threads: Annotated[int, typer.Option(help="torch threads on CPU")] = 1,
+    threads: Annotated[int | None, typer.Option(
+        help="threads on CPU, torch's and the native kernels' (default: every core)")] = None,
     registry: Annotated[str | None, typer.Option("--registry", help="Registry folder (for version/alias)")] = None,
 ) -> None:
     """Generate one completion, optionally with speculative decoding, and report its spec-decode stats."""

@@ -149,9 +149,11 @@ class EngineConfig:
     ngram_max: int = 4  # n-gram prompt lookup: longest suffix to match
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"
     dtype: str = "bfloat16"  # "float32" | "bfloat16" | "float16"
-    num_threads: int | None = 1  # torch intra-op threads on CPU (one thread is fastest on 2-core CPUs: docs/performance.md)
-    # float32 on the CPU with one intra-op thread: cached decode/verify forwards run every decoder layer in one call
-    # of the native kernels (engine/quant.py FusedDecoder), reading the float32 weights in place; False: torch ops
+    # threads on CPU: torch's intra-op threads and the native kernels' (each linear's outputs split across them);
+    # None: torch's setting as it stands. Engine.set_threads changes it between steps.
+    num_threads: int | None = 1
+    # float32 on the CPU: cached decode/verify forwards run every decoder layer in one call of the native kernels
+    # (engine/quant.py FusedDecoder), reading the float32 weights in place; False: torch ops
     native_decoder: bool = True
     # torch intra-op threads for a prompt prefill longer than the fused path takes: compute-bound, so unlike a
     # decode step it gains from more cores (1.5-1.6x with 2 on a 2-core CPU). None: every core this process may

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from understudy.engine import qkernels
 from understudy.engine.config import EngineConfig
 from understudy.engine.controller import FixedController, SpeculationController
 from understudy.engine.drafter_proposer import DrafterProposer
@@ -122,13 +123,10 @@ class Engine:
                  drafter: DraftModel | None = None, controller: SpeculationController | None = None,
                  capture_hidden: bool = False) -> None:
         self.config = config = config or EngineConfig()
-        if config.num_threads is not None and model.device.type == "cpu":
-            torch.set_num_threads(config.num_threads)
-        # threads for long prompt prefills (EngineConfig.prefill_threads), or None: no switching
-        self._prefill_threads: int | None = None
-        if config.num_threads is not None and model.device.type == "cpu" and config.prefill_threads != 0:
-            n = config.prefill_threads or len(os.sched_getaffinity(0))
-            self._prefill_threads = n if n != config.num_threads else None
+        self._threads: int | None = None  # decode threads on the CPU (set_threads), None: torch's own setting
+        self._prefill_threads: int | None = None  # threads for long prompt prefills, or None: no switching
+        self._cpu = model.device.type == "cpu"
+        self._apply_threads(config.num_threads, config.prefill_threads)
         self.eos_token_ids = tuple(eos_token_ids)
         self.capture_hidden = capture_hidden
         self.k_max = config.num_speculative_tokens
@@ -177,6 +175,36 @@ class Engine:
             self.proposer = DrafterProposer(drafter.attach(self.model, self.capacity), self.hidden_buf,
                                             c.max_batch_size, self.capacity)
 
+    @property
+    def threads(self) -> int | None:
+        """The threads decode steps run on now (the native kernels'), None off the CPU."""
+        return qkernels.get_threads() if self._cpu else None
+
+    def set_threads(self, n: int | None, prefill_threads: int | None = None) -> None:
+        """Decode on `n` threads from the start of the next step (None: as many as torch's intra-op setting), and
+        prefill long prompts on `prefill_threads` (as EngineConfig.prefill_threads: None every core, 0 as `n`). The
+        server decodes on one while its background drafter job trains on the other core, and on every core after it
+        ends. Outputs do not change: each output of a native kernel is computed by one thread in a fixed order."""
+        if n is not None and n < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {n}")
+        if prefill_threads is not None and prefill_threads < 0:
+            raise ValueError(f"prefill_threads must be >= 0 or None, got {prefill_threads}")
+        self._inbox.append(("threads", (n, prefill_threads)))
+
+    def _apply_threads(self, n: int | None, prefill: int | None) -> None:
+        """torch's intra-op threads and the native kernels' (decode steps, verification, the LM head): `n`, or
+        torch's setting as it stands; prefills longer than the fused path takes: `prefill` (see set_threads)."""
+        if not self._cpu:
+            return
+        if n is not None:
+            torch.set_num_threads(n)
+        qkernels.set_threads(n or torch.get_num_threads())
+        self._threads = n
+        self._prefill_threads = None
+        if n is not None and prefill != 0:
+            want = prefill or len(os.sched_getaffinity(0))
+            self._prefill_threads = want if want != n else None
+
     def set_drafter(self, drafter: DraftModel | None) -> None:
         """Swap the drafter (None = stop speculating with one). Takes effect at the start of the next step."""
         self._inbox.append(("drafter", drafter))
@@ -209,7 +237,7 @@ class Engine:
         self.model = model.eval()
         enable_cpu_packing(self.model)
         fused = getattr(model, "fused", None)
-        native = self.config.native_decoder and self.config.num_threads == 1 and model.device.type == "cpu"
+        native = self.config.native_decoder and model.device.type == "cpu"
         if fused is None or getattr(fused, "float_weights", False):  # a quantised model's own decoder stays
             model.fused = FusedDecoder.for_float_model(model) if native else None
         # the LM head (and any float Linear run op by op) too; a drafter attached to this model follows it
@@ -314,6 +342,8 @@ class Engine:
                 self._apply_swap(arg)
             elif kind == "policy":
                 self._pending_policies.append(arg)
+            elif kind == "threads":
+                self._apply_threads(*arg)
 
     def _abort_now(self, request_id: str) -> None:
         for seq in list(self.waiting):
@@ -373,8 +403,8 @@ class Engine:
         try:
             hidden = self.model(toks, positions, self.cache, kv_len=p, slot_start=seq.slot)  # [1, p, H]
         finally:
-            if threads is not None:
-                torch.set_num_threads(self.config.num_threads)
+            if threads is not None and self._threads is not None:
+                torch.set_num_threads(self._threads)
         self.hidden_buf[seq.slot, :p] = hidden[0]
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         s = seq.sampling

@@ -136,7 +136,7 @@ def enable_cpu_packing(module: nn.Module, enabled: bool = True) -> int:
 
 def set_native_linears(module: nn.Module, max_rows: int) -> int:
     """Run every Linear in `module` through the native float32 kernel for calls of up to `max_rows` rows (0: off),
-    which reads the weights in place; what an engine on one intra-op thread does (EngineConfig.native_decoder).
+    which reads the weights in place; what an engine with its native decoder does (EngineConfig.native_decoder).
     Why: at 5 rows oneDNN's float32 matmul over SmolLM2's 49k-row LM head took 1.9x its 1-row time, the native one
     1.2x (docs/performance.md). Returns how many Linears."""
     n = 0

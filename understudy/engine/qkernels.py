@@ -20,7 +20,9 @@ rows innermost, so its weights come from DRAM once per call and from L1/L2 for t
 The shared object is built with the system C++ compiler ($CXX, c++, g++ or clang++; ~20 s once) into
 kernel_dir()/wq-<hash>.so. Without a compiler, on a CPU without AVX2/FMA/F16C, or with UNDERSTUDY_NATIVE_KERNELS=0,
 `load()` returns None and the quantised layers use torch's own ops (same weights, slow on AVX2).
-Single-threaded: the engine runs one intra-op thread on small CPUs (docs/performance.md).
+Threads: each call splits its outputs across a small pool of persistent workers (the pool in SOURCE), as many as
+`set_threads` says (an Engine sets it from EngineConfig.num_threads); every output is computed by one thread in
+its fixed order, so results do not depend on it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ SOURCE = r"""
 #include <math.h>
 #include <string.h>
 
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 // Unrolled early so that GCC keeps the accumulator arrays in registers (otherwise every accumulator is stored
@@ -260,19 +269,143 @@ template <int MT, int NV> struct G8 {
   template <typename... A> static void go(A... a) { tile_grp<MT, NV, 8>(a...); }
 };
 
+
+// ---- threads: one matmul's outputs split across cores ----------------------------------------------------------
+// Batch-1 decoding reads every weight once per step, and on the 2-vCPU AVX2 machines this project runs on, one core
+// streams ~15 GB/s while two stream ~31 (measured on a 424 MB float32 weight: 27.6 -> 13.7 ms at M = 1, 34.0 ->
+// 17.3 ms at M = 5). torch's intra-op threads are no help here (oneDNN at M = 1..8 is slower on two threads), so a
+// linear's outputs are cut into chunks (4 per thread) that the calling thread and the pool's workers claim from a
+// shared counter: a worker that is slow to wake or is preempted costs at most the chunk it holds, not half the
+// call. Every output is still computed by one thread in its fixed k order, so results are bitwise the same at any
+// thread count and whoever computes a chunk (tested).
+// Workers are persistent: a call publishes its task by bumping a generation counter; a worker spins on it (the
+// next matmul of a forward comes within microseconds) and sleeps on a condition variable after SPIN_SECONDS idle.
+// One caller at a time: a concurrent caller (engines in several Python threads) finds the pool busy and runs its
+// call on its own thread. A forked child makes its own pool (the parent's threads do not exist there).
+constexpr double SPIN_SECONDS = 2e-3;
+constexpr int CHUNKS_PER_THREAD = 4;
+int64_t g_min_parallel = 1 << 16;  // calls reading fewer weights than this run on one thread (wq_set_min_parallel)
+
+class Pool {
+ public:
+  explicit Pool(int workers) : workers_(workers), pid_(getpid()) {
+    for (int i = 0; i < workers; ++i) std::thread([this] { loop(); }).detach();
+  }
+  int workers() const { return workers_; }
+  pid_t pid() const { return pid_; }
+
+  // fn(chunk) for chunk = 0 .. chunks-1, each exactly once, on the calling thread and the workers. Returns false,
+  // having run nothing, if another caller holds the pool.
+  template <class F>
+  bool run(int chunks, F& fn) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return false;
+    const uint64_t g = gen_.load(std::memory_order_relaxed) + 1;
+    task_ = &invoke<F>;
+    arg_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    cursor_.store(g << 32 | (uint64_t)chunks, std::memory_order_release);  // generation | chunks left to claim
+    gen_.store(g, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lk(m_);
+      cv_.notify_all();
+    }
+    work(g);
+    while (done_.load(std::memory_order_acquire) < chunks) _mm_pause();
+    return true;
+  }
+
+ private:
+  template <class F>
+  static void invoke(void* a, int chunk) { (*static_cast<F*>(a))(chunk); }
+
+  // Claim chunks of task g until none is left. A claim succeeds only while task g still has unclaimed chunks, so
+  // the caller cannot have finished it (nor published the next task): task_ and arg_ read after it are g's.
+  void work(uint64_t g) {
+    for (;;) {
+      uint64_t v = cursor_.load(std::memory_order_acquire);
+      do {
+        if ((v >> 32) != g || (v & 0xffffffffu) == 0) return;
+      } while (!cursor_.compare_exchange_weak(v, v - 1, std::memory_order_acq_rel, std::memory_order_acquire));
+      task_(arg_, (int)((v & 0xffffffffu) - 1));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;  // not a load: a task published before this thread started must still be seen as new
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(SPIN_SECONDS);
+      for (int i = 1; gen_.load(std::memory_order_acquire) == seen; ++i) {
+        _mm_pause();
+        if ((i & 255) == 0 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lk(m_);
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          while (gen_.load(std::memory_order_seq_cst) == seen) cv_.wait(lk);
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      work(seen);
+    }
+  }
+
+  const int workers_;
+  const pid_t pid_;
+  std::mutex busy_, m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0}, cursor_{0};
+  std::atomic<int> done_{0}, sleepers_{0};
+  void (*task_)(void*, int) = nullptr;
+  void* arg_ = nullptr;
+};
+
+// The process's pool with at least `workers` workers (never freed: detached threads may still wait on it at exit).
+Pool* pool_for(int workers) {
+  static std::mutex mu;
+  static Pool* pool = nullptr;
+  std::lock_guard<std::mutex> lk(mu);
+  if (pool == nullptr || pool->pid() != getpid() || pool->workers() < workers) pool = new Pool(workers);
+  return pool;
+}
+
+// body(begin, end) over [0, n) in chunks whose bounds are multiples of `align` (the last takes the rest), on
+// `threads` threads; on the calling thread alone for one thread, a call reading fewer than g_min_parallel weights
+// (`work`), or a busy pool.
+template <class B>
+void split(int64_t threads, int64_t n, int64_t align, int64_t work, B body) {
+  const int64_t units = (n + align - 1) / align;
+  const int64_t want = threads * CHUNKS_PER_THREAD;
+  const int chunks = (int)(want < units ? want : units);
+  if (threads <= 1 || chunks <= 1 || work < g_min_parallel) {
+    body((int64_t)0, n);
+    return;
+  }
+  auto chunk = [&](int c) {
+    const int64_t b = units * c / chunks * align, e = units * (c + 1) / chunks * align;
+    body(b, e < n ? e : n);
+  };
+  if (!pool_for((int)threads - 1)->run(chunks, chunk)) body((int64_t)0, n);
+}
+
 }  // namespace
 
 extern "C" {
 
-int wq_version() { return 8; }
+int wq_version() { return 9; }
+
+// Calls reading fewer weights than this run on one thread (default 65536: SmolLM2's smallest linear reads 331,776;
+// a handoff costs microseconds). Tests set 0 to split their tiny models' calls too.
+void wq_set_min_parallel(int64_t weights) { g_min_parallel = weights; }
 
 // float32 [N, K] weights (K a multiple of 8): 1-3 rows x 4 outputs per tile, or up to 6 rows x 2 outputs (<= 12
 // accumulators, so that every row of a verification shares one read of the weights); left-over outputs one at a time.
-void wq_f32_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, const float* bias, float* y,
-                   int64_t N) {
+// Outputs n_begin .. n_end-1 (n_begin a multiple of 4) of y [M, N].
+static void f32_linear_range(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, const float* bias,
+                             float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const int no = M <= 3 ? 4 : 2, mt_max = M <= 3 ? 3 : 6;
-  int64_t n = 0;
-  for (; n + no <= N; n += no)
+  int64_t n = n_begin;
+  for (; n + no <= n_end; n += no)
     for (int64_t m = 0; m < M; m += mt_max) {
       const int mt = (int)(M - m < mt_max ? M - m : mt_max);
       const float* xm = x + m * ldx;
@@ -294,26 +427,34 @@ void wq_f32_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const floa
         }
       }
     }
-  for (; n < N; ++n)
+  for (; n < n_end; ++n)
     for (int64_t m = 0; m < M; ++m) F32<1, 1>::go(x + m * ldx, ldx, w, K, bias, y + m * N, N, n);
 }
 
+void wq_f32_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, const float* bias, float* y,
+                   int64_t N, int64_t threads) {
+  split(threads, N, 4, N * K, [&](int64_t b, int64_t e) { f32_linear_range(x, M, K, ldx, w, bias, y, N, b, e); });
+}
+
 void wq_int8_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const int8_t* w, const float* scale,
-                    const float* bias, float* y, int64_t N) {
+                    const float* bias, float* y, int64_t N, int64_t threads) {
   const int nv = M <= 3 ? 4 : 2, mt_max = M <= 3 ? 3 : 6;
   const int64_t NS = (N + SB - 1) / SB;
-  for (int64_t n0 = 0; n0 < NS * SB; n0 += 8 * nv)
-    for (int64_t m = 0; m < M; m += mt_max) {
-      const int mt = (int)(M - m < mt_max ? M - m : mt_max);
-      if (nv == 4)
-        by_rows<I8, 4>(mt, x + m * ldx, ldx, w, K, scale, bias, y + m * N, N, n0, N);
-      else
-        by_rows<I8, 2>(mt, x + m * ldx, ldx, w, K, scale, bias, y + m * N, N, n0, N);
-    }
+  split(threads, NS * SB, SB, N * K, [&](int64_t b, int64_t e) {  // whole super-blocks per thread
+    for (int64_t n0 = b; n0 < e; n0 += 8 * nv)
+      for (int64_t m = 0; m < M; m += mt_max) {
+        const int mt = (int)(M - m < mt_max ? M - m : mt_max);
+        if (nv == 4)
+          by_rows<I8, 4>(mt, x + m * ldx, ldx, w, K, scale, bias, y + m * N, N, n0, N);
+        else
+          by_rows<I8, 2>(mt, x + m * ldx, ldx, w, K, scale, bias, y + m * N, N, n0, N);
+      }
+  });
 }
 
 void wq_grouped_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, const uint16_t* scale,
-                       const uint16_t* minv, int64_t group, int64_t bits, const float* bias, float* y, int64_t N) {
+                       const uint16_t* minv, int64_t group, int64_t bits, const float* bias, float* y, int64_t N,
+                       int64_t threads) {
   // Tiles hold a group accumulator besides each output accumulator (<= 12 of the 16 registers in all):
   const int64_t G = K / group;
   std::vector<float> xsum(M * G);
@@ -326,20 +467,22 @@ void wq_grouped_linear(const float* x, int64_t M, int64_t K, int64_t ldx, const 
   // 1 row x 4 blocks, or up to 3 rows x 2 blocks (measured: 6 rows x 1 block is slower from M = 4 on)
   const int nv = M == 1 ? 4 : 2, mt_max = M == 1 ? 1 : 3;
   const int64_t NS = (N + SB - 1) / SB;
-  for (int64_t n0 = 0; n0 < NS * SB; n0 += 8 * nv)
-    for (int64_t m = 0; m < M; m += mt_max) {
-      const int mt = (int)(M - m < mt_max ? M - m : mt_max);
-      const float* xm = x + m * ldx;
-      const float* xs = xsum.data() + m * G;
-      float* ym = y + m * N;
-      if (bits == 4) {
-        if (nv == 4) by_rows<G4, 4>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
-        else by_rows<G4, 2>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
-      } else {
-        if (nv == 4) by_rows<G8, 4>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
-        else by_rows<G8, 2>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+  split(threads, NS * SB, SB, N * K, [&](int64_t b, int64_t e) {  // whole super-blocks per thread
+    for (int64_t n0 = b; n0 < e; n0 += 8 * nv)
+      for (int64_t m = 0; m < M; m += mt_max) {
+        const int mt = (int)(M - m < mt_max ? M - m : mt_max);
+        const float* xm = x + m * ldx;
+        const float* xs = xsum.data() + m * G;
+        float* ym = y + m * N;
+        if (bits == 4) {
+          if (nv == 4) by_rows<G4, 4>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+          else by_rows<G4, 2>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+        } else {
+          if (nv == 4) by_rows<G8, 4>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+          else by_rows<G8, 2>(mt, xm, ldx, xs, w, K, scale, minv, group, bias, ym, N, n0, N);
+        }
       }
-    }
+  });
 }
 
 // ---- the whole decoder stack of a quantised model in one call (decode steps and verification) ----------------
@@ -388,15 +531,15 @@ static void rms_norm_rows(const float* x, int64_t M, int64_t n, const float* w, 
 
 // One linear as the table describes it (8 int64 fields): kind (0 int8 per channel, 1 grouped, 2 float32 [N, K]),
 // bits, group, N, w, scale, minimum, bias.
-static void qlinear(const int64_t* d, const float* x, int64_t M, int64_t K, float* y) {
+static void qlinear(const int64_t* d, const float* x, int64_t M, int64_t K, float* y, int64_t threads) {
   const void* w = (const void*)d[4];
   if (d[0] == 2)
-    wq_f32_linear(x, M, K, K, (const float*)w, (const float*)d[7], y, d[3]);
+    wq_f32_linear(x, M, K, K, (const float*)w, (const float*)d[7], y, d[3], threads);
   else if (d[0] == 0)
-    wq_int8_linear(x, M, K, K, (const int8_t*)w, (const float*)d[5], (const float*)d[7], y, d[3]);
+    wq_int8_linear(x, M, K, K, (const int8_t*)w, (const float*)d[5], (const float*)d[7], y, d[3], threads);
   else
     wq_grouped_linear(x, M, K, K, (const uint8_t*)w, (const uint16_t*)d[5], (const uint16_t*)d[6], d[2], d[1],
-                      (const float*)d[7], y, d[3]);
+                      (const float*)d[7], y, d[3], threads);
 }
 
 static constexpr int64_t LAYER_FIELDS = 2 + 4 * 8 + 2;  // norm1, norm2, qkv, o, w13, w2 (8 each), k cache, v cache
@@ -407,7 +550,7 @@ static constexpr int64_t LAYER_FIELDS = 2 + 4 * 8 + 2;  // norm1, norm2, qkv, o,
 // Returns 0, or -1 if a position is outside the rotary table or the cache, -2 if D is not a multiple of 8.
 int wq_decoder_forward(float* x, int64_t B, int64_t T, const int64_t* positions, int64_t L, int64_t H, int64_t Hq,
                        int64_t Hkv, int64_t D, int64_t I, float eps, const float* cos_t, const float* sin_t,
-                       int64_t P, const int64_t* table, int64_t slot0, int64_t S, int64_t C) {
+                       int64_t P, const int64_t* table, int64_t slot0, int64_t S, int64_t C, int64_t threads) {
   const int64_t M = B * T, G = Hq / Hkv, QKV = (Hq + 2 * Hkv) * D, half = D / 2;
   if (D % 16 != 0 || H % 8 != 0 || I % 8 != 0) return -2;
   for (int64_t m = 0; m < M; ++m)
@@ -427,7 +570,7 @@ int wq_decoder_forward(float* x, int64_t B, int64_t T, const int64_t* positions,
       rms_norm_rows(x, M, H, (const float*)t[0], eps, h.data());
     else  // no input norm (an EAGLE drafter's layer: its input is already normed features)
       memcpy(h.data(), x, M * H * sizeof(float));
-    qlinear(lq, h.data(), M, H, qkv.data());
+    qlinear(lq, h.data(), M, H, qkv.data(), threads);
     for (int64_t m = 0; m < M; ++m) {
       const int64_t pos = positions[m], slot = slot0 + m / T;
       const float* cr = cos_t + pos * D;
@@ -496,12 +639,12 @@ int wq_decoder_forward(float* x, int64_t B, int64_t T, const int64_t* positions,
         }
       }
     }
-    qlinear(lo, att.data(), M, Hq * D, tmp.data());
+    qlinear(lo, att.data(), M, Hq * D, tmp.data(), threads);
     for (int64_t i = 0; i < M * H; i += 8)
       _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(tmp.data() + i)));
     // MLP block: w2(silu(gate) * up)
     rms_norm_rows(x, M, H, (const float*)t[1], eps, h.data());
-    qlinear(l13, h.data(), M, H, gu.data());
+    qlinear(l13, h.data(), M, H, gu.data(), threads);
     for (int64_t m = 0; m < M; ++m) {
       const float* gr = gu.data() + m * 2 * I;
       for (int64_t i = 0; i < I; i += 8) {
@@ -510,7 +653,7 @@ int wq_decoder_forward(float* x, int64_t B, int64_t T, const int64_t* positions,
         _mm256_storeu_ps(act.data() + m * I + i, _mm256_mul_ps(s, _mm256_loadu_ps(gr + I + i)));
       }
     }
-    qlinear(l2, act.data(), M, I, tmp.data());
+    qlinear(l2, act.data(), M, I, tmp.data(), threads);
     for (int64_t i = 0; i < M * H; i += 8)
       _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(tmp.data() + i)));
   }
@@ -610,25 +753,52 @@ def load() -> ctypes.CDLL | None:
                 log.warning("native int8/int4 kernels unavailable (%s); using torch's ops", _why_not)
                 return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.wq_int8_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
+        lib.wq_int8_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
         lib.wq_int8_linear.restype = None
-        lib.wq_grouped_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64]
+        lib.wq_grouped_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64]
         lib.wq_grouped_linear.restype = None
-        lib.wq_f32_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64]
+        lib.wq_f32_linear.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, i64]
         lib.wq_f32_linear.restype = None
         lib.wq_decoder_forward.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr,
-                                           i64, ptr, i64, i64, i64]
+                                           i64, ptr, i64, i64, i64, i64]
         lib.wq_decoder_forward.restype = ctypes.c_int
+        lib.wq_set_min_parallel.argtypes = [i64]
+        lib.wq_set_min_parallel.restype = None
         _lib = lib
         return lib
 
 
-def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> torch.Tensor | None:
+_threads = 1  # the native kernels' thread count for this process (set_threads)
+
+
+def set_threads(n: int) -> None:
+    """Threads for every native kernel call of this process from now on, like torch.set_num_threads (an Engine sets
+    both). Results do not depend on it: each output is computed by one thread in a fixed order."""
+    global _threads
+    if n < 1:
+        raise ValueError(f"native kernel threads must be >= 1, got {n}")
+    _threads = int(n)
+
+
+def get_threads() -> int:
+    return _threads
+
+
+def set_min_parallel(weights: int) -> None:
+    """Calls reading fewer weights than this run on one thread whatever set_threads says (default 65,536); tests
+    set 0 so that their tiny models' calls are split too."""
+    lib = load()
+    if lib is not None:
+        lib.wq_set_min_parallel(weights)
+
+
+def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int,
+               threads: int | None = None) -> torch.Tensor | None:
     """x [..., K] @ weight[N, K].T (+ bias) with `wq_f32_linear`, reading a torch Linear's float32 weight in place;
     None where the kernel does not take it (more than `max_rows` rows, not float32 on CPU, K not a multiple of 8,
     a non-contiguous weight, no kernels), and the caller runs its own matmul. Each row's result is bitwise the same
     at any number of rows (the fused decoder's order), so an LM head here gives a verification exactly the logits
-    of a width-1 step."""
+    of a width-1 step, and the same on any number of `threads` (default: set_threads')."""
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     if not (0 < rows <= max_rows) or K % 8 or x.dtype != torch.float32 or weight.dtype != torch.float32 or \
@@ -642,7 +812,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     N = weight.shape[0]
     y = torch.empty(rows, N, dtype=torch.float32)
     lib.wq_f32_linear(x2.data_ptr(), rows, K, K, weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                      y.data_ptr(), N)
+                      y.data_ptr(), N, threads or _threads)
     return y.view(*x.shape[:-1], N)
 
 

@@ -233,7 +233,7 @@ class Int8Linear(QuantizedLinear):
             y = torch.empty(x2.shape[0], self.out_features)
             self._lib.wq_int8_linear(x2.data_ptr(), x2.shape[0], self.in_features, self.in_features,
                                      self.qweight.data_ptr(), self.scales.data_ptr(), self._bias_ptr(), y.data_ptr(),
-                                     self.out_features)
+                                     self.out_features, qkernels.get_threads())
         return y.view(*lead, self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -285,7 +285,8 @@ class GroupedLinear(QuantizedLinear):
             y = torch.empty(x2.shape[0], self.out_features)
             self._lib.wq_grouped_linear(x2.data_ptr(), x2.shape[0], self.in_features, self.in_features,
                                         self.qweight.data_ptr(), self.scale.data_ptr(), self.minimum.data_ptr(),
-                                        self.group, self.bits, self._bias_ptr(), y.data_ptr(), self.out_features)
+                                        self.group, self.bits, self._bias_ptr(), y.data_ptr(), self.out_features,
+                                        qkernels.get_threads())
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -428,7 +429,7 @@ class FusedDecoder:
 
     @classmethod
     def for_float_model(cls, model: Transformer) -> FusedDecoder | None:
-        """The same for a model with float32 linears (none quantised): what an engine running one intra-op thread
+        """The same for a model with float32 linears (none quantised): what an engine on the CPU
         decodes with (Engine._bind_model)."""
         if any(isinstance(m, QuantizedLinear) for m in model.layers.modules()) or not cls._fits(model):
             return None
@@ -520,7 +521,8 @@ class FusedDecoder:
         cos, sin = model.rotary.cos, model.rotary.sin
         rc = lib.wq_decoder_forward(out.data_ptr(), B, T, pos.data_ptr(), len(model.layers), H, c.num_heads,
                                     c.num_kv_heads, c.head_dim, c.intermediate_size, c.rms_norm_eps, cos.data_ptr(),
-                                    sin.data_ptr(), cos.shape[0], table.data_ptr(), slot_start, S, C)
+                                    sin.data_ptr(), cos.shape[0], table.data_ptr(), slot_start, S, C,
+                                    qkernels.get_threads())
         if rc == -1:
             raise ValueError(f"position {int(pos.max())} (slots {slot_start}..{slot_start + B - 1}) is outside the "
                              f"rotary table ({cos.shape[0]}), the KV cache ({C} positions) or its {S} slots")

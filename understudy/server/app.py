@@ -124,6 +124,20 @@ def _document_served_model(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+async def _ensure_drafter(s: ServerSettings, state: BackendState) -> Any:
+    """Start the background drafter job if the registry has no drafter for the target; the engine gets the job's
+    core back when it ends (or at once if none starts)."""
+    from understudy.server.drafter_job import maybe_start
+
+    job = await asyncio.to_thread(maybe_start, s.model, state.hotswap.fingerprint, state.hotswap.registry,
+                                  s.ensure_drafter_minutes, cache_dir() / "drafter-jobs", s.ensure_drafter_rounds,
+                                  lambda end: state.release_cores(f"background drafter training {end}"))
+    state.hotswap.training = job
+    if job is None:
+        state.release_cores("no background drafter training needed")
+    return job
+
+
 def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | None = None) -> FastAPI:
     s = settings or ServerSettings()
 
@@ -145,12 +159,7 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
             log.info("serving %s (drafter %s) on the %s backend (%s)", state.served_model_name,
                      state.drafter_label(), s.backend, s.device)
             if s.ensure_drafter and not s.drafter:
-                from understudy.server.drafter_job import maybe_start
-
-                job = await asyncio.to_thread(maybe_start, s.model, state.hotswap.fingerprint,
-                                              state.hotswap.registry, s.ensure_drafter_minutes,
-                                              cache_dir() / "drafter-jobs", s.ensure_drafter_rounds)
-                state.hotswap.training = job
+                job = await _ensure_drafter(s, state)
             yield
         finally:
             state.ready = False

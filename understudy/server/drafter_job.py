@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ class DrafterTrainingJob:
     shows under `training`."""
 
     def __init__(self, model: str, registry: Registry, minutes: float, work_dir: Path, rounds: int = 1,
-                 publish_every_minutes: float = 2.0, nice: int = 10, extra_args: list[str] | None = None) -> None:
+                 publish_every_minutes: float = 2.0, nice: int = 10, extra_args: list[str] | None = None,
+                 on_end: Callable[[str], None] | None = None) -> None:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         self.model, self.registry, self.minutes, self.rounds = model, registry, minutes, rounds
@@ -69,6 +71,7 @@ class DrafterTrainingJob:
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()  # between stop() and the start of the next round
         self._stopping = False
+        self.on_end = on_end  # called with the final state once the job ends (the server takes the core back)
 
     def out_dir(self, round_: int) -> Path:
         return self.work_dir / ("drafter" if round_ == 1 else f"drafter-round{round_}")
@@ -127,6 +130,11 @@ class DrafterTrainingJob:
         self.state, self.ended = state, why
         (log.error if state == "failed" else log.info)("background drafter training %s: %s; the server keeps "
                                                        "serving. Log: %s", state, why, self.log_path)
+        if self.on_end is not None:
+            try:
+                self.on_end(state)
+            except Exception:  # the job's end must not be lost to a failing callback; say so
+                log.exception("the server's handler for the end of background drafter training failed")
 
     def _supervise(self) -> None:
         while True:
@@ -205,13 +213,16 @@ class DrafterTrainingJob:
 
 
 def maybe_start(model: str, fingerprint: str, registry: Registry | None, minutes: float,
-                work_root: Path, rounds: int = 1) -> DrafterTrainingJob | None:
-    """Start background training when the registry has no drafter for this target (else None)."""
+                work_root: Path, rounds: int = 1,
+                on_end: Callable[[str], None] | None = None) -> DrafterTrainingJob | None:
+    """Start background training when the registry has no drafter for this target (else None); `on_end(state)` is
+    called once it ends."""
     if registry is None:
         log.warning("--ensure-drafter needs a registry to publish into; none is configured: not training")
         return None
     if has_drafter_for(registry, fingerprint):
         return None
-    job = DrafterTrainingJob(model, registry, minutes, work_root / f"{Path(model).name}-{fingerprint[:12]}", rounds)
+    job = DrafterTrainingJob(model, registry, minutes, work_root / f"{Path(model).name}-{fingerprint[:12]}", rounds,
+                             on_end=on_end)
     job.start()
     return job

@@ -48,10 +48,13 @@ class ServerSettings(BaseSettings):
     backend: Literal["native", "vllm"] = Field("native", description="Who generates tokens: native | vllm")
     dtype: str = Field("auto", description="float32 | bfloat16 | float16 | auto (the fastest on this machine)")
     device: str = Field("cpu", description="cpu | cuda")
-    threads: int = Field(1, ge=1, description="torch threads on CPU")
+    threads: int | None = Field(
+        None, ge=1, description="threads on CPU (torch's and the native kernels'); default: every core, or 1 while "
+        "the --ensure-drafter background job trains on the other core (every core once it ends)")
     prefill_threads: int | None = Field(
         None, ge=0, description="torch threads for long prompt prefills on CPU (compute-bound: more cores help); "
-        "default: every core, or 1 with --ensure-drafter (its background job has the other core); 0: as --threads")
+        "default: every core, or 1 while the --ensure-drafter background job trains on the other core; 0: as "
+        "--threads")
     quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="Weight-only quantised linear layers for the native backend on CPU: none | int8 | int4 "
         "(~4x / ~6x less weight traffic per token; speculation stays lossless w.r.t. the quantised model)")

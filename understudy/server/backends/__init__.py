@@ -58,6 +58,8 @@ class BackendState(Protocol):
 
     def pin_speculation(self, k: int | None) -> dict[str, Any]: ...  # POST /admin/controller; APIError if it can't
 
+    def release_cores(self, why: str) -> None: ...  # the background drafter job's core is free (ended or never ran)
+
 
 def open_registry(s: ServerSettings) -> Registry | None:
     path = s.registry or str(default_registry_path())

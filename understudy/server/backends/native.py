@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -67,6 +68,17 @@ class ServerState:
     def drafter_label(self) -> str:
         return self.hotswap.served.label
 
+    def release_cores(self, why: str) -> None:
+        """The background drafter job no longer trains on the other core (it ended, or none started): decode and
+        prefill on every core from the next engine step, unless --threads pinned a count."""
+        s = self.settings
+        if s.threads is not None or s.device != "cpu" or not (s.ensure_drafter and not s.drafter):
+            return
+        n = len(os.sched_getaffinity(0))
+        self.engine.set_threads(n, s.prefill_threads)
+        self.scheduler._wake.set()
+        log.info("%s: decoding on %d thread(s) from now on", why, n)
+
     def policy_label(self, epoch: int | None = None) -> str:
         """The policy serving, or the one that serves (or served) requests added in `epoch`."""
         label = self.engine.policy_labels.get(self.engine.epoch if epoch is None else epoch)
@@ -88,7 +100,8 @@ class ServerState:
                 "running": e.num_running, "waiting": e.num_waiting,
                 "in_flight": self.scheduler.in_flight, "max_in_flight": self.scheduler.max_in_flight,
                 "proposer": e.proposer.name if e.proposer is not None else "none",
-                "steps": self.scheduler.steps, "spec_decode": e.stats.to_dict(), "controller": e.controller.state()}
+                "steps": self.scheduler.steps, "spec_decode": e.stats.to_dict(), "controller": e.controller.state(),
+                "threads": e.threads}
 
     async def metrics_text(self) -> bytes:
         self.metrics.set_queue(self.engine.num_running, self.engine.num_waiting)
@@ -242,12 +255,15 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     drafter = load_drafter(first.path, target.model, target.fingerprint) if first.path is not None else None
     label, version = first.label, first.version
     engine_dtype = str(target.model.dtype).removeprefix("torch.")
-    # a background drafter job (--ensure-drafter) trains on the other core: prefills then keep to one thread
-    prefill_threads = s.prefill_threads if s.prefill_threads is not None else (1 if s.ensure_drafter else None)
+    # a background drafter job (--ensure-drafter) may train on the other core: decode steps and prefills keep to one
+    # thread until it ends (create_app gives the engine every core then, or at once if no job starts)
+    job_may_run = s.ensure_drafter and not s.drafter
+    threads = s.threads or (1 if job_may_run else len(os.sched_getaffinity(0)))
+    prefill_threads = s.prefill_threads if s.prefill_threads is not None else (1 if job_may_run else None)
     engine = Engine(target.model, EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                                                num_speculative_tokens=s.num_speculative_tokens, device=s.device,
                                                fallback_proposer=s.fallback_proposer,
-                                               dtype=engine_dtype, num_threads=s.threads,
+                                               dtype=engine_dtype, num_threads=threads,
                                                prefill_threads=prefill_threads),
                     target.eos_token_ids, drafter=drafter, controller=build_controller(s))
     name = s.served_model_name or (s.model if "/" not in s.model else Path(s.model).name)

@@ -522,6 +522,9 @@ class VllmState:
                             "when it starts; restart the server with -k 0 (off) or -k N, or use the native "
                             "backend", code="not_pinnable")
 
+    def release_cores(self, why: str) -> None:
+        """vLLM fixes its threads when it starts: nothing to change."""
+
 
 def build_launch(s: ServerSettings, target: TargetInfo, served_name: str) -> VllmLaunch:
     dtype = s.dtype if s.dtype != "auto" else ("bfloat16" if s.device.startswith("cuda") else "float32")
