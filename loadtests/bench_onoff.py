@@ -40,6 +40,8 @@ def start_server(args: argparse.Namespace, mode: str, log: Path) -> tuple[subpro
            "--served-model-name", "bench", "--dtype", args.dtype]
     if args.registry:
         cmd += ["--registry", args.registry]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     cmd += ["--drafter", args.drafter, "-k", str(args.k)] if mode == "on" else ["-k", "0"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="the servers' --threads (default: theirs, every core)")
     ap.add_argument("--prompts", default="", help="heldout | ood (splits of the shipped prompt set) | a file of "
                     "prompts; default: the Locust file's built-in prompts")
     ap.add_argument("--out", type=Path, default=None)
