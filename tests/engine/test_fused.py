@@ -15,6 +15,7 @@ from understudy.engine import qkernels, quant
 from understudy.engine.engine import NATIVE_LINEAR_ROWS
 from understudy.engine.loader import load_model
 from understudy.engine.model import set_native_linears
+from understudy.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(qkernels.load() is None, reason=f"native kernels: {qkernels.unavailable_reason()}")
 
@@ -96,15 +97,22 @@ def test_attached_by_quantisation_and_by_an_engine(qmodel, tiny_llama_dir):
     assert model.fused is None and model.lm_head.native_rows == 0
     assert drafter.attach(model, 64)._head[0].native_rows == 0
     eng = Engine(model, EngineConfig(dtype="float32", num_threads=2))  # the native kernels on two threads
-    assert isinstance(model.fused, quant.FusedDecoder) and qkernels.get_threads() == 2
+    assert isinstance(model.fused, quant.FusedDecoder) and eng.threads == 2
     assert model.lm_head.native_rows == NATIVE_LINEAR_ROWS
+    seen: list[int] = []
+    real = model.fused  # wrapped: records the kernels' thread count at every call inside the engine's steps
+    model.fused = lambda *a, **k: (seen.append(qkernels.get_threads()), real(*a, **k))[1]
+    eng.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))
+    assert seen and set(seen) == {2} and qkernels.get_threads() == 1  # the process's own count is untouched
     eng.set_threads(1, prefill_threads=0)  # from the next step (the server's switch around its drafter job)
-    assert qkernels.get_threads() == 2
-    eng.step()
-    assert qkernels.get_threads() == 1 and torch.get_num_threads() == 1 and eng._prefill_threads is None
+    assert eng.threads == 2
+    seen.clear()
+    eng.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))
+    assert eng.threads == 1 and set(seen) == {1} and torch.get_num_threads() == 1 and eng._prefill_threads is None
+    model.fused = real
     eng.set_threads(1, prefill_threads=3)
     eng.step()
-    assert qkernels.get_threads() == 1 and eng._prefill_threads == 3
+    assert eng._prefill_threads == 3
     with pytest.raises(ValueError, match="threads"):
         eng.set_threads(0)
     q = load_model(str(tiny_llama_dir), dtype="float32", quantize="int8").model

@@ -451,7 +451,8 @@ class DemoRun:
 
     def start_serving(self) -> None:
         with self.phase("server following `latest` + Locust on held-out prompts"):
-            self.server, self.url = self.start_server("server", ["--follow", "latest"])
+            # one thread: the demo's training (SFT, GRPO, drafters) runs on the other core all along
+            self.server, self.url = self.start_server("server", ["--follow", "latest", "--threads", "1"])
             self.poller = SwapPoller(self.admin_state)
             self.poller.poll_once()
             self.poller.start()

@@ -124,6 +124,7 @@ class Engine:
                  capture_hidden: bool = False) -> None:
         self.config = config = config or EngineConfig()
         self._threads: int | None = None  # decode threads on the CPU (set_threads), None: torch's own setting
+        self._native_threads = 1  # the native kernels' threads inside this engine's steps (_apply_threads)
         self._prefill_threads: int | None = None  # threads for long prompt prefills, or None: no switching
         self._cpu = model.device.type == "cpu"
         self._apply_threads(config.num_threads, config.prefill_threads)
@@ -178,7 +179,7 @@ class Engine:
     @property
     def threads(self) -> int | None:
         """The threads decode steps run on now (the native kernels'), None off the CPU."""
-        return qkernels.get_threads() if self._cpu else None
+        return self._native_threads if self._cpu else None
 
     def set_threads(self, n: int | None, prefill_threads: int | None = None) -> None:
         """Decode on `n` threads from the start of the next step (None: as many as torch's intra-op setting), and
@@ -198,7 +199,7 @@ class Engine:
             return
         if n is not None:
             torch.set_num_threads(n)
-        qkernels.set_threads(n or torch.get_num_threads())
+        self._native_threads = n or torch.get_num_threads()  # the kernels' count inside this engine's steps
         self._threads = n
         self._prefill_threads = None
         if n is not None and prefill != 0:
@@ -367,9 +368,10 @@ class Engine:
         self._drain_inbox()
         self._apply_policies()
         stats = StepStats()
-        outputs = self._admit_and_prefill(stats)
-        if self.running:
-            outputs.extend(self._decode(stats))
+        with qkernels.threads_scope(self._native_threads):  # this engine's count, whichever thread steps it
+            outputs = self._admit_and_prefill(stats)
+            if self.running:
+                outputs.extend(self._decode(stats))
         stats.seconds = time.perf_counter() - t0
         self.last_step = stats
         return outputs

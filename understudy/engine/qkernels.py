@@ -27,6 +27,7 @@ its fixed order, so results do not depend on it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -35,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -769,11 +771,13 @@ def load() -> ctypes.CDLL | None:
 
 
 _threads = 1  # the native kernels' thread count for this process (set_threads)
+_scoped = threading.local()  # a calling thread's own count while an engine steps (threads_scope)
 
 
 def set_threads(n: int) -> None:
-    """Threads for every native kernel call of this process from now on, like torch.set_num_threads (an Engine sets
-    both). Results do not depend on it: each output is computed by one thread in a fixed order."""
+    """Threads for the native kernel calls of this process from now on, like torch.set_num_threads; an engine's
+    steps use its own count instead (threads_scope). Results do not depend on it: each output is computed by one
+    thread in a fixed order."""
     global _threads
     if n < 1:
         raise ValueError(f"native kernel threads must be >= 1, got {n}")
@@ -781,7 +785,21 @@ def set_threads(n: int) -> None:
 
 
 def get_threads() -> int:
-    return _threads
+    """The count the calling thread's native calls use now."""
+    return getattr(_scoped, "threads", None) or _threads
+
+
+@contextlib.contextmanager
+def threads_scope(n: int) -> Iterator[None]:
+    """Native calls made by this Python thread inside the block use `n` threads: what an Engine wraps its step in,
+    so that engines stepped by different threads (RL rollout workers, a server's engine thread) each keep their
+    own count whatever another engine was given."""
+    before = getattr(_scoped, "threads", None)
+    _scoped.threads = n
+    try:
+        yield
+    finally:
+        _scoped.threads = before
 
 
 def set_min_parallel(weights: int) -> None:
@@ -812,7 +830,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     N = weight.shape[0]
     y = torch.empty(rows, N, dtype=torch.float32)
     lib.wq_f32_linear(x2.data_ptr(), rows, K, K, weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                      y.data_ptr(), N, threads or _threads)
+                      y.data_ptr(), N, threads or get_threads())
     return y.view(*x.shape[:-1], N)
 
 
