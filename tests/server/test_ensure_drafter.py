@@ -91,7 +91,9 @@ def test_background_training_continues_the_best_version_on_the_same_data_in_late
 
     monkeypatch.setenv("UNDERSTUDY_CACHE", str(tmp_path / "cache"))
     registry = Registry.open(tmp_path / "reg", create=True)
-    job = DrafterTrainingJob(str(tiny_llama_dir), registry, minutes=0.5, work_dir=tmp_path / "job", rounds=2, nice=0)
+    ends: list[str] = []  # the server gives its engine every core back here (ServerState.release_cores)
+    job = DrafterTrainingJob(str(tiny_llama_dir), registry, minutes=0.5, work_dir=tmp_path / "job", rounds=2, nice=0,
+                             on_end=ends.append)
     assert "--init-from" not in job.command(1) and job.command(1)[job.command(1).index("--data-minutes") + 1] == "0.25"
     job.start()
     try:
@@ -102,6 +104,7 @@ def test_background_training_continues_the_best_version_on_the_same_data_in_late
         job.stop()
     log = job.log_path.read_text()
     assert job.state == "finished", (job.status(), log[-3000:])
+    assert ends == ["finished"]  # told once, when the last round ended
     first = [p for p in job.published if p["round"] == 1]
     assert first and job.round == 2, job.status()
     start_from = first[-1]["version"]
