@@ -21,8 +21,8 @@ The shared object is built with the system C++ compiler ($CXX, c++, g++ or clang
 kernel_dir()/wq-<hash>.so. Without a compiler, on a CPU without AVX2/FMA/F16C, or with UNDERSTUDY_NATIVE_KERNELS=0,
 `load()` returns None and the quantised layers use torch's own ops (same weights, slow on AVX2).
 Threads: each call splits its outputs across a small pool of persistent workers (the pool in SOURCE), as many as
-`set_threads` says (an Engine sets it from EngineConfig.num_threads); every output is computed by one thread in
-its fixed order, so results do not depend on it.
+`get_threads` says: an Engine's own count inside its steps (threads_scope, from EngineConfig.num_threads), else the
+process's (set_threads). Every output is computed by one thread in its fixed order, so results do not depend on it.
 """
 
 from __future__ import annotations
