@@ -74,7 +74,9 @@ def test_train_jobs_of_several_prompt_files_are_interleaved(tiny_llama):
 def test_a_budget_spent_before_the_first_step_stops_at_once(tmp_path, monkeypatch, tiny_llama):
     """At the deadline the worker stops at once (it keeps running answers of 8+ tokens: none exist yet here)."""
     monkeypatch.setenv("UNDERSTUDY_CACHE", str(tmp_path / "cache"))
-    cfg = WarmupConfig(prompts=(str(_prompts(tmp_path)),), max_minutes=20, data_minutes=1e-4, max_new_tokens=200,
+    # 60 ns: over before the worker's first check whatever a step costs (6 ms was a few steps of the tiny model
+    # once its steps got fast, and then 8-token partial answers were kept)
+    cfg = WarmupConfig(prompts=(str(_prompts(tmp_path)),), max_minutes=20, data_minutes=1e-9, max_new_tokens=200,
                        sampled_copies=0, gen_batch_size=8, data_workers=1)
     train, heldout, _ = build_dataset(tiny_llama, cfg)  # the budget is spent before the first step
     assert len(train) + len(heldout) == 0
