@@ -313,7 +313,10 @@ def plain_run(server_assets, tmp_path_factory) -> Iterator[dict[str, Any]]:
         assert first.status_code == 200 and first.json()["choices"][0]["finish_reason"] == "length"
         text = first.json()["choices"][0]["message"]["content"]
         stop = next(text[i:i + 2] for i in range(3, len(text) - 1) if text[i:i + 2].strip())
-        r = http.post(CHAT, json=chat("grid line flow", max_tokens=12, ignore_eos=True, stop=[stop]), headers=KEY)
+        # the same greedy start, with room to run on: the route must see the stop string before the engine's own
+        # length finish, or the metric counts the engine's reason (metrics.on_stop_string); at 12 tokens a fast
+        # engine thread could finish first while the route was still reading
+        r = http.post(CHAT, json=chat("grid line flow", max_tokens=200, ignore_eos=True, stop=[stop]), headers=KEY)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", (text, stop, r.text)
         r = http.post(CHAT, json=chat("risk load", max_tokens=6, ignore_eos=True), headers=KEY)  # steps after it
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
