@@ -60,7 +60,7 @@ class Setup:
         self.mode = mode
         self.lm = lm
         self.model = self.lm.model
-        self.threads = threads  # the native kernels' threads (set before every timed block: setups share a model)
+        self.threads = threads  # the native kernels' threads (set before every timed block)
         enable_cpu_packing(self.model)
         self.wmax = max(args.widths)
         self.cache = self.model.allocate_cache(args.batch, args.prefix + self.wmax + 1)
@@ -79,9 +79,7 @@ class Setup:
 
     def time(self, w: int, calls: int, clock: str) -> float:
         now = CLOCKS[clock]
-        if self.model.fused is not None:  # the layers and the LM head native, on this setup's threads (as an engine)
-            set_native_linears(self.model, NATIVE_LINEAR_ROWS)
-            qkernels.set_threads(self.threads)
+        qkernels.set_threads(self.threads)  # the native kernels on this setup's threads (setups share a model)
         self.step(w)
         t0 = now()
         for _ in range(calls):
@@ -92,6 +90,29 @@ class Setup:
 def make_prompt(lm: Any, n: int) -> list[int]:
     base = encode_prompt(lm.tokenizer, "Explain how a refrigerator works, step by step, for a curious child.")
     return (base * (n // len(base) + 1))[:n]
+
+
+def build_setups(args: argparse.Namespace, native_threads: list[int], error: Any) -> dict[str, Setup]:
+    """One Setup per mode, and per native thread count for the fused modes (they share the mode's model)."""
+    setups: dict[str, Setup] = {}
+    prompt: list[int] | None = None
+    for mode in args.modes.split(","):
+        quantize, _, variant = mode.partition("-")
+        if variant not in ("", "unfused"):
+            error(f"--modes: {mode!r}; a mode is none, int8 or int4, optionally with -unfused")
+        lm = load_model(args.model, dtype="float32", quantize=quantize)
+        if variant == "unfused":  # the same weights run op by op (the A/B of the fused decoder)
+            lm.model.fused = None
+        elif quantize == "none":  # float32 as the engine runs it (EngineConfig.native_decoder)
+            lm.model.fused = FusedDecoder.for_float_model(lm.model)
+        if lm.model.fused is not None:  # the LM head native too, as an engine sets it
+            set_native_linears(lm.model, NATIVE_LINEAR_ROWS)
+        prompt = prompt or make_prompt(lm, args.prefix)
+        for t in native_threads if lm.model.fused is not None else [1]:
+            name = mode if len(native_threads) == 1 or lm.model.fused is None else f"{mode} x{t} threads"
+            setups[name] = Setup(name, lm, args, prompt, threads=t)
+        print(f"loaded {mode}: {weight_bytes(lm.model)['total'] / 1e6:.0f} MB of linear weights", flush=True)
+    return setups
 
 
 def main() -> None:
@@ -115,22 +136,7 @@ def main() -> None:
     args.widths = [int(w) for w in args.widths.split(",")]
     native_threads = [int(t) for t in args.native_threads.split(",")]
     torch.set_num_threads(args.threads)
-    setups: dict[str, Setup] = {}
-    prompt: list[int] | None = None
-    for mode in args.modes.split(","):
-        quantize, _, variant = mode.partition("-")
-        if variant not in ("", "unfused"):
-            ap.error(f"--modes: {mode!r}; a mode is none, int8 or int4, optionally with -unfused")
-        lm = load_model(args.model, dtype="float32", quantize=quantize)
-        if variant == "unfused":  # the same weights run op by op (the A/B of the fused decoder)
-            lm.model.fused = None
-        elif quantize == "none":  # float32 as the engine runs it (EngineConfig.native_decoder)
-            lm.model.fused = FusedDecoder.for_float_model(lm.model)
-        prompt = prompt or make_prompt(lm, args.prefix)
-        for t in native_threads if lm.model.fused is not None else [1]:
-            name = mode if len(native_threads) == 1 or lm.model.fused is None else f"{mode} x{t} threads"
-            setups[name] = Setup(name, lm, args, prompt, threads=t)
-        print(f"loaded {mode}: {weight_bytes(lm.model)['total'] / 1e6:.0f} MB of linear weights", flush=True)
+    setups = build_setups(args, native_threads, ap.error)
     modes = list(setups)
     samples: dict[str, dict[int, list[float]]] = {m: {w: [] for w in args.widths} for m in modes}
     bw: list[float] = []

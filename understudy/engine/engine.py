@@ -123,7 +123,6 @@ class Engine:
                  drafter: DraftModel | None = None, controller: SpeculationController | None = None,
                  capture_hidden: bool = False) -> None:
         self.config = config = config or EngineConfig()
-        self._threads: int | None = None  # decode threads on the CPU (set_threads), None: torch's own setting
         self._native_threads = 1  # the native kernels' threads inside this engine's steps (_apply_threads)
         self._prefill_threads: int | None = None  # threads for long prompt prefills, or None: no switching
         self._cpu = model.device.type == "cpu"
@@ -200,7 +199,6 @@ class Engine:
         if n is not None:
             torch.set_num_threads(n)
         self._native_threads = n or torch.get_num_threads()  # the kernels' count inside this engine's steps
-        self._threads = n
         self._prefill_threads = None
         if n is not None and prefill != 0:
             want = prefill or len(os.sched_getaffinity(0))
@@ -405,8 +403,8 @@ class Engine:
         try:
             hidden = self.model(toks, positions, self.cache, kv_len=p, slot_start=seq.slot)  # [1, p, H]
         finally:
-            if threads is not None and self._threads is not None:
-                torch.set_num_threads(self._threads)
+            if threads is not None:  # only set when the engine set torch's threads: to its decode count
+                torch.set_num_threads(self._native_threads)
         self.hidden_buf[seq.slot, :p] = hidden[0]
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         s = seq.sampling

@@ -158,7 +158,7 @@ def create_app(settings: ServerSettings | None = None, preloaded: LoadedModel | 
             state.ready = True
             log.info("serving %s (drafter %s) on the %s backend (%s)", state.served_model_name,
                      state.drafter_label(), s.backend, s.device)
-            if s.ensure_drafter and not s.drafter:
+            if s.may_train_drafter:
                 job = await _ensure_drafter(s, state)
             yield
         finally:

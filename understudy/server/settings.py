@@ -159,6 +159,11 @@ class ServerSettings(BaseSettings):
                              "pass its own speculative config through --vllm-args")
         return self
 
+    @property
+    def may_train_drafter(self) -> bool:
+        """--ensure-drafter with no pinned drafter: a background drafter job may start (and use the other core)."""
+        return self.ensure_drafter and not self.drafter
+
     @model_validator(mode="after")
     def _auth_fails_safe(self) -> ServerSettings:
         if not self.api_key and not is_loopback(self.host) and not self.allow_unauthenticated:

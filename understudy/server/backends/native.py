@@ -72,7 +72,7 @@ class ServerState:
         """The background drafter job no longer trains on the other core (it ended, or none started): decode and
         prefill on every core from the next engine step, unless --threads pinned a count."""
         s = self.settings
-        if s.threads is not None or s.device != "cpu" or not (s.ensure_drafter and not s.drafter):
+        if s.threads is not None or s.device != "cpu" or not s.may_train_drafter:
             return
         n = len(os.sched_getaffinity(0))
         self.engine.set_threads(n, s.prefill_threads)
@@ -257,9 +257,8 @@ def build_state(s: ServerSettings, preloaded: LoadedModel | None = None) -> Serv
     engine_dtype = str(target.model.dtype).removeprefix("torch.")
     # a background drafter job (--ensure-drafter) may train on the other core: decode steps and prefills keep to one
     # thread until it ends (create_app gives the engine every core then, or at once if no job starts)
-    job_may_run = s.ensure_drafter and not s.drafter
-    threads = s.threads or (1 if job_may_run else len(os.sched_getaffinity(0)))
-    prefill_threads = s.prefill_threads if s.prefill_threads is not None else (1 if job_may_run else None)
+    threads = s.threads or (1 if s.may_train_drafter else len(os.sched_getaffinity(0)))
+    prefill_threads = s.prefill_threads if s.prefill_threads is not None else (1 if s.may_train_drafter else None)
     engine = Engine(target.model, EngineConfig(max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                                                num_speculative_tokens=s.num_speculative_tokens, device=s.device,
                                                fallback_proposer=s.fallback_proposer,
