@@ -73,10 +73,14 @@ def test_ensure_drafter_does_nothing_when_the_registry_has_one(tmp_path, tiny_ll
         srv.wait_ready()
         state = httpx.get(f"{srv.url}/admin/drafter", headers=ADMIN, timeout=30).json()
         assert state["version"] == "1" and state["training"] is None
-        # no job needs the other core: the engine decodes on every core (from its next step)
-        httpx.post(f"{srv.url}/v1/completions", timeout=120, json={"model": tiny_llama_dir.name, "prompt": "grid",
-                                                                    "max_tokens": 2})
-        assert httpx.get(f"{srv.url}/health", timeout=30).json()["threads"] == len(os.sched_getaffinity(0))
+        # no job needs the other core: the engine decodes on every core from its next step after the server has
+        # decided so (which readiness does not wait for: poll, with a request to make a step each time)
+        threads, deadline = None, time.monotonic() + 120
+        while threads != len(os.sched_getaffinity(0)) and time.monotonic() < deadline:
+            httpx.post(f"{srv.url}/v1/completions", timeout=120, json={"model": tiny_llama_dir.name,
+                                                                        "prompt": "grid", "max_tokens": 2})
+            threads = httpx.get(f"{srv.url}/health", timeout=30).json()["threads"]
+        assert threads == len(os.sched_getaffinity(0))
         assert "no background drafter training needed: decoding on" in (tmp_path / "server.log").read_text()
     finally:
         srv.stop()
