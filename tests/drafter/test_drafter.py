@@ -214,6 +214,35 @@ def test_training_reduces_loss_and_raises_acceptance(tiny_llama, tiny_prompts):
         assert both["by_source"][src] == evaluate(d, lm.model, [x for x in samples if x.source == src], k=3)
 
 
+def test_bfloat16_mixed_precision_training_learns_and_keeps_float32_state(tiny_llama, tiny_prompts):
+    """precision=bfloat16: the loss runs under torch.autocast (its value differs from float32's within bf16
+    rounding), the drafter's weights and AdamW state stay float32, and the loss falls as in float32."""
+    lm = tiny_llama
+    plain = Engine(lm.model, EngineConfig(max_batch_size=24, max_model_len=256, num_speculative_tokens=0,
+                                          dtype="float32"), lm.eos_token_ids)
+    outs = plain.generate(tiny_prompts, SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
+    train = target_features(lm.model, [(p + o, len(p)) for p, o in zip(tiny_prompts, outs, strict=True)])[:12]
+    vocab = select_draft_vocab(train, 48, lm.config.vocab_size, always=lm.eos_token_ids)
+    d = new_drafter(lm.model, lm.fingerprint, vocab, seed=0).float()
+    cfg = DrafterTrainConfig(lr=3e-3, warmup_steps=5, total_steps=160, tokens_per_batch=1024, unroll_steps=2,
+                             precision="bfloat16")
+    with torch.no_grad():
+        first = float(eagle_loss(d, collate(train[:6]), cfg).loss)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = float(eagle_loss(d, collate(train[:6]), cfg).loss)
+    assert mixed != first and abs(mixed - first) < 0.05 * first, (mixed, first)
+    trainer = DrafterTrainer(d, cfg)
+    assert trainer.precision == "bfloat16"
+    trainer.train(train, max_steps=160)
+    with torch.no_grad():
+        last = float(eagle_loss(d, collate(train[:6]), cfg).loss)
+    assert last < 0.85 * first, (first, last)
+    assert {p.dtype for p in d.parameters()} == {torch.float32}
+    assert {t.dtype for st in trainer.opt.state.values() for t in st.values() if t.dim()} == {torch.float32}
+    with pytest.raises(ValueError, match="precision must be auto, float32 or bfloat16, got 'half'"):
+        DrafterTrainConfig(precision="half")
+
+
 def test_hard_labels_are_cross_entropy_against_the_targets_argmax(tiny_llama, tiny_prompts):
     lm = tiny_llama
     samples = target_features(lm.model, [(p + p[::-1], len(p)) for p in tiny_prompts[:3]])

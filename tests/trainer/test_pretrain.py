@@ -114,6 +114,41 @@ def test_sft_fine_tunes_an_existing_model_on_checked_solutions_and_keeps_its_fam
     assert saved["config"]["init"] == str(tiny_llama_dir) and "initial_accuracy" in saved
 
 
+def test_bfloat16_mixed_precision_sft_learns_and_keeps_float32_weights(tiny_llama_dir, tmp_path):
+    """precision=bfloat16: the step's matmuls run in bf16 under torch.autocast (its loss differs from float32's
+    on the same batch, within bf16's rounding), the weights and optimizer state stay float32, and it learns."""
+    from understudy.engine.loader import resolve_dtype
+    from understudy.trainer.pretrain import (
+        _initial_model,
+        _sample_examples,
+        _solvable_task,
+        lm_loss,
+        make_batch,
+    )
+
+    cfg = PretrainConfig(task="grid-risk", task_kwargs={"num_lines": 3}, init=str(tiny_llama_dir), steps=30,
+                         max_minutes=None, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, eval_problems=4,
+                         final_eval_problems=4, max_new_tokens=16, max_seq_len=256, precision="bfloat16")
+    model, tok = _initial_model(cfg)
+    batch = make_batch(_sample_examples(_solvable_task(cfg), tok, random.Random(0), 4, 256), tok.pad_token_id)
+    with torch.no_grad():
+        full = lm_loss(model, *batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = lm_loss(model, *batch)
+    assert mixed.dtype == torch.float32 and mixed != full and abs(mixed - full) < 0.05 * full, (mixed, full)
+    m = pretrain(cfg, tmp_path / "bf16", progress=False)
+    assert m["precision"] == "bfloat16" and m["final_loss"] < 0.6 * m["initial_loss"], m
+    from safetensors.torch import load_file
+
+    saved_weights = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in saved_weights.values()} == {torch.float32}  # the master weights: never cast
+    saved = json.loads((tmp_path / "bf16" / "config.json").read_text())["understudy_pretrain"]
+    assert saved["precision"] == "bfloat16" and saved["config"]["precision"] == "bfloat16"
+    assert PretrainConfig(precision="auto").resolved_precision == resolve_dtype("auto", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'fp8'"):
+        PretrainConfig(precision="fp8")
+
+
 def test_sft_of_the_top_layers_only_leaves_the_rest_bitwise_unchanged(tiny_llama_dir, tmp_path):
     base = load_model(str(tiny_llama_dir), dtype="float32")
     n = len(base.model.layers)

@@ -56,7 +56,8 @@ def accuracy_curve(sft: dict[str, Any], grpo_steps: list[dict[str, Any]]) -> lis
         curve.append({"stage": "base", "label": "base model", "greedy": sft["initial_accuracy"],
                       "format_rate": sft.get("initial_format_rate"), "by": "understudy sft, before its first step"})
     if sft.get("accuracy") is not None:
-        curve.append({"stage": "SFT", "label": f"SFT ({sft.get('steps')} steps)", "greedy": sft["accuracy"],
+        prec = " bf16" if sft.get("precision") == "bfloat16" else ""
+        curve.append({"stage": "SFT", "label": f"SFT ({sft.get('steps')} steps{prec})", "greedy": sft["accuracy"],
                       "format_rate": sft.get("format_rate"), "by": "understudy sft, after its last step"})
     for r in grpo_steps:
         if r.get("eval_accuracy") is not None:

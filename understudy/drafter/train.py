@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from understudy.drafter.model import Drafter
+from understudy.engine.loader import resolve_dtype
 from understudy.engine.model import Transformer, apply_rope
 
 
@@ -58,12 +59,17 @@ class DrafterTrainConfig:
     # way before scored anchors, kept as benchmarks/drafter_step.py's baseline
     grad_clip: float = 1.0
     seed: int = 0
+    precision: str = "float32"  # the loss's matmuls: float32, bfloat16 (torch.autocast mixed precision; the drafter's
+    #                            weights, gradients and optimizer state stay float32), or auto: bfloat16 where the CPU
+    #                            multiplies bf16 natively (AMX / AVX512-BF16), float32 elsewhere (loader.resolve_dtype)
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.total_steps < 1 or self.tokens_per_batch < 8:
             raise ValueError("lr must be > 0, total_steps >= 1, tokens_per_batch >= 8")
         if not 1 <= self.unroll_steps <= 8:
             raise ValueError(f"unroll_steps must be in [1, 8], got {self.unroll_steps}")
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -178,9 +184,9 @@ def unrolled_forward(drafter: Drafter, tokens: torch.Tensor, feats: torch.Tensor
     ctx = torch.arange(N, device=dev).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [B, N]
     x_ctx = drafter.fc(torch.cat([emb_all[:, 1:][ctx], feat[ctx]], dim=-1))  # [n, H]
     kv = feats.new_zeros(B, N, 2 * Hkv * D)
-    kv[ctx] = F.linear(x_ctx, w_kv, b_kv)
+    kv[ctx] = F.linear(x_ctx, w_kv, b_kv).to(kv.dtype)  # .to: bf16 under autocast (precision), else a no-op
     x_all = feats.new_zeros(B, N, H)
-    x_all[ctx] = x_ctx
+    x_all[ctx] = x_ctx.to(x_all.dtype)
     cos, sin = drafter.rotary(torch.arange(N, device=dev).clamp(max=max_pos).unsqueeze(0).expand(B, N), feats.dtype)
     k_all, v_all = kv.split([Hkv * D, Hkv * D], dim=-1)
     keys = [apply_rope(k_all.view(B, N, Hkv, D), cos, sin).transpose(1, 2)]  # [B, Hkv, N, D]
@@ -204,13 +210,13 @@ def unrolled_forward(drafter: Drafter, tokens: torch.Tensor, feats: torch.Tensor
             x = drafter.fc(torch.cat([tok_emb, prev], dim=-1))
             q, k, v = attn.wqkv(x).split([Hq * D, Hkv * D, Hkv * D], dim=-1)
             k_pad = feats.new_zeros(B, M, Hkv * D)
-            k_pad[rows, cols] = k
+            k_pad[rows, cols] = k.to(k_pad.dtype)
             v_pad = feats.new_zeros(B, M, Hkv * D)
-            v_pad[rows, cols] = v
+            v_pad[rows, cols] = v.to(v_pad.dtype)
             keys.append(apply_rope(k_pad.view(B, M, Hkv, D), cos, sin).transpose(1, 2))  # [B, Hkv, M, D]
             values.append(v_pad.view(B, M, Hkv, D).transpose(1, 2))
         q_pad = feats.new_zeros(B, M, Hq * D)
-        q_pad[rows, cols] = q
+        q_pad[rows, cols] = q.to(q_pad.dtype)
         q_pad = apply_rope(q_pad.view(B, M, Hq, D), cos, sin).transpose(1, 2)  # [B, Hq, M, D]
         kk = torch.cat(keys, dim=2).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq, N+(s-1)M, D]
         vv = torch.cat(values, dim=2).repeat_interleave(Hq // Hkv, dim=1)
@@ -219,7 +225,7 @@ def unrolled_forward(drafter: Drafter, tokens: torch.Tensor, feats: torch.Tensor
         h = x + attn.wo(a.transpose(1, 2)[rows, cols].reshape(-1, Hq * D))
         o = h + layer.mlp(layer.post_attention_layernorm(h))  # [Q, H]
         out = feats.new_zeros(B, M, H)
-        out[rows, cols] = o
+        out[rows, cols] = o.to(out.dtype)
         outs.append(out)
         prev = o
     return outs
@@ -314,6 +320,8 @@ class DrafterTrainer:
         if loss not in DRAFTER_LOSSES:
             raise ValueError(f"unknown drafter loss {loss!r}; registered: {', '.join(DRAFTER_LOSSES)}")
         self.loss_fn = DRAFTER_LOSSES[loss]
+        device = str(drafter.fc.weight.device)
+        self.precision = resolve_dtype("auto", device) if self.cfg.precision == "auto" else self.cfg.precision
         params = [p for p in drafter.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
         self.step = 0
@@ -351,7 +359,9 @@ class DrafterTrainer:
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         with torch.enable_grad():
-            out = self.loss_fn(self.drafter, collate(group), self.cfg, self.generator)
+            dev = self.drafter.fc.weight.device.type
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+                out = self.loss_fn(self.drafter, collate(group), self.cfg, self.generator)
             self.opt.zero_grad(set_to_none=True)
             out.loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.cfg.grad_clip)

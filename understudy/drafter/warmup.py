@@ -305,6 +305,7 @@ def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Dra
     report: dict[str, Any] = {
         "steps": trainer.step, "tokens_seen": trainer.tokens_seen, "interrupted": interrupted,
         "train_seconds": round(time.monotonic() - t_start, 1), "num_train_sequences": len(train),
+        "precision": trainer.precision,
         **dict(zip(("heldout", "heldout_by_prompts"), _heldout_report(drafter, lm, heldout, cfg.eval_k), strict=True)),
         "ood": evaluate(drafter, lm.model, ood, k=cfg.eval_k, cache_greedy=True) if ood else None,
         "config": {**asdict(cfg), "train": asdict(cfg.train)},
