@@ -40,14 +40,14 @@ PLAIN, DRAFTER = "plain", "drafter"
 
 # family -> (what it needs to move, who feeds it)
 FEEDERS: dict[str, tuple[str, str]] = {
-    "understudy:request_success": (PLAIN, "metrics.on_step: engine finish reason; on_stop_string (route); abort "
-                                          "= left the scheduler unfinished"),
+    "understudy:request_success": (PLAIN, "metrics.on_route_finish: the reason the route sent; on_step: abort = "
+                                          "left the scheduler unfinished, a finish no route reported in HOLD_S"),
     "understudy:request_errors": (PLAIN, "app.ErrorCounter middleware: every response >= 400, by status"),
     "understudy:num_requests_running": (PLAIN, "GET /metrics: set_queue(engine.num_running)"),
     "understudy:num_requests_waiting": (PLAIN, "GET /metrics: set_queue(engine.num_waiting)"),
     "understudy:time_to_first_token_seconds": (PLAIN, "metrics.on_step: first token of a request"),
     "understudy:inter_token_latency_seconds": (PLAIN, "metrics.on_step: every later token"),
-    "understudy:e2e_request_latency_seconds": (PLAIN, "metrics.on_step / on_stop_string: request end"),
+    "understudy:e2e_request_latency_seconds": (PLAIN, "metrics.on_route_finish / release_held: request end"),
     "understudy:request_queue_time_seconds": (PLAIN, "metrics.on_step: arrival to the first token's step"),
     "understudy:engine_step_seconds": (PLAIN, "metrics.on_step: every non-empty step"),
     "understudy:generation_tokens": (PLAIN, "metrics.on_step: tokens emitted"),
@@ -313,11 +313,15 @@ def plain_run(server_assets, tmp_path_factory) -> Iterator[dict[str, Any]]:
         assert first.status_code == 200 and first.json()["choices"][0]["finish_reason"] == "length"
         text = first.json()["choices"][0]["message"]["content"]
         stop = next(text[i:i + 2] for i in range(3, len(text) - 1) if text[i:i + 2].strip())
-        # the same greedy start, with room to run on: the route must see the stop string before the engine's own
-        # length finish, or the metric counts the engine's reason (metrics.on_stop_string); at 12 tokens a fast
-        # engine thread could finish first while the route was still reading
+        # the same greedy start, with room to run on: the stop string ends the request before the engine does
         r = http.post(CHAT, json=chat("grid line flow", max_tokens=200, ignore_eos=True, stop=[stop]), headers=KEY)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", (text, stop, r.text)
+        # and a stop string that the engine's last output completes (its length limit, 12 tokens, in the same
+        # step): the client is sent `stop`, and so must the metric count it (the route reports what it sent)
+        end = next(text[-n:] for n in range(2, len(text) + 1) if text[-n:].strip() and text.find(text[-n:]) == len(text) - n)
+        r = http.post(CHAT, json=chat("grid line flow", max_tokens=12, ignore_eos=True, stop=[end]), headers=KEY)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", (text, end, r.text)
+        assert r.json()["usage"]["completion_tokens"] == 12, r.text  # the engine's own end came in the same output
         r = http.post(CHAT, json=chat("risk load", max_tokens=6, ignore_eos=True), headers=KEY)  # steps after it
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
         snaps["completions"] = scrape(url)
@@ -465,12 +469,12 @@ def test_finish_reasons_stop_string_length_and_abort(plain_run):
     # two length finishes and one stop string; the stop string's engine request is aborted by the route, and
     # that is not a client abort
     assert delta(s["errors"], s["completions"], "understudy:request_success_total", "finished_reason") == \
-        {"length": 2, "stop": 1}
+        {"length": 2, "stop": 2}
     # both held streams (one running, one queued) were dropped by their clients: two aborts, nothing else
     assert delta(s["completions"], s["released"], "understudy:request_success_total", "finished_reason") == \
         {"abort": 2}
     e2e = "understudy:e2e_request_latency_seconds_count"
-    assert value(s["completions"], e2e) - value(s["errors"], e2e) == 3  # the stop-string request has an E2E too
+    assert value(s["completions"], e2e) - value(s["errors"], e2e) == 4  # the stop-string requests have an E2E too
 
 
 def test_queue_gauges_while_a_request_runs_and_one_waits(plain_run):
@@ -524,3 +528,35 @@ def test_error_counter_counts_unhandled_500_and_handler_made_errors():
     counted = {s.labels["status"]: s.value for fam in metrics.registry.collect() for s in fam.samples
                if s.name == "understudy:request_errors_total"}
     assert counted == {"500": 1.0, "408": 1.0}
+
+
+def test_a_finish_is_counted_once_with_the_reason_the_client_was_sent():
+    """In-process, no model: the engine finishes a request on its length limit in the step whose output also
+    completes a stop string; the route sends `stop` and the metric counts `stop`, not the engine's `length`. A
+    finish whose route never reports is counted with the engine's reason once HOLD_S has passed."""
+    import time
+
+    from understudy.engine.engine import StepOutput, StepStats
+    from understudy.server.metrics import HOLD_S, ServerMetrics
+    from understudy.server.scheduler import RequestStream
+
+    def counts(metrics: ServerMetrics) -> dict[str, float]:
+        return {smp.labels["finished_reason"]: smp.value for fam in metrics.registry.collect() for smp in fam.samples
+                if smp.name == "understudy:request_success_total" and smp.value}
+
+    metrics, now = ServerMetrics("m"), time.monotonic()
+    a, b = RequestStream("a", 3, now), RequestStream("b", 3, now)
+    streams = {"a": a, "b": b}
+    out = [StepOutput("a", [7], True, "length"), StepOutput("b", [8], True, "length")]
+    metrics.on_step(StepStats(), out, streams, now)
+    assert counts(metrics) == {}  # held: the routes have not said what they sent
+    a.done = b.done = True  # the scheduler's dispatch, after the hooks
+    metrics.on_route_finish(a, "stop")  # its last token completed a stop string
+    metrics.on_route_finish(a, "stop")  # counted once
+    assert counts(metrics) == {"stop": 1.0}
+    metrics.release_held(now + HOLD_S / 2)
+    assert counts(metrics) == {"stop": 1.0}  # b's route may still report
+    metrics.release_held(time.monotonic() + HOLD_S)  # it never did (its client went away): the engine's reason
+    assert counts(metrics) == {"stop": 1.0, "length": 1.0}
+    metrics.on_route_finish(b, "length")  # a late report counts nothing more
+    assert counts(metrics) == {"stop": 1.0, "length": 1.0}

@@ -6,11 +6,14 @@ is observed once per generated token: when a speculative step commits n tokens a
 tokens is observed at dt / n (so TPOT = mean ITL stays comparable with and without speculation).
 
 Who feeds what (tests/server/test_metrics.py drives a real server until each charted series moves):
-- the engine thread's step hook `on_step`: tokens, latencies, spec-decode counters, and `request_success` once for
-  every engine request it saw, labelled by how it ended: the engine's finish reason (stop, length), `stop` when
-  the route ended it on a stop string (`on_stop_string`), or `abort` when it left the scheduler unfinished
-  (client disconnect, timeout, a failed step). A request the engine failed (finish reason "error") is not a
-  success: its 500 is counted in request_errors;
+- the engine thread's step hook `on_step`: tokens, latencies, spec-decode counters; and `request_success` once
+  for every engine request it saw, labelled by the finish reason the client was sent. The route reports that
+  reason (`on_route_finish`): the engine's (stop, length), or `stop` when the route ended the request on a stop
+  string, also when the engine's last output both completed the stop string and hit its own length limit. A
+  request the engine finished is therefore held (`_held`) until its route reports; one no route reports within
+  `HOLD_S` (its consumer gone, or never started) is counted with the engine's reason. `abort`: the request left
+  the scheduler unfinished (client disconnect, timeout, a failed step). A request the engine failed (finish
+  reason "error") is not a success: its 500 is counted in request_errors;
 - `/metrics` itself (`set_queue`, `set_controller`): the running/waiting gauges and the controller's arms;
 - the hot-swap manager: `drafter_info`, `policy_info`, `drafter_swaps`, `drafter_swap_stall_seconds`,
   `policy_swap_drain_seconds`;
@@ -30,6 +33,7 @@ from understudy.server.scheduler import RequestStream
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                    2.5, 5.0, 7.5, 10.0)
+HOLD_S = 5.0  # how long a finished request waits for its route to report the finish reason it sent
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -82,10 +86,13 @@ class ServerMetrics:
             self.success.labels(model_name, reason)
         for result in ("success", "failed", "rolled_back"):
             self.swaps.labels(model_name, result)
-        # Request ends seen by on_step: ids in the scheduler at the last step (engine thread only), and ids the
-        # route already counted (stop strings: the route aborts the engine request, which must not count as abort).
+        # Request ends seen by on_step: ids in the scheduler at the last step (engine thread only), ids the
+        # route already counted (stop strings: the route aborts the engine request, which must not count as
+        # abort), and requests the engine finished whose route has not reported yet: id -> (the engine's reason,
+        # arrival, when the engine finished it).
         self._live: set[str] = set()
         self._ended_by_route: set[str] = set()
+        self._held: dict[str, tuple[str, float, float]] = {}
         self._lock = threading.Lock()
 
     # ---- hooks ---------------------------------------------------------------------------------------------
@@ -129,25 +136,41 @@ class ServerMetrics:
             self._ended_by_route -= by_route
         for o in outs:
             if o.finished and o.request_id not in by_route and o.finish_reason != "error":  # an error is a 500
-                self.success.labels(m, o.finish_reason or "stop").inc()
                 s = streams.get(o.request_id)
-                if s is not None:
-                    self.e2e.labels(m).observe(now - s.arrival)
+                if s is None:  # its consumer is gone: nobody will report another reason
+                    self.success.labels(m, o.finish_reason or "stop").inc()
+                    continue
+                with self._lock:  # the route reports the reason it sends once this output reaches it
+                    self._held[o.request_id] = (o.finish_reason or "stop", s.arrival, now)
         aborted = self._live - live - finished - by_route  # left the scheduler unfinished since the last step
         if aborted:
             self.success.labels(m, "abort").inc(len(aborted))
         self._live = live - finished
+        self.release_held(now)
 
-    def on_stop_string(self, stream: RequestStream) -> None:
-        """The route ended this request on a stop string (and aborts its engine request): a `stop` finish. If the
-        output that completed the stop string was also the engine's last (stream.done), on_step already counted
-        the request, with the engine's finish reason."""
+    def on_route_finish(self, stream: RequestStream, reason: str) -> None:
+        """The route sent this request's finish reason (`stop` or `length`): count it, once. For a stop string
+        before the engine's own end the route aborts the engine request next, which is not an abort."""
         with self._lock:
-            if stream.done or stream.request_id in self._ended_by_route:
-                return
-            self._ended_by_route.add(stream.request_id)
-        self.success.labels(self.model_name, "stop").inc()
+            held = self._held.pop(stream.request_id, None)
+            if held is None:
+                if stream.done or stream.request_id in self._ended_by_route:
+                    return  # counted already: held past HOLD_S and released with the engine's reason
+                self._ended_by_route.add(stream.request_id)
+        self.success.labels(self.model_name, reason).inc()
         self.e2e.labels(self.model_name).observe(time.monotonic() - stream.arrival)
+
+    def release_held(self, now: float | None = None) -> None:
+        """Count the finished requests no route reported within HOLD_S, with the engine's finish reason (also
+        called by /metrics, so that an idle server's counts settle)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            late = [(rid, v) for rid, v in self._held.items() if now - v[2] >= HOLD_S]
+            for rid, _ in late:
+                del self._held[rid]
+        for _, (reason, arrival, ended) in late:
+            self.success.labels(self.model_name, reason).inc()
+            self.e2e.labels(self.model_name).observe(ended - arrival)
 
     def on_error(self, status: int) -> None:
         """An HTTP response with status >= 400 (app.py's ErrorCounter middleware calls this)."""
@@ -156,6 +179,7 @@ class ServerMetrics:
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)
         self.waiting.labels(self.model_name).set(waiting)
+        self.release_held()
 
     def set_controller(self, state: dict[str, Any]) -> None:
         for bucket, b in state.get("buckets", {}).items():

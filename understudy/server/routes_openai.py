@@ -138,11 +138,12 @@ async def choice_deltas(state: ServerState, c: Choice) -> AsyncIterator[Delta]:
             lps = out.logprobs or []
             if detok.stopped:
                 c.finish_reason = "stop"
-                state.metrics.on_stop_string(c.stream)  # request_success{stop}: the abort below is not an abort
+                state.metrics.on_route_finish(c.stream, "stop")  # request_success{stop}: the abort below is not one
                 yield Delta(c.index, text, lps, "stop")
                 return  # aclosing -> the scheduler aborts the engine request
             if out.finished:
                 c.finish_reason = "stop" if out.finish_reason == "stop" else "length"
+                state.metrics.on_route_finish(c.stream, c.finish_reason)
                 yield Delta(c.index, text + detok.finish(), lps, c.finish_reason)
                 return
             if text or lps:
