@@ -86,11 +86,14 @@ def test_a_faulty_drafter_is_taken_out_of_service_and_its_request_still_succeeds
 
 
 # ---- target + drafter pairs (issue 13) ---------------------------------------------------------------------------
-def publish_pair(reg: Registry, assets, held_out: float | None = None) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def publish_pair(reg: Registry, assets, held_out: float | None = None,  # type: ignore[no-untyped-def]
+                 positions: list[float] | None = None) -> tuple[int, int]:
     plm = assets["policy_lm"]
     p = reg.publish_policy(assets["policy"], family_fingerprint=plm.fingerprint,
                            target=plm.config.family_shape()).version
-    metrics = {"heldout_acceptance_length": held_out} if held_out is not None else None
+    metrics: dict | None = {"heldout_acceptance_length": held_out} if held_out is not None else None  # type: ignore[type-arg]
+    if positions is not None:
+        metrics = {**(metrics or {}), "per_position_acceptance": positions}
     return p, reg.publish(assets["policy_drafter"], policy=p, metrics=metrics).version
 
 
@@ -161,6 +164,41 @@ def test_pair_swaps_install_the_policy_refuse_drift_and_the_canary_rolls_back_bo
         assert (mgr.served.version, mgr.served.policy, eng.epoch, eng.model is lm.model) == (d1, None, 2, True)
         assert d2 in mgr.rejected and mgr.history[-1].result == "rolled_back"
         assert (mgr.history[-1].to_policy, mgr.history[-1].from_policy) == ("base", str(p))
+    finally:
+        stepper.stop.set()
+        stepper.thread.join(5)
+
+
+def test_the_canary_judges_a_new_policy_at_the_draft_lengths_it_served(server_assets, tmp_path):
+    """A pair for another policy is judged against its manifest's held-out acceptance taken at the draft lengths
+    the server drafted: the trainer measured L(4) = 3.1 (q = 0.8, 0.6, 0.45, 0.25), the adaptive controller drafts
+    K=2, where 1 + 0.8 + 0.6 = 2.4 is the most the same drafter can show. A live 2.3 at K=2 keeps the pair (the
+    bare L(4) would have rolled it back); a live 1.5 at K=2 rolls it back."""
+    lm = server_assets["lm"]
+    reg = Registry.open(tmp_path / "reg")
+    d1 = reg.publish(server_assets["good"]).version
+    q = [0.8, 0.6, 0.45, 0.25]
+    p, d2 = publish_pair(reg, server_assets, held_out=1 + sum(q), positions=q)
+    cfg = EngineConfig(max_batch_size=2, max_model_len=128, num_speculative_tokens=4, dtype="float32")
+    eng = Engine(lm.model, cfg, lm.eos_token_ids, drafter=load_drafter(server_assets["good"], lm.model, lm.fingerprint))
+    mgr = HotSwapManager(eng, lm, ServerMetrics("tiny"), reg, wake=lambda: None, canary_window=100, canary_margin=0.3)
+    mgr.set_initial(str(d1), d1, eng.drafter, policy=None, target=lm)
+    stepper = Stepper(eng)
+    try:
+        mgr._swap_to(d2, "alias moved", policy=p)
+        assert mgr.canary["baseline_positions"] == q  # type: ignore[index]
+        for _ in range(10):  # 100 drafts of 2 tokens, 130 accepted: live L 2.3
+            mgr._observe(10, 13, 20)
+        mgr._check_canary()
+        assert mgr.served.version == d2 and mgr.history[-1].result == "success", mgr.history[-1]
+
+        mgr._swap_to(d1, "operator", policy=None)  # back to the base pair, then the same pair again
+        mgr._swap_to(d2, "alias moved", policy=p)
+        for _ in range(10):  # live L 1.5 at K=2, 0.9 below the 2.4 it should reach there
+            mgr._observe(10, 5, 20)
+        mgr._check_canary()
+        assert mgr.served.version == d1 and mgr.history[-1].result == "rolled_back"
+        assert "held-out acceptance at the draft lengths served 2.40" in mgr.history[-1].reason, mgr.history[-1]
     finally:
         stepper.stop.set()
         stepper.thread.join(5)

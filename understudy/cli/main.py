@@ -122,7 +122,7 @@ def _load_drafter_arg(spec: str, lm, registry: str | None, option: str = "--draf
 
 # ---- drafter ------------------------------------------------------------------------------------------------------
 def _check_drafter_train_args(publish: bool, publish_every_minutes: float, threads: int | None, precision: str,
-                              data_minutes: float | None, max_minutes: float) -> None:
+                              data_minutes: float | None, max_minutes: float, feature_noise: float) -> None:
     if publish_every_minutes < 0:
         raise UserError(f"--publish-every-minutes must be >= 0, got {publish_every_minutes}")
     if publish_every_minutes and not publish:
@@ -131,6 +131,8 @@ def _check_drafter_train_args(publish: bool, publish_every_minutes: float, threa
         raise UserError(f"--threads must be >= 1, got {threads}")
     if precision not in ("auto", "float32", "bfloat16"):
         raise UserError(f"--precision must be auto, float32 or bfloat16, got {precision!r}")
+    if feature_noise < 0:
+        raise UserError(f"--feature-noise must be >= 0, got {feature_noise}")
     if data_minutes is not None and not 0 < data_minutes < max_minutes:
         raise UserError(f"--data-minutes must be > 0 and below --max-minutes ({max_minutes}), got {data_minutes}")
 
@@ -150,6 +152,9 @@ def drafter_train(
     sampled_copies: Annotated[int, typer.Option("--sampled-copies", help="Extra sampled responses per prompt")] = 1,
     draft_vocab_size: Annotated[int, typer.Option("--draft-vocab-size", help="Reduced draft vocabulary (0 = full)")] = 2048,
     unroll_steps: Annotated[int, typer.Option("--unroll-steps", help="Draft steps trained per position (TTT)")] = 3,
+    feature_noise: Annotated[float, typer.Option(
+        "--feature-noise", help="Std of Gaussian noise on the target features the drafter reads (EAGLE's "
+        "augmentation; the features' per-dimension std is about 1)")] = 0.0,
     lr: Annotated[float, typer.Option("--lr")] = 1e-3,
     precision: Annotated[str, typer.Option(
         "--precision", help="Training matmuls: float32, bfloat16 (mixed precision), or auto (bfloat16 where the "
@@ -180,13 +185,15 @@ def drafter_train(
     from understudy.drafter.warmup import WARMUP_TRAIN, WarmupConfig, warmup_train
     from understudy.engine.loader import load_model
 
-    _check_drafter_train_args(publish, publish_every_minutes, threads, precision, data_minutes, max_minutes)
+    _check_drafter_train_args(publish, publish_every_minutes, threads, precision, data_minutes, max_minutes,
+                              feature_noise)
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = WarmupConfig(prompts=tuple(str(p) for p in prompts or ()), max_minutes=max_minutes, data_minutes=data_minutes,
                        max_new_tokens=max_new_tokens, sampled_copies=sampled_copies,
                        draft_vocab_size=draft_vocab_size, seed=seed,
-                       train=replace(WARMUP_TRAIN, lr=lr, unroll_steps=unroll_steps, seed=seed, precision=precision))
+                       train=replace(WARMUP_TRAIN, lr=lr, unroll_steps=unroll_steps, seed=seed, precision=precision,
+                                     feature_noise=feature_noise))
     lm = load_model(model, dtype="float32")
     start = _load_drafter_arg(init_from, lm, registry, "--init-from") if init_from else None
     publisher = _Publisher(registry, out, events) if publish else None

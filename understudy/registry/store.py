@@ -233,6 +233,17 @@ def manifest_metric(manifest: dict[str, Any] | None) -> float | None:
     return float(v)
 
 
+def manifest_positions(manifest: dict[str, Any] | None) -> list[float] | None:
+    """The held-out per-position acceptance a manifest records (position i: the share of drafts whose first i
+    tokens were accepted), from its metrics or its nested `heldout` evaluation; None when it has none."""
+    m = (manifest or {}).get("metrics") or {}
+    for v in (m.get("per_position_acceptance"), (m.get("heldout") or {}).get("per_position_acceptance")):
+        if isinstance(v, list) and v and all(isinstance(x, int | float) and not isinstance(x, bool)
+                                             and math.isfinite(x) and 0 <= x <= 1 for x in v):
+            return [float(x) for x in v]
+    return None
+
+
 # ---- alias history --------------------------------------------------------------------------------------------
 _UNSET: Any = object()  # "the pair's policy is the drafter's own" (promote's default)
 

@@ -15,7 +15,10 @@ replaces its vLLM process blue/green. This module holds no tensors and does not 
 
 Canary: after a swap, the new version's live mean acceptance length over `canary_window` drafts is compared with
 the previous version's over its last window (after a swap to another policy, with the pair's own held-out
-acceptance length from its manifest: two policies' live figures are not comparable); if it falls below by more
+acceptance from its manifest: two policies' live figures are not comparable). A held-out figure is taken at the
+draft lengths the server actually drafted in the window: its per-position acceptance q summed up to each draft's
+length (1 + q_1 + q_2 at K=2), since the adaptive controller drafts fewer tokens than the K the trainer evaluated
+(a live L at K=2 can never reach a held-out L(4) of 3.1). If the live figure falls below by more
 than `canary_margin`, the manager swaps the previous pair back, marks the version rejected (it is not swapped in again unless pinned explicitly),
 and records why.
 """
@@ -34,7 +37,7 @@ from typing import Any
 
 from understudy.drafter.format import check_family, validate_folder
 from understudy.errors import UnderstudyError
-from understudy.registry.store import Registry, RegistryError, manifest_metric
+from understudy.registry.store import Registry, RegistryError, manifest_metric, manifest_positions
 from understudy.registry.watch import RegistryWatcher
 from understudy.server.metrics import ServerMetrics
 
@@ -286,7 +289,9 @@ class SwapManager:
         self._install(new)
         rec = SwapRecord(time.time(), new.label, self.served.label, result, reason, to_policy=new.policy_label,
                          from_policy=self.served.policy_label)
-        held_out = self._held_out(new.version) if new.policy != self.served.policy else None
+        cross = new.policy != self.served.policy
+        held_out = self._held_out(new.version) if cross else None
+        positions = self._held_out_positions(new.version) if cross else None
         with self._lock:
             if result == "success":
                 self.previous = self.served
@@ -298,8 +303,9 @@ class SwapManager:
             else:
                 base = self._baseline(self.previous, self.canary_window)
             new.inherited = base
-            self.canary = {"version": new.label, "drafts": 0, "accepted": 0, "baseline": base} \
-                if result == "success" else None
+            self.canary = {"version": new.label, "drafts": 0, "accepted": 0, "baseline": base,
+                           "baseline_positions": positions if base is held_out else None,
+                           "drafts_by_length": {}} if result == "success" else None
         self.metrics.set_drafter(new.label, "registry", self.fingerprint)
         self.metrics.set_policy(new.policy_label)
         self._after_swap(rec)
@@ -314,6 +320,15 @@ class SwapManager:
             return None
         try:
             return manifest_metric(self.registry.manifest(version))
+        except (RegistryError, OSError):
+            return None
+
+    def _held_out_positions(self, version: int | None) -> list[float] | None:
+        """The version's held-out per-position acceptance from its manifest (None when it recorded none)."""
+        if version is None or self.registry is None:
+            return None
+        try:
+            return manifest_positions(self.registry.manifest(version))
         except (RegistryError, OSError):
             return None
 
@@ -339,13 +354,28 @@ class SwapManager:
         return 1.0 + sum(a for _, a in prev.window) / drafts
 
     # ---- canary ---------------------------------------------------------------------------------------------
-    def _observe(self, drafts: int, accepted: int) -> None:
-        """Spec-decode activity of the drafter serving (from the engine's steps or the backend's counters)."""
+    def _observe(self, drafts: int, accepted: int, draft_tokens: int | None = None) -> None:
+        """Spec-decode activity of the drafter serving (from the engine's steps or the backend's counters):
+        `drafts` drafts proposing `draft_tokens` tokens in all (their length, K, is draft_tokens / drafts)."""
         with self._lock:
             self.served.window.append((drafts, accepted))
             if self.canary is not None:
                 self.canary["drafts"] += drafts
                 self.canary["accepted"] += accepted
+                if draft_tokens and drafts:
+                    k = max(1, round(draft_tokens / drafts))
+                    by = self.canary["drafts_by_length"]
+                    by[k] = by.get(k, 0) + drafts
+
+    @staticmethod
+    def _baseline_at_lengths(c: dict[str, Any]) -> float | None:
+        """The held-out acceptance length at the draft lengths the window drafted: mean over its drafts of 1 +
+        q_1 + ... + q_K (positions beyond what the manifest measured count 0); None without both."""
+        q, by = c.get("baseline_positions"), c.get("drafts_by_length") or {}
+        n = sum(by.values())
+        if not q or not n:
+            return None
+        return 1.0 + sum(count * sum(q[:k]) for k, count in by.items()) / n
 
     def _check_canary(self) -> None:
         with self._lock:
@@ -354,12 +384,15 @@ class SwapManager:
                 return
             self.canary = None
             live = 1.0 + c["accepted"] / c["drafts"]
-            base = c["baseline"]
+            at_lengths = self._baseline_at_lengths(c)
+            base = c["baseline"] if at_lengths is None else at_lengths
             if base is None or live >= base - self.canary_margin or self.previous is None:
                 return
             bad, prev = self.served, self.previous
-        why = (f"canary: mean acceptance length {live:.2f} over {c['drafts']} drafts is below the previous "
-               f"version's {base:.2f} by more than {self.canary_margin}")
+        against = ("its held-out acceptance at the draft lengths served" if at_lengths is not None
+                   else "the previous version's")
+        why = (f"canary: mean acceptance length {live:.2f} over {c['drafts']} drafts is below {against} "
+               f"{base:.2f} by more than {self.canary_margin}")
         log.warning("rolling back drafter %s -> %s: %s", bad.label, prev.label, why)
         if bad.version is not None:
             self.rejected[bad.version] = why

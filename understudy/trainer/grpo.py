@@ -267,7 +267,9 @@ class GRPOTrainer:
         crashpoints.reach("publish_before", self.step)
         info = reg.publish(
             folder, metrics={"heldout_acceptance_length": ev.get("expected_acceptance_length"),
-                             "top1_agreement": ev.get("top1_agreement")},
+                             "top1_agreement": ev.get("top1_agreement"),
+                             # the server's canary compares live acceptance at the K it drafts with these
+                             "per_position_acceptance": ev.get("per_position_acceptance")},
             training_config=self.cfg.to_json(), policy_version=self.step, policy=pv, parent=self.last_published,
             note=publish_note(self._run_id(), self.step))
         crashpoints.reach("publish_after", self.step)

@@ -220,7 +220,7 @@ class HotSwapManager(SwapManager):
         elif stats.batch_size:
             self._step_times.append(stats.seconds)
         if stats.spec.num_drafts:
-            self._observe(stats.spec.num_drafts, stats.spec.num_accepted_tokens)
+            self._observe(stats.spec.num_drafts, stats.spec.num_accepted_tokens, stats.spec.num_draft_tokens)
 
 
 def build_controller(s: ServerSettings) -> OperatorOverride:

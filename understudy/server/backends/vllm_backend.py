@@ -451,7 +451,8 @@ class VllmSwapManager(SwapManager):
         d = self.backend.scrape(proc)
         drafts = int(d.get("vllm:spec_decode_num_drafts_total", 0))
         if drafts and proc.label == self.served.label:
-            self._observe(drafts, int(d.get("vllm:spec_decode_num_accepted_tokens_total", 0)))
+            self._observe(drafts, int(d.get("vllm:spec_decode_num_accepted_tokens_total", 0)),
+                          int(d.get("vllm:spec_decode_num_draft_tokens_total", 0)) or None)
 
 
 # ---- the state create_app holds ------------------------------------------------------------------------------------
