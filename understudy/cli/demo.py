@@ -483,7 +483,7 @@ class DemoRun:
                 "--max-new-tokens", str(MAX_NEW_TOKENS), "--seed", str(self.plan.sft_seed),
                 # one thread: the serving server has the other core (a 1-thread competitor: 18.6 s per SFT step
                 # with 1 thread, 22.8 s with 2, SmolLM2, batch 8, float32). Precision auto: bfloat16 mixed
-                # precision where the CPU has AMX (2.1x per step), float32 on AVX2-only CPUs
+                # precision where the CPU has AMX (1.56x per step, docs/trainer-tasks.md), float32 on AVX2-only CPUs
                 "--threads", "1", "--precision", "auto"),
                 timeout_s=minutes * 60 * 3 + 1800, stdout=result, what="SFT")
             self.res.sft = _last_json(result)

@@ -129,7 +129,9 @@ def _check_drafter_train_args(publish: bool, publish_every_minutes: float, threa
         raise UserError("--publish-every-minutes needs --publish (it publishes improving checkpoints)")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    if precision not in ("auto", "float32", "bfloat16"):
+    from understudy.engine.loader import TRAINING_PRECISIONS
+
+    if precision not in TRAINING_PRECISIONS:
         raise UserError(f"--precision must be auto, float32 or bfloat16, got {precision!r}")
     if feature_noise < 0:
         raise UserError(f"--feature-noise must be >= 0, got {feature_noise}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from understudy.drafter.model import Drafter
-from understudy.engine.loader import resolve_dtype
+from understudy.engine.loader import TRAINING_PRECISIONS, resolve_dtype
 from understudy.engine.model import Transformer, apply_rope
 
 
@@ -68,7 +68,7 @@ class DrafterTrainConfig:
             raise ValueError("lr must be > 0, total_steps >= 1, tokens_per_batch >= 8")
         if not 1 <= self.unroll_steps <= 8:
             raise ValueError(f"unroll_steps must be in [1, 8], got {self.unroll_steps}")
-        if self.precision not in ("auto", "float32", "bfloat16"):
+        if self.precision not in TRAINING_PRECISIONS:
             raise ValueError(f"precision must be auto, float32 or bfloat16, got {self.precision!r}")
 
 
@@ -320,8 +320,7 @@ class DrafterTrainer:
         if loss not in DRAFTER_LOSSES:
             raise ValueError(f"unknown drafter loss {loss!r}; registered: {', '.join(DRAFTER_LOSSES)}")
         self.loss_fn = DRAFTER_LOSSES[loss]
-        device = str(drafter.fc.weight.device)
-        self.precision = resolve_dtype("auto", device) if self.cfg.precision == "auto" else self.cfg.precision
+        self.precision = resolve_dtype(self.cfg.precision, str(drafter.fc.weight.device))
         params = [p for p in drafter.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, weight_decay=self.cfg.weight_decay)
         self.step = 0

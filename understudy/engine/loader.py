@@ -285,6 +285,9 @@ def save_model(model: Transformer, tokenizer: Any, out: Path, extra_config: dict
             tokenizer.save_pretrained(str(tmp))
 
 
+TRAINING_PRECISIONS = ("auto", "float32", "bfloat16")  # what a trainer's `precision` setting accepts (resolve_dtype)
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """'auto' -> bfloat16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX), else float32.
 

@@ -289,9 +289,8 @@ class SwapManager:
         self._install(new)
         rec = SwapRecord(time.time(), new.label, self.served.label, result, reason, to_policy=new.policy_label,
                          from_policy=self.served.policy_label)
-        cross = new.policy != self.served.policy
-        held_out = self._held_out(new.version) if cross else None
-        positions = self._held_out_positions(new.version) if cross else None
+        # another policy's pair is judged against its own manifest's held-out figures (read once, before the lock)
+        manifest = self._manifest(new.version) if new.policy != self.served.policy else None
         with self._lock:
             if result == "success":
                 self.previous = self.served
@@ -299,13 +298,12 @@ class SwapManager:
             if self.previous is not None and new.policy != self.previous.policy:
                 # another policy: the previous pair's live acceptance is not comparable (a new policy drifts from
                 # what any drafter saw); judge the pair against its own held-out acceptance from the trainer
-                base = held_out
+                base, positions = manifest_metric(manifest), manifest_positions(manifest)
             else:
-                base = self._baseline(self.previous, self.canary_window)
+                base, positions = self._baseline(self.previous, self.canary_window), None
             new.inherited = base
             self.canary = {"version": new.label, "drafts": 0, "accepted": 0, "baseline": base,
-                           "baseline_positions": positions if base is held_out else None,
-                           "drafts_by_length": {}} if result == "success" else None
+                           "baseline_positions": positions, "drafts_by_length": {}} if result == "success" else None
         self.metrics.set_drafter(new.label, "registry", self.fingerprint)
         self.metrics.set_policy(new.policy_label)
         self._after_swap(rec)
@@ -314,27 +312,18 @@ class SwapManager:
                  f"v{new.label}" if new.version is not None else new.label, new.policy_label,
                  self._describe(new.version), reason)
 
-    def _held_out(self, version: int | None) -> float | None:
-        """The version's held-out mean acceptance length from its manifest (None when it recorded none)."""
+    def _manifest(self, version: int | None) -> dict[str, Any] | None:
+        """The version's manifest (None for no version, no registry, or one that cannot be read)."""
         if version is None or self.registry is None:
             return None
         try:
-            return manifest_metric(self.registry.manifest(version))
-        except (RegistryError, OSError):
-            return None
-
-    def _held_out_positions(self, version: int | None) -> list[float] | None:
-        """The version's held-out per-position acceptance from its manifest (None when it recorded none)."""
-        if version is None or self.registry is None:
-            return None
-        try:
-            return manifest_positions(self.registry.manifest(version))
+            return self.registry.manifest(version)
         except (RegistryError, OSError):
             return None
 
     def _describe(self, version: int | None) -> str:
         """", held-out acceptance length 2.61" from the version's manifest, when it recorded one."""
-        length = self._held_out(version)
+        length = manifest_metric(self._manifest(version))
         return f", held-out acceptance length {length:.2f}" if length is not None else ""
 
     def _record(self, rec: SwapRecord) -> None:

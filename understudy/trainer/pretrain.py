@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from understudy.engine.config import EngineConfig, ModelConfig
 from understudy.engine.engine import Engine
-from understudy.engine.loader import resolve_dtype, save_model
+from understudy.engine.loader import TRAINING_PRECISIONS, resolve_dtype, save_model
 from understudy.engine.model import Transformer, enable_cpu_packing
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import encode_prompt, encode_text
@@ -103,16 +103,15 @@ class PretrainConfig:
                                       "excludes train_layers; leave it unset for full fine-tuning")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise PretrainConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if self.precision not in PRECISIONS:
-            raise PretrainConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in TRAINING_PRECISIONS:
+            raise PretrainConfigError(f"precision must be one of {', '.join(TRAINING_PRECISIONS)}, "
+                                      f"got {self.precision!r}")
 
     @property
     def resolved_precision(self) -> str:
         """float32 or bfloat16: `auto` resolved for this machine (as the engine's dtype auto is)."""
-        return resolve_dtype("auto", "cpu") if self.precision == "auto" else self.precision
+        return resolve_dtype(self.precision, "cpu")
 
-
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 # ---- model and data -----------------------------------------------------------------------------------------
