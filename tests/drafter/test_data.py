@@ -103,3 +103,23 @@ def test_captured_running_returns_partial_sequences_with_their_features(tiny_lla
         for o in eng.step():
             if o.finished and o.request_id == "0":
                 assert torch.allclose(o.hidden[:got[0][2].shape[0]], got[0][2])
+
+
+def test_data_is_decoded_in_its_dtype_and_the_dtype_keys_the_cache(tmp_path, monkeypatch, tiny_llama):
+    """bfloat16 data is made by a bfloat16 engine (its own features, not float32 ones rounded) and cached apart
+    from float32 data; an unknown dtype is refused naming the setting."""
+    monkeypatch.setenv("UNDERSTUDY_CACHE", str(tmp_path / "cache"))
+    base = dict(prompts=(str(_prompts(tmp_path)),), max_minutes=20, max_new_tokens=12, sampled_copies=0,
+                gen_batch_size=8, data_workers=1)
+    _, held32, _ = build_dataset(tiny_llama, WarmupConfig(**base, data_dtype="float32"))
+    _, held16, _ = build_dataset(tiny_llama, WarmupConfig(**base, data_dtype="bfloat16"))
+    assert len(list((tmp_path / "cache" / "drafter-data").iterdir())) == 2
+    by_prompt = {tuple(s.tokens[:s.prompt_len].tolist()): s for s in held32}
+    pairs = [(by_prompt[tuple(s.tokens[:s.prompt_len].tolist())], s) for s in held16]
+    assert len(pairs) == len(held32) == 7
+    # the prompt positions see the same tokens in both: their features differ only by the engine's arithmetic
+    diff = max(float((a.features[:a.prompt_len] - b.features[:b.prompt_len]).abs().max()) for a, b in pairs)
+    scale = max(float(a.features[:a.prompt_len].abs().max()) for a, _ in pairs)
+    assert 0 < diff < 0.25 * scale, (diff, scale)
+    with pytest.raises(ValueError, match="data_dtype must be auto, float32 or bfloat16"):
+        build_dataset(tiny_llama, WarmupConfig(**base, data_dtype="float16"))

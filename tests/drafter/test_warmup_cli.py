@@ -97,6 +97,13 @@ def test_threads_must_be_positive(tmp_path, tiny_llama_dir):
     assert r.returncode == 2 and "--threads must be >= 1, got 0" in r.stderr
 
 
+def test_data_dtype_must_be_one_the_engine_decodes_in(tmp_path, tiny_llama_dir):
+    r = subprocess.run([sys.executable, "-m", "understudy.cli.main", "drafter", "train", "--model", str(tiny_llama_dir),
+                        "--out", str(tmp_path / "d"), "--data-dtype", "float16"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 2 and "--data-dtype must be auto, float32 or bfloat16, got 'float16'" in r.stderr
+
+
 def test_bad_prompt_file_is_one_clear_error(tmp_path, tiny_llama_dir):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')

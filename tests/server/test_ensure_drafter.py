@@ -51,6 +51,10 @@ def test_ensure_drafter_serves_at_once_then_swaps_in_the_background_drafter(tmp_
         assert httpx.get(f"{srv.url}/health", timeout=30).json()["proposer"] == "drafter"
         log = (tmp_path / "server.log").read_text()
         assert "training one in the background" in log and "published v1" in log and "drafter v1 now serving" in log
+        # the job decodes its data in the server's dtype (ServerProcess passes --dtype float32), so the drafter
+        # learns the features this server feeds it
+        job_log = next((tmp_path / "cache" / "drafter-jobs").glob("*/train.log")).read_text()
+        assert "drafter train" in job_log and "--data-dtype float32" in job_log, job_log[:500]
         child = state["training"]["pid"]
     finally:
         srv.stop()

@@ -36,7 +36,7 @@ from understudy.drafter.train import (
 )
 from understudy.engine.config import EngineConfig
 from understudy.engine.engine import Engine
-from understudy.engine.loader import LoadedModel, cache_dir
+from understudy.engine.loader import TRAINING_PRECISIONS, LoadedModel, cache_dir, resolve_dtype
 from understudy.engine.sampling import SamplingParams
 from understudy.engine.text import default_prompt_files, encode_prompt, load_prompts
 
@@ -57,6 +57,11 @@ class WarmupConfig:
     data_fraction: float = 0.5  # share of max_minutes for generating data (the rest trains; cached data is free)
     data_minutes: float | None = None  # the data budget itself, overriding max_minutes * data_fraction
     max_new_tokens: int = 256  # response length cap for generated training data
+    data_dtype: str = "auto"  # the dtype the target decodes the data in: auto = the engine's default here (bfloat16
+    #                           where the CPU multiplies bf16 natively, float32 elsewhere; loader.resolve_dtype), so
+    #                           the drafter learns the features a server on this machine feeds it. On an AMX CPU
+    #                           bf16 decodes the data 2.3x faster (docs/drafter-recipe.md), which leaves training
+    #                           more of the budget
     sampled_copies: int = 1  # extra sampled responses per train prompt (temperature 0.8) besides the greedy one
     draft_vocab_size: int = 2048  # reduced draft vocabulary (0 = the full vocabulary); the head is most of a step
     gen_batch_size: int = 64  # batch size of each data-generating engine (tokens per CPU-second: 32 -> 64 +22%)
@@ -67,6 +72,12 @@ class WarmupConfig:
     train: DrafterTrainConfig = field(default_factory=lambda: WARMUP_TRAIN)
 
 
+def data_dtype(cfg: WarmupConfig, device: str = "cpu") -> str:
+    if cfg.data_dtype not in TRAINING_PRECISIONS:
+        raise ValueError(f"data_dtype must be auto, float32 or bfloat16, got {cfg.data_dtype!r}")
+    return resolve_dtype(cfg.data_dtype, device)
+
+
 def data_budget_minutes(cfg: WarmupConfig) -> float:
     return cfg.data_minutes if cfg.data_minutes is not None else cfg.max_minutes * cfg.data_fraction
 
@@ -75,7 +86,7 @@ def prompt_files(cfg: WarmupConfig) -> list[Path]:
     return [Path(p) for p in cfg.prompts] if cfg.prompts else default_prompt_files()
 
 
-def _data_key(lm: LoadedModel, files: list[Path], cfg: WarmupConfig) -> str:
+def _data_key(lm: LoadedModel, files: list[Path], cfg: WarmupConfig, dtype: str) -> str:
     h = hashlib.sha256()
     h.update(lm.fingerprint.encode())
     weights = lm.path / "model.safetensors"
@@ -86,6 +97,8 @@ def _data_key(lm: LoadedModel, files: list[Path], cfg: WarmupConfig) -> str:
         h.update(f.read_bytes())
     budget = round(data_budget_minutes(cfg), 1)  # the data depends on its time budget
     h.update(json.dumps([cfg.max_new_tokens, cfg.sampled_copies, cfg.seed, budget]).encode())
+    if dtype != "float32":  # float32 data keeps the key it had before the dtype was a setting
+        h.update(dtype.encode())
     return h.hexdigest()[:16]
 
 
@@ -161,7 +174,8 @@ def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], lis
     """(train, heldout, ood) samples with target features, cached on disk as resumable shards (drafter/data.py)."""
     files = prompt_files(cfg)
     rows = [{**r, "source": f.name} for f in files for r in load_prompts(f)]
-    key = _data_key(lm, files, cfg)
+    dtype = data_dtype(cfg, str(lm.model.device))
+    key = _data_key(lm, files, cfg, dtype)
     legacy = cache_dir() / "drafter-data" / f"{key}.pt"  # one file per data set, before the shards
     if legacy.exists():
         try:
@@ -181,7 +195,7 @@ def build_dataset(lm: LoadedModel, cfg: WarmupConfig) -> tuple[list[Sample], lis
             log.info("resuming the training data in %s: %d of %d sequences already there", store.folder, len(done),
                      len(jobs))
         if todo:
-            generate_into(store, str(lm.path), str(lm.model.dtype).removeprefix("torch."), jobs, todo,
+            generate_into(store, str(lm.path), dtype, jobs, todo,
                           cfg.data_workers, cfg.gen_batch_size, data_budget_minutes(cfg) * 60, cfg.max_data_tokens,
                           "generating training data")
             done = store.load()
@@ -305,7 +319,7 @@ def warmup_train(lm: LoadedModel, out_dir: Path, cfg: WarmupConfig, drafter: Dra
     report: dict[str, Any] = {
         "steps": trainer.step, "tokens_seen": trainer.tokens_seen, "interrupted": interrupted,
         "train_seconds": round(time.monotonic() - t_start, 1), "num_train_sequences": len(train),
-        "precision": trainer.precision,
+        "precision": trainer.precision, "data_dtype": data_dtype(cfg, str(lm.model.device)),
         **dict(zip(("heldout", "heldout_by_prompts"), _heldout_report(drafter, lm, heldout, cfg.eval_k), strict=True)),
         "ood": evaluate(drafter, lm.model, ood, k=cfg.eval_k, cache_greedy=True) if ood else None,
         "config": {**asdict(cfg), "train": asdict(cfg.train)},

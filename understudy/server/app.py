@@ -131,7 +131,7 @@ async def _ensure_drafter(s: ServerSettings, state: BackendState) -> Any:
 
     job = await asyncio.to_thread(maybe_start, s.model, state.hotswap.fingerprint, state.hotswap.registry,
                                   s.ensure_drafter_minutes, cache_dir() / "drafter-jobs", s.ensure_drafter_rounds,
-                                  lambda end: state.release_cores(f"background drafter training {end}"))
+                                  lambda end: state.release_cores(f"background drafter training {end}"), s.dtype)
     state.hotswap.training = job
     if job is None:
         state.release_cores("no background drafter training needed")

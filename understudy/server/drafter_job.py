@@ -214,15 +214,17 @@ class DrafterTrainingJob:
 
 def maybe_start(model: str, fingerprint: str, registry: Registry | None, minutes: float,
                 work_root: Path, rounds: int = 1,
-                on_end: Callable[[str], None] | None = None) -> DrafterTrainingJob | None:
+                on_end: Callable[[str], None] | None = None, dtype: str = "auto") -> DrafterTrainingJob | None:
     """Start background training when the registry has no drafter for this target (else None); `on_end(state)` is
-    called once it ends."""
+    called once it ends. `dtype` is the server's: the job's data is decoded in it, so the drafter learns the
+    features this server feeds it (a float16 server's data is decoded in the machine's default)."""
     if registry is None:
         log.warning("--ensure-drafter needs a registry to publish into; none is configured: not training")
         return None
     if has_drafter_for(registry, fingerprint):
         return None
+    data_dtype = dtype if dtype in ("float32", "bfloat16") else "auto"
     job = DrafterTrainingJob(model, registry, minutes, work_root / f"{Path(model).name}-{fingerprint[:12]}", rounds,
-                             on_end=on_end)
+                             on_end=on_end, extra_args=["--data-dtype", data_dtype])
     job.start()
     return job
