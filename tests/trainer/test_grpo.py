@@ -139,6 +139,39 @@ def test_resume_reproduces_the_next_step(rl_assets, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
 
 
+def test_the_warmup_picks_the_draft_vocabulary_from_its_rollouts_and_a_resume_keeps_it(rl_assets, tmp_path):
+    """A fresh drafter drafts from the warm-up rollouts' most frequent tokens (the head's size is fixed from the
+    start; its ids are chosen at warm-up); the workers, the checkpoint and a resumed run all hold that choice."""
+    cfg = cfg_for(rl_assets, tmp_path, steps=1, drafter_warmup_s=6.0, drafter_vocab_size=24)
+    tr = GRPOTrainer(cfg, progress=False)
+    assert tr.spot is not None and tr.spot.drafter.draft_vocab.tolist() == list(range(24))  # the placeholder
+    tr.fit()
+    vocab = tr.spot.drafter.draft_vocab.clone()
+    assert vocab.numel() == 24 and vocab.tolist() != list(range(24))
+    assert set(tr.lm.eos_token_ids) <= set(vocab.tolist())
+    torch.testing.assert_close(tr.spot.drafter.head_weight, tr.policy.lm_head.weight[vocab].float())
+    for eng in tr.workers.engines:
+        assert torch.equal(eng.drafter.draft_vocab, vocab)
+    from understudy.drafter.model import load_drafter
+    from understudy.registry.store import Registry
+
+    reg = Registry.open(tmp_path / "reg", create=False)
+    drafters = [v for v in reg.list_versions() if v.kind == "drafter"]
+    assert drafters, "the last step publishes its pair"
+    published = load_drafter(reg.version_path(drafters[-1].version), tr.policy, tr.lm.fingerprint)
+    assert torch.equal(published.draft_vocab, vocab)
+    resumed = GRPOTrainer(cfg_for(rl_assets, tmp_path, steps=2, drafter_warmup_s=6.0, drafter_vocab_size=24),
+                          progress=False)
+    assert resumed.resume() and resumed.step == 1
+    assert torch.equal(resumed.spot.drafter.draft_vocab, vocab)
+    torch.testing.assert_close(resumed.spot.drafter.head_weight, resumed.policy.lm_head.weight[vocab].float())
+    for eng in resumed.workers.engines:
+        assert torch.equal(eng.drafter.draft_vocab, vocab)
+    # without a warm-up there is nothing to choose from: the full vocabulary
+    plain = GRPOTrainer(cfg_for(rl_assets, tmp_path / "plain", steps=1, drafter_vocab_size=24), progress=False)
+    assert plain.spot is not None and plain.spot.drafter.full_vocab
+
+
 @pytest.mark.slow
 def test_train_cli_publishes_drafters_and_policy(rl_assets, tmp_path):
     import subprocess
@@ -187,6 +220,9 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(p)
     p.write_text('prompts_per_step = 2\ngroup_size = 4\nppo_mini_batches = 9\n')  # 8 sequences per batch
     with pytest.raises(TrainConfigError, match="ppo_mini_batches"):
+        load_config(p)
+    p.write_text('drafter_vocab_size = -1\n')
+    with pytest.raises(TrainConfigError, match="drafter_vocab_size"):
         load_config(p)
     p.write_text('prompts_per_step = 2\ngroup_size = 4\nppo_mini_batches = 8\nppo_epochs = 3\n')
     assert (load_config(p).ppo_mini_batches, load_config(p).ppo_epochs) == (8, 3)

@@ -134,6 +134,24 @@ def test_a_grpo_step_with_ray_workers_trains_the_drafter_on_idle_capacity(ray_cl
         t.close()
 
 
+def test_the_warmup_picks_the_draft_vocabulary_for_the_ray_actors_too(ray_cluster, rl_assets, tmp_path):
+    """A fresh drafter's vocabulary, chosen at warm-up, reaches the spot actor (read back from it) and the rollout
+    actors, whose speculative greedy output still equals plain greedy decoding of the learner's policy."""
+    tr = GRPOTrainer(cfg_for(rl_assets, tmp_path / "ray", executor="ray", steps=1, drafter_warmup_s=6.0,
+                             drafter_vocab_size=24, rollout_k=2), progress=False)  # K fixed: it does draft
+    try:
+        tr.fit()
+        vocab = tr.spot.drafter.draft_vocab  # the mirror, reloaded from the spot actor
+        assert vocab.numel() == 24 and vocab.tolist() != list(range(24))
+        assert set(tr.lm.eos_token_ids) <= set(vocab.tolist())
+        reqs = _greedy_requests(rl_assets)
+        got = tr.workers.run(reqs)
+        learner_plain = RolloutWorkers(tr.policy, rl_assets["lm"].eos_token_ids, 2, 4, 512, 0, None)
+        assert got.responses == learner_plain.run(reqs).responses and got.spec.num_drafts > 0
+    finally:
+        tr.close()
+
+
 def test_a_rollout_worker_killed_mid_step_is_replaced_and_every_group_comes_back(ray_cluster, rl_assets, drafter_dir, tmp_path,
                                                                                  monkeypatch):
     """Worker 0 SIGKILLs itself after its first decode step: its whole share is decoded again on the other worker,

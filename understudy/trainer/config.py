@@ -58,6 +58,9 @@ class TrainConfig:
     # (rest = last step time x (1/duty - 1)), meant to leave more memory bandwidth to a worker still decoding
     drafter_init: str | None = None  # drafter folder to start from (None = fresh)
     drafter_warmup_s: float = 0.0  # before step 1: self-distil the drafter on the initial policy's own rollouts
+    drafter_vocab_size: int = 2048  # a fresh drafter drafts from the warm-up rollouts' most frequent tokens (the
+    # warm-up recipe's reduced head, docs/drafter-recipe.md; the head is most of a drafter step); 0 = the full
+    # vocabulary, which is also what a run without warm-up (no data to choose from) or with drafter_init uses
     drafter_lr: float = 1e-3  # drafter AdamW learning rate
     drafter_unroll_steps: int = 2  # training-time-test depth of the drafter loss
     drafter_tokens_per_batch: int = 2048  # drafter training batch
@@ -90,6 +93,7 @@ class TrainConfig:
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
             (0 < self.temperature <= 2, "temperature must be in (0, 2] (GRPO samples)"),
             (self.lr > 0 and self.drafter_lr > 0, "lr and drafter_lr must be > 0"),
+            (self.drafter_vocab_size >= 0, "drafter_vocab_size must be >= 0 (0 = the full vocabulary)"),
             (self.rollout_workers >= 1, "rollout_workers must be >= 1"),
             (self.rollout_quantize in ("none", "int8", "int4"), "rollout_quantize must be none, int8 or int4"),
             (self.rollout_quantize == "none" or (self.device == "cpu" and self.dtype == "float32"),

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from understudy.drafter.model import Drafter, load_drafter, new_drafter, save_drafter
-from understudy.drafter.train import DrafterTrainConfig, Sample
+from understudy.drafter.train import Sample, select_draft_vocab
 from understudy.engine.bandit import BanditConfig
 from understudy.engine.config import EngineConfig
 from understudy.engine.engine import Engine
@@ -122,14 +123,24 @@ class GRPOTrainer:
         return ref
 
     def _spot_trainer(self) -> SpotDrafterTrainer:
+        from understudy.drafter.warmup import WARMUP_TRAIN
+
         c = self.cfg
+        self._choose_vocab = False  # the warm-up picks a fresh drafter's draft vocabulary from its rollouts
         if c.drafter_init:
             d = load_drafter(Path(c.drafter_init), self.policy, self.lm.fingerprint)
         else:
-            d = new_drafter(self.policy, self.lm.fingerprint, seed=c.seed)
+            vocab = None
+            if c.drafter_warmup_s > 0 and 0 < c.drafter_vocab_size < self.policy.config.vocab_size:
+                # the head's final size from the start (executors and checkpoints keep one shape); the ids are
+                # a placeholder until warmup_drafter() chooses them, before anything drafts
+                vocab = torch.arange(c.drafter_vocab_size)
+                self._choose_vocab = True
+            d = new_drafter(self.policy, self.lm.fingerprint, vocab, seed=c.seed)
         d = d.float().bind(self.policy)
-        dcfg = DrafterTrainConfig(lr=c.drafter_lr, unroll_steps=c.drafter_unroll_steps, warmup_steps=10,
-                                  total_steps=100_000, tokens_per_batch=c.drafter_tokens_per_batch, seed=c.seed)
+        # the warm-up recipe's loss (distillation-led, drafter/warmup.py), with this run's rate, depth and batch
+        dcfg = replace(WARMUP_TRAIN, lr=c.drafter_lr, unroll_steps=c.drafter_unroll_steps, warmup_steps=10,
+                       total_steps=100_000, tokens_per_batch=c.drafter_tokens_per_batch, seed=c.seed)
         return SpotDrafterTrainer(d, self.policy, dcfg, buffer_tokens=c.drafter_buffer_tokens, duty=c.spot_duty)
 
     def _drafter_copy(self) -> Drafter:
@@ -364,6 +375,9 @@ class GRPOTrainer:
                                  seed=c.seed + i) for i in range(len(prompts))]
         samples = [s for s in generate_samples(self.lm, prompts, params, 64, "drafter warm-up data",
                                                deadline=time.monotonic() + c.drafter_warmup_s / 3) if s is not None]
+        if self._choose_vocab and samples:
+            self.spot.set_draft_vocab(select_draft_vocab(samples, c.drafter_vocab_size, self.policy.config.vocab_size,
+                                                         always=self.lm.eos_token_ids))
         self.spot.add(samples)
         steps = self.spot.train_for(max(1.0, c.drafter_warmup_s - (time.perf_counter() - t0)))
         self.workers.load_drafter_weights(self.spot.drafter)

@@ -253,6 +253,10 @@ class SpotActor:
         with self._lock:
             return _drafter_wire(self.spot.drafter)
 
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        with self._lock:
+            self.spot.set_draft_vocab(token_ids)
+
     def evaluate(self, k: int) -> dict[str, Any] | None:
         with self._lock:
             return self.spot.evaluate(k)
@@ -286,9 +290,10 @@ class RemoteSpot:
     """The learner's view of the spot actor, with SpotDrafterTrainer's interface (`drafter` is a local mirror,
     refreshed on read). If the actor dies, `respawn(mirror)` starts another from the last synced drafter."""
 
-    def __init__(self, actor: Any, mirror: Drafter, respawn: Callable[[Drafter], Any]) -> None:
+    def __init__(self, actor: Any, mirror: Drafter, respawn: Callable[[Drafter], Any], target: Any = None) -> None:
         self.actor = actor
         self._mirror = mirror
+        self._target = target  # what the mirror is bound to (its head rows follow the draft vocabulary)
         self._respawn = respawn
         self._pending: list[Any] = []  # adds not yet known to have landed
         self._has_data = False
@@ -336,9 +341,20 @@ class RemoteSpot:
     def drafter(self) -> Drafter:
         self.join()
         wire = self.call("drafter_state")
+        vocab = self._mirror.draft_vocab.clone()
         with torch.no_grad():
             self._mirror.load_state_dict(from_wire(wire), strict=False)
+        if self._target is not None and not torch.equal(vocab, self._mirror.draft_vocab):
+            self._mirror.bind(self._target)
         return self._mirror
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        self.join()
+        self.call("set_draft_vocab", token_ids)
+        with torch.no_grad():
+            self._mirror.set_draft_vocab(token_ids)
+        if self._target is not None:
+            self._mirror.bind(self._target)
 
     @property
     def last_metrics(self) -> dict[str, float]:
@@ -411,7 +427,7 @@ class RayRolloutWorkers:
         if spot is not None and cfg.spot_training:  # without spot training the learner keeps its (idle) drafter
             self._spot_args = (policy.config, policy.dtype, spot.drafter.config, spot.trainer.cfg, spot.buffer_tokens,
                                cfg.threads, spot.duty)
-            self.spot = RemoteSpot(self._new_spot(self.drafter_ref), spot.drafter, self._respawn_spot)
+            self.spot = RemoteSpot(self._new_spot(self.drafter_ref), spot.drafter, self._respawn_spot, policy)
         self.controller = RemoteController(self) if spot is not None else None
         self.ray.get([a.pid.remote() for a in self.actors])  # fail here, not mid-step, if an actor cannot start
         if self.spot is not None:

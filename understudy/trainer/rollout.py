@@ -131,6 +131,9 @@ class RolloutWorkers:
     def sync(self, spot: Any) -> None:
         """Between steps: the spot-trained drafter into every worker; the learner's new weights (shared here)."""
         if spot is not None:
+            # the learner's update changed the policy in place: a reduced draft vocabulary's head rows are a copy
+            # of its LM head (a full one is a view), so they are taken again
+            spot.drafter.bind(spot.target)
             self.load_drafter_weights(spot.drafter)
         self.refresh_weights()
 

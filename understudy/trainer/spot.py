@@ -116,9 +116,16 @@ class SpotDrafterTrainer:
                 "total_train_s": self.total_train_s, "buffer": pack_samples(list(self.buffer)),
                 "heldout": pack_samples(self.heldout), "last_metrics": dict(self.last_metrics)}
 
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """The drafter drafts from these tokens from now on (the warm-up chooses them from its rollouts)."""
+        with torch.no_grad():
+            self.drafter.set_draft_vocab(token_ids)
+        self.drafter.bind(self.target)  # the head's rows follow the vocabulary
+
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         with torch.no_grad():
             self.drafter.load_state_dict(sd["drafter"], strict=False)
+        self.drafter.bind(self.target)  # the draft vocabulary may have changed with the state
         self.trainer.load_state_dict(sd["trainer"])
         self.total_train_s = float(sd.get("total_train_s", 0.0))
         self.buffer = collections.deque(unpack_samples(sd["buffer"]) if "buffer" in sd else [])
