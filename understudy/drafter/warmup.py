@@ -71,10 +71,13 @@ class WarmupConfig:
     seed: int = 0
     train: DrafterTrainConfig = field(default_factory=lambda: WARMUP_TRAIN)
 
+    def __post_init__(self) -> None:
+        if self.data_dtype not in TRAINING_PRECISIONS:
+            raise ValueError(f"data_dtype must be auto, float32 or bfloat16, got {self.data_dtype!r}")
+
 
 def data_dtype(cfg: WarmupConfig, device: str = "cpu") -> str:
-    if cfg.data_dtype not in TRAINING_PRECISIONS:
-        raise ValueError(f"data_dtype must be auto, float32 or bfloat16, got {cfg.data_dtype!r}")
+    """The dtype the data is decoded in on `device` (auto resolved as the engine resolves it)."""
     return resolve_dtype(cfg.data_dtype, device)
 
 

@@ -290,7 +290,7 @@ class RemoteSpot:
     """The learner's view of the spot actor, with SpotDrafterTrainer's interface (`drafter` is a local mirror,
     refreshed on read). If the actor dies, `respawn(mirror)` starts another from the last synced drafter."""
 
-    def __init__(self, actor: Any, mirror: Drafter, respawn: Callable[[Drafter], Any], target: Any = None) -> None:
+    def __init__(self, actor: Any, mirror: Drafter, respawn: Callable[[Drafter], Any], target: Transformer) -> None:
         self.actor = actor
         self._mirror = mirror
         self._target = target  # what the mirror is bound to (its head rows follow the draft vocabulary)
@@ -344,7 +344,7 @@ class RemoteSpot:
         vocab = self._mirror.draft_vocab.clone()
         with torch.no_grad():
             self._mirror.load_state_dict(from_wire(wire), strict=False)
-        if self._target is not None and not torch.equal(vocab, self._mirror.draft_vocab):
+        if not torch.equal(vocab, self._mirror.draft_vocab):
             self._mirror.bind(self._target)
         return self._mirror
 
@@ -352,9 +352,8 @@ class RemoteSpot:
         self.join()
         self.call("set_draft_vocab", token_ids)
         with torch.no_grad():
-            self._mirror.set_draft_vocab(token_ids)
-        if self._target is not None:
-            self._mirror.bind(self._target)
+            self._mirror.set_draft_vocab(token_ids)  # a replacement actor starts from the mirror: it keeps them
+        self._mirror.bind(self._target)
 
     @property
     def last_metrics(self) -> dict[str, float]:
